@@ -1,0 +1,3 @@
+from distill4all.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Stage `collect`: gather prompts from sources and have a teacher model answer them."""

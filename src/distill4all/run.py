@@ -1,0 +1,364 @@
+"""The run directory, its manifest, and the stage runner.
+
+A run directory holds everything a run makes:
+
+    store.sqlite     the run store (see store.py): the truth about every stage and row
+    manifest.json    a snapshot derived from the store + environment, rewritten atomically
+    <stage>/         each stage's artifacts
+    .lock            held (flock) by the one process that may run stages here
+
+Stage semantics, decided per stage from its row in the store:
+  no row                       → run fresh
+  done, same fingerprint       → skip
+  done, other fingerprint      → refuse (its config, inputs or upstream changed): --force redoes it
+  running/failed, same fp      → resume (the stage picks up its own progress from the store)
+  running/failed, other fp     → refuse, as above
+A fingerprint is the hash of the stage's config section, the seed and its input files' contents;
+`upstream` records the run ids of the stages it read, so redoing one makes its followers stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol, cast
+
+from rich.console import Console
+
+from distill4all import __version__, atomic
+from distill4all.config import STAGE_ORDER, LoadedConfig, RunConfig
+from distill4all.errors import RunDirError, StageError
+from distill4all.store import SCHEMA_VERSION, StageRow, Store
+
+STAGE_MODULES: dict[str, str] = {
+    "collect": "distill4all.collect.stage",
+}
+"""Where each implemented stage lives. Each module follows the `StageModule` protocol."""
+
+TRACKED_PACKAGES = (
+    "torch", "transformers", "tokenizers", "peft", "accelerate", "gguf", "llama_cpp_python",
+    "numpy", "pydantic", "datasketch", "model2vec", "sentence-transformers", "openTSNE",
+)  # fmt: skip
+
+
+@dataclass
+class StageResult:
+    counts: dict[str, Any] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+
+
+class StageModule(Protocol):
+    UPSTREAM: tuple[str, ...]
+
+    def inputs(self, config: RunConfig) -> list[Path]: ...
+    def run(self, ctx: StageContext) -> StageResult: ...
+    def reset(self, ctx: StageContext) -> None: ...
+
+
+@dataclass
+class StageContext:
+    name: str
+    run: RunDir
+    loaded: LoadedConfig
+    console: Console
+    quiet: bool = False
+
+    @property
+    def config(self) -> RunConfig:
+        return self.loaded.config
+
+    @property
+    def store(self) -> Store:
+        return self.run.store
+
+    @property
+    def dir(self) -> Path:
+        """This stage's artifact folder."""
+        return self.run.path / self.name
+
+    def set_counts(self, **counts: Any) -> None:
+        """Record progress so that `status` shows it while the stage runs."""
+        self.store.update_stage(self.name, counts=counts)
+
+
+def load_stage(name: str) -> StageModule:
+    if name not in STAGE_ORDER:
+        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_ORDER)}")
+    if name not in STAGE_MODULES:
+        raise StageError(f"stage {name!r} is not available in distill4all {__version__} yet")
+    module: ModuleType = importlib.import_module(STAGE_MODULES[name])
+    return cast(StageModule, module)
+
+
+class RunDir:
+    """A run directory opened for reading (status) or for running stages (holds the lock)."""
+
+    def __init__(self, path: Path, *, create: bool = False, readonly: bool = False) -> None:
+        self.path = path
+        if not path.exists():
+            if not create:
+                raise RunDirError(f"run directory not found: {path}")
+            path.mkdir(parents=True)
+        elif not path.is_dir():
+            raise RunDirError(f"not a directory: {path}")
+        store_path = path / "store.sqlite"
+        if not store_path.exists() and not create:
+            raise RunDirError(f"not a run directory (no store.sqlite): {path}")
+        self.store = Store(store_path, readonly=readonly)
+        self._lock_fd: int | None = None
+
+    def close(self) -> None:
+        self.unlock()
+        self.store.close()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock: one runner per run directory at a time."""
+        lock_path = self.path / ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(f"{self.path} is in use by pid {holder}; wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- identity -----------------------------------------------------------------------------
+
+    def claim(self, run_name: str) -> None:
+        """Tie the directory to one run name, so two configs never share a run directory."""
+        row = self.store.db.execute("SELECT value FROM meta WHERE key = 'run_name'").fetchone()
+        if row is None:
+            with self.store.transaction() as db:
+                db.execute("INSERT INTO meta VALUES ('run_name', ?)", (run_name,))
+                db.execute("INSERT INTO meta VALUES ('created_at', ?)", (str(time.time()),))
+        elif row[0] != run_name:
+            raise RunDirError(f"{self.path} belongs to run {row[0]!r}, not {run_name!r}; give this run its own run_dir")
+
+    # --- manifest -----------------------------------------------------------------------------
+
+    def manifest(self, loaded: LoadedConfig, inputs: dict[str, str]) -> dict[str, Any]:
+        stages = self.store.stages()
+        meta = dict(self.store.db.execute("SELECT key, value FROM meta").fetchall())
+        costs: dict[str, float] = {}
+        for row in stages.values():
+            for k, v in row.costs.items():
+                costs[k] = costs.get(k, 0.0) + float(v)
+        return {
+            "distill4all": __version__,
+            "schema_version": SCHEMA_VERSION,
+            "run": loaded.config.name,
+            "created_at": float(meta.get("created_at", time.time())),
+            "updated_at": time.time(),
+            "config_file": str(loaded.path),
+            "config_hash": loaded.hash(),
+            "config": loaded.public_dict(),
+            "environment": environment(),
+            "inputs": inputs,
+            "stages": {name: _stage_summary(stages[name]) for name in STAGE_ORDER if name in stages},
+            "costs": costs,
+        }
+
+    def write_manifest(self, loaded: LoadedConfig, inputs: dict[str, str]) -> None:
+        atomic.write_json(self.path / "manifest.json", self.manifest(loaded, inputs))
+
+
+def _stage_summary(row: StageRow) -> dict[str, Any]:
+    return {
+        "status": row.status,
+        "run_id": row.run_id,
+        "fingerprint": row.config_hash,
+        "upstream": row.upstream,
+        "attempts": row.attempts,
+        "started_at": row.started_at,
+        "finished_at": row.finished_at,
+        "seconds": round(row.seconds, 3),
+        "counts": row.counts,
+        "costs": row.costs,
+        "artifacts": row.artifacts,
+        "error": row.error,
+    }
+
+
+def environment() -> dict[str, Any]:
+    packages = {}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            packages[name] = metadata.version(name)
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "packages": packages,
+    }
+
+
+def hash_artifact(path: Path) -> str:
+    """sha256 of a file, or of a directory's sorted (relative path, file sha256) list."""
+    if path.is_file():
+        return atomic.sha256_file(path)
+    lines = [f"{p.relative_to(path)} {atomic.sha256_file(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _input_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        elif p.is_file():
+            files.append(p)
+    return files
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    action: str  # "ran" | "resumed" | "skipped"
+    row: StageRow
+
+
+def run_pipeline(
+    loaded: LoadedConfig,
+    *,
+    from_stage: str | None = None,
+    until_stage: str | None = None,
+    force: bool = False,
+    console: Console | None = None,
+    quiet: bool = False,
+) -> list[StageOutcome]:
+    """Run the configured stages in order, skipping finished ones and resuming interrupted ones."""
+    console = console or Console(stderr=True, quiet=quiet)
+    config = loaded.config
+    for s in (from_stage, until_stage):
+        if s is not None and s not in STAGE_ORDER:
+            raise StageError(f"unknown stage {s!r}; stages are: {', '.join(STAGE_ORDER)}")
+    lo = STAGE_ORDER.index(from_stage) if from_stage else 0
+    hi = STAGE_ORDER.index(until_stage) if until_stage else len(STAGE_ORDER) - 1
+    configured = config.configured_stages()
+    selected = [s for s in configured if lo <= STAGE_ORDER.index(s) <= hi]
+    if not selected:
+        raise StageError("no configured stage lies in the range asked for")
+    modules = {s: load_stage(s) for s in selected}  # fail before doing anything
+
+    run = RunDir(config.run_dir, create=True)
+    outcomes: list[StageOutcome] = []
+    try:
+        with run.locked():
+            run.claim(config.name)
+            atomic.clean_temp(run.path)
+            all_inputs: dict[str, str] = {}
+            for name in selected:
+                ctx = StageContext(name, run, loaded, console, quiet)
+                outcome = _run_stage(ctx, modules[name], configured, force, all_inputs)
+                outcomes.append(outcome)
+            run.write_manifest(loaded, all_inputs)
+    finally:
+        run.close()
+    return outcomes
+
+
+def _run_stage(
+    ctx: StageContext,
+    module: StageModule,
+    configured: list[str],
+    force: bool,
+    all_inputs: dict[str, str],
+) -> StageOutcome:
+    store, name = ctx.store, ctx.name
+    inputs = {str(p): store.file_hash(p) for p in _input_files(module.inputs(ctx.config))}
+    all_inputs.update(inputs)
+    fingerprint = _fingerprint(ctx.loaded.stage_hash(name), inputs)
+    upstream: dict[str, str] = {}
+    for up in module.UPSTREAM:
+        if up not in configured:
+            continue
+        up_row = store.stage(up)
+        if up_row is None or up_row.status != "done":
+            raise StageError(f"stage {name!r} needs stage {up!r} finished first; run it with --from {up}")
+        upstream[up] = up_row.run_id
+
+    row = store.stage(name)
+    fresh = True
+    if row is not None and not force:
+        changed = []
+        if row.config_hash != fingerprint:
+            changed.append("its config or input files changed")
+        redone = [u for u, rid in upstream.items() if row.upstream.get(u) != rid]
+        if redone:
+            changed.append(f"stage {', '.join(redone)} was redone")
+        if changed:
+            state = "finished" if row.status == "done" else "was interrupted"
+            raise StageError(
+                f"stage {name!r} {state} with other settings ({'; '.join(changed)}); "
+                f"rerun with --force --from {name} to redo it and what follows"
+            )
+        if row.status == "done":
+            ctx.console.print(f"[dim]{name}: done, skipped[/dim]")
+            return StageOutcome(name, "skipped", row)
+        fresh = False
+
+    if fresh and row is not None:
+        ctx.console.print(f"{name}: redoing (--force)")
+        module.reset(ctx)
+    elif not fresh:
+        ctx.console.print(f"{name}: resuming (attempt {row.attempts + 1 if row else 1})")
+    store.begin_stage(name, run_id=uuid.uuid4().hex[:12], config_hash=fingerprint, upstream=upstream, fresh=fresh)
+    ctx.run.write_manifest(ctx.loaded, all_inputs)
+
+    t0 = time.monotonic()
+    try:
+        result = module.run(ctx)
+    except BaseException as e:
+        store.add_stage_seconds(name, time.monotonic() - t0)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        store.update_stage(name, status="failed", error=reason)
+        ctx.run.write_manifest(ctx.loaded, all_inputs)
+        raise
+    store.add_stage_seconds(name, time.monotonic() - t0)
+    artifacts = {str(p.relative_to(ctx.run.path)): hash_artifact(p) for p in result.artifacts}
+    store.update_stage(
+        name,
+        status="done",
+        finished_at=time.time(),
+        counts=result.counts,
+        costs=result.costs,
+        artifacts=artifacts,
+    )
+    ctx.run.write_manifest(ctx.loaded, all_inputs)
+    final = store.stage(name)
+    assert final is not None
+    return StageOutcome(name, "ran" if fresh else "resumed", final)
+
+
+def _fingerprint(config_hash: str, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"config": config_hash, "inputs": sorted(inputs.values())})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
