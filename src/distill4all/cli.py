@@ -13,7 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -225,25 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="distill4all", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)  # usage errors: 2
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
+        # Standalone mode: click itself reports usage errors (exit 2) and exits via SystemExit.
+        app(args=args, prog_name="distill4all")
     except UserError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
     except Exception as e:
         if debug:
             raise

@@ -257,16 +257,11 @@ class Store:
 
 def _split_sql(script: str) -> list[str]:
     """Split a migration into statements (sqlite3's executescript would COMMIT our transaction)."""
-    out, buf = [], []
-    for line in script.splitlines():
-        code = line.split("--", 1)[0]
-        buf.append(code)
-        if code.rstrip().endswith(";"):
-            stmt = "\n".join(buf).strip()
-            if stmt.strip(";").strip():
-                out.append(stmt)
-            buf = []
-    tail = "\n".join(buf).strip()
-    if tail:
-        out.append(tail)
+    out, buf = [], ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):  # a ';' inside a string literal does not end it
+            if buf.strip().strip(";").strip():
+                out.append(buf.strip())
+            buf = ""
     return out

@@ -1,0 +1,95 @@
+"""Shared fixtures: a private model cache per test session and a helper that runs the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_SET = REPO.parent / "shared" / "data" / "self_instruct_user_oriented.jsonl"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test session builds its models into its own cache: nothing leaks in or out."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ["DISTILL4ALL_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return cache
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
+    """Run `distill4all ARGS` in a subprocess, as a user would."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    p = subprocess.run(
+        [sys.executable, "-m", "distill4all", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=900,
+    )
+    return CliResult(p.returncode, p.stdout, p.stderr)
+
+
+def cli_command(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "distill4all", *map(str, args)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache: Path) -> Path:
+    from distill4all.models import resolve_model
+
+    return resolve_model("tiny").path
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_run(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
+    """Write a config whose collect stage has the tiny model answer `n` prompts."""
+
+    def make(n: int = 6, max_tokens: int = 4, batch_size: int = 2, **extra: Any) -> Path:
+        write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"question number {i}?"} for i in range(n)])
+        data: dict[str, Any] = {
+            "name": "t",
+            "run_dir": "run",
+            "collect": {
+                "sources": [{"name": "qs", "path": "prompts.jsonl"}],
+                "teachers": [{"name": "tiny", "model": str(tiny_model), "max_tokens": max_tokens}],
+                "batch_size": batch_size,
+            },
+            **extra,
+        }
+        return write_config(tmp_path / "run.yaml", data)
+
+    return make

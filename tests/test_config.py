@@ -1,0 +1,167 @@
+"""Run config: validation errors name the key path and line; ${VAR} secrets never leak."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+from distill4all.config import load_config
+from distill4all.errors import ConfigError
+
+GOOD = """\
+name: demo
+run_dir: out/run
+collect:
+  sources:
+    - name: qs
+      path: prompts.jsonl
+  teachers:
+    - model: tiny
+      max_tokens: 8
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_valid_config_fills_defaults_and_resolves_paths(tmp_path: Path) -> None:
+    loaded = load_config(write(tmp_path, GOOD))
+    cfg = loaded.config
+    assert cfg.run_dir == (tmp_path / "out" / "run").resolve()
+    assert cfg.collect is not None
+    assert cfg.collect.sources[0].path == (tmp_path / "prompts.jsonl").resolve()
+    assert cfg.collect.teachers[0].name == "teacher"  # default
+    assert cfg.collect.teachers[0].temperature == 0.0
+    assert cfg.configured_stages() == ["collect"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD.replace("      max_tokens: 8", "      max_tokens: 8\n      colour: red"), ":10: collect.teachers[0].colour: unknown key"),
+        (GOOD.replace("max_tokens: 8", "max_tokens: lots"), ":9: collect.teachers[0].max_tokens: Input should be a valid integer"),
+        (GOOD.replace("max_tokens: 8", "max_tokens: 0"), ":9: collect.teachers[0].max_tokens: Input should be greater than or equal to 1"),
+        (GOOD.replace("      path: prompts.jsonl\n", ""), ":5: collect.sources[0].path: required key is missing"),
+        (GOOD.replace("name: demo\n", ""), ": name: required key is missing"),
+        (GOOD.replace("run_dir: out/run", "run_dir: [unclosed"), ":3: YAML syntax error"),
+        ("- just\n- a list\n", "must be a YAML mapping"),
+        (GOOD + "train:\n  base_model: tiny\n  lora: {r: 0}\n", ":12: train.lora.r: Input should be greater than or equal to 1"),
+    ],
+    ids=["unknown-key", "wrong-type", "out-of-range", "missing-key", "missing-top", "yaml-syntax", "not-mapping", "nested"],
+)  # fmt: skip
+def test_each_kind_of_error_names_its_place(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+    # and through the CLI: one line, exit code 2, no traceback
+    r = run_cli("config", "check", path)
+    assert r.code == 2, r.output
+    assert r.stderr.startswith("error: ") and expected in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.output
+
+
+def test_duplicate_source_names_are_rejected(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "      path: prompts.jsonl\n", "      path: prompts.jsonl\n    - name: qs\n      path: b.jsonl\n"
+    )
+    with pytest.raises(ConfigError, match=r"collect.sources: .*repeated: qs"):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file_and_debug_traceback(tmp_path: Path) -> None:
+    r = run_cli("config", "check", tmp_path / "nope.yaml")
+    assert r.code == 2 and r.stderr.strip() == f"error: config file not found: {tmp_path / 'nope.yaml'}"
+    r = run_cli("--debug", "config", "check", tmp_path / "nope.yaml")
+    assert r.code != 0 and "Traceback" in r.stderr and "ConfigError" in r.stderr
+
+
+SECRET_CONFIG = """\
+name: s
+run_dir: run
+collect:
+  sources: [{name: qs, path: "${D4A_DATA:-prompts}.jsonl"}]
+  teachers:
+    - model: tiny
+      system_prompt: "Secret word: ${D4A_WORD}"
+serve:
+  api_key: ${D4A_KEY}
+"""
+
+
+def test_env_interpolation_uses_values_but_shows_the_reference(tmp_path: Path) -> None:
+    env = {"D4A_KEY": "sk-very-secret-123", "D4A_WORD": "swordfish"}
+    loaded = load_config(write(tmp_path, SECRET_CONFIG), env=env)
+    assert loaded.config.serve is not None and loaded.config.serve.api_key is not None
+    assert loaded.config.serve.api_key.get_secret_value() == "sk-very-secret-123"
+    assert loaded.config.collect is not None
+    assert loaded.config.collect.teachers[0].system_prompt == "Secret word: swordfish"
+    assert loaded.config.collect.sources[0].path == (tmp_path / "prompts.jsonl").resolve()  # default used
+    public = loaded.public_dict()
+    assert public["serve"]["api_key"] == "${D4A_KEY}"
+    assert public["collect"]["teachers"][0]["system_prompt"] == "Secret word: ${D4A_WORD}"
+    assert "sk-very-secret" not in str(public) and "swordfish" not in str(public)
+    # the hash does not depend on the secret's value
+    other = load_config(tmp_path / "run.yaml", env={"D4A_KEY": "another", "D4A_WORD": "x"})
+    assert other.hash() == loaded.hash()
+
+    r = run_cli("config", "show", tmp_path / "run.yaml", env=env)
+    assert r.code == 0, r.output
+    shown = yaml.safe_load(r.stdout)
+    assert shown["serve"]["api_key"] == "${D4A_KEY}"
+    assert shown["collect"]["teachers"][0]["temperature"] == 0.0  # defaults are filled in
+    assert "sk-very-secret" not in r.output and "swordfish" not in r.output
+
+
+def test_missing_env_var_is_an_error_with_its_place(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"run.yaml:9: serve.api_key: environment variable D4A_KEY is not set"):
+        load_config(write(tmp_path, SECRET_CONFIG), env={"D4A_WORD": "x"})
+
+
+def test_dollar_escape(tmp_path: Path) -> None:
+    loaded = load_config(
+        write(tmp_path, GOOD.replace("max_tokens: 8", "max_tokens: 8\n      system_prompt: costs $$5"))
+    )
+    assert loaded.config.collect is not None
+    assert loaded.config.collect.teachers[0].system_prompt == "costs $5"
+
+
+def test_init_writes_a_starter_that_validates_and_never_overwrites(tmp_path: Path) -> None:
+    target = tmp_path / "mine.yaml"
+    r = run_cli("init", target)
+    assert r.code == 0, r.output
+    text = target.read_text()
+    assert text.count("#") > 5  # commented
+    r = run_cli("config", "check", target)
+    assert r.code == 0 and "ok" in r.stdout
+    r = run_cli("init", target)
+    assert r.code == 2 and "exists" in r.stderr
+    assert target.read_text() == text
+
+
+def test_shipped_example_configs_validate() -> None:
+    for name in ("demo.yaml", "gpt4all-paper.yaml"):
+        r = run_cli("config", "check", REPO / "examples" / name)
+        assert r.code == 0, r.output
+    paper = load_config(REPO / "examples" / "gpt4all-paper.yaml", env={}).config
+    assert paper.train is not None and paper.curate is not None
+    assert (paper.train.lora.r, paper.train.lora.alpha, paper.train.lora.dropout) == (8, 32, 0.1)
+    assert paper.train.lora.target_modules == ["q_proj", "v_proj"]
+    assert (paper.train.learning_rate, paper.train.global_batch_size, paper.train.epochs) == (5e-5, 32, 4)
+    assert (paper.train.max_length, paper.train.warmup_steps) == (1024, 100)
+    assert paper.curate.exclude_sources == ["p3"]
+
+
+def test_version_and_usage_errors() -> None:
+    r = run_cli("--version")
+    assert r.code == 0 and r.stdout.startswith("distill4all ")
+    r = run_cli("no-such-command")
+    assert r.code == 2 and "Traceback" not in r.output
