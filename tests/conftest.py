@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,18 +74,31 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.fixture
-def make_run(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
-    """Write a config whose collect stage has the tiny model answer `n` prompts."""
+@pytest.fixture(scope="session")
+def stub_teacher() -> Iterator[str]:
+    from servers import start_stub_process
 
-    def make(n: int = 6, max_tokens: int = 4, batch_size: int = 2, **extra: Any) -> Path:
+    p, url = start_stub_process()
+    yield url
+    p.kill()
+    p.wait()
+
+
+@pytest.fixture
+def make_run(tmp_path: Path, stub_teacher: str) -> Callable[..., Path]:
+    """Write a config whose collect stage has the stub teacher answer `n` prompts, each after
+    `delay` seconds, one at a time (so that a test can kill it half-way)."""
+
+    def make(n: int = 6, delay: float = 0.0, batch_size: int = 2, **extra: Any) -> Path:
         write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"question number {i}?"} for i in range(n)])
+        teacher = {"name": "stub", "model": "stub", "base_url": stub_teacher, "max_tokens": 8, "concurrency": 1,
+                   "extra_body": {"stub_delay": delay}}  # fmt: skip
         data: dict[str, Any] = {
             "name": "t",
             "run_dir": "run",
             "collect": {
                 "sources": [{"name": "qs", "path": "prompts.jsonl"}],
-                "teachers": [{"name": "tiny", "model": str(tiny_model), "max_tokens": max_tokens}],
+                "teachers": [teacher],
                 "batch_size": batch_size,
             },
             **extra,

@@ -47,13 +47,14 @@ def test_valid_config_fills_defaults_and_resolves_paths(tmp_path: Path) -> None:
         (GOOD.replace("      max_tokens: 8", "      max_tokens: 8\n      colour: red"), ":10: collect.teachers[0].colour: unknown key"),
         (GOOD.replace("max_tokens: 8", "max_tokens: lots"), ":9: collect.teachers[0].max_tokens: Input should be a valid integer"),
         (GOOD.replace("max_tokens: 8", "max_tokens: 0"), ":9: collect.teachers[0].max_tokens: Input should be greater than or equal to 1"),
-        (GOOD.replace("      path: prompts.jsonl\n", ""), ":5: collect.sources[0].path: required key is missing"),
+        (GOOD.replace("    - model: tiny\n      max_tokens: 8", "    - max_tokens: 8"), ":8: collect.teachers[0].model: required key is missing"),
+        (GOOD.replace("      path: prompts.jsonl\n", ""), ":5: collect.sources[0]: format jsonl needs `path`"),
         (GOOD.replace("name: demo\n", ""), ": name: required key is missing"),
         (GOOD.replace("run_dir: out/run", "run_dir: [unclosed"), ":3: YAML syntax error"),
         ("- just\n- a list\n", "must be a YAML mapping"),
         (GOOD + "train:\n  base_model: tiny\n  lora: {r: 0}\n", ":12: train.lora.r: Input should be greater than or equal to 1"),
     ],
-    ids=["unknown-key", "wrong-type", "out-of-range", "missing-key", "missing-top", "yaml-syntax", "not-mapping", "nested"],
+    ids=["unknown-key", "wrong-type", "out-of-range", "missing-key", "rule", "missing-top", "yaml-syntax", "not-mapping", "nested"],
 )  # fmt: skip
 def test_each_kind_of_error_names_its_place(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)

@@ -69,7 +69,7 @@ def test_changed_config_or_input_needs_force(make_run: Callable[..., Path], tmp_
     r = run_cli("run", config)
     assert r.code == 2 and "finished with other settings" in r.stderr and "--force" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    data["collect"]["teachers"][0]["max_tokens"] = 4
+    data["collect"]["teachers"][0]["max_tokens"] = 8
     config.write_text(yaml.safe_dump(data))
     assert run_cli("run", config).code == 0  # back to the settings it finished with: skipped
     with open(tmp_path / "prompts.jsonl", "a") as f:
@@ -81,7 +81,7 @@ def test_changed_config_or_input_needs_force(make_run: Callable[..., Path], tmp_
 
 def test_sigkill_mid_stage_then_rerun_resumes_exactly_once(make_run: Callable[..., Path], tmp_path: Path) -> None:
     n = 60
-    config = make_run(n=n, max_tokens=24, batch_size=2)
+    config = make_run(n=n, delay=0.05, batch_size=2)
     run_dir = tmp_path / "run"
     kills = 0
     for threshold in (6, 20):
@@ -145,7 +145,7 @@ def test_cli_errors_for_stages_and_run_dirs(make_run: Callable[..., Path], tmp_p
 
 
 def test_one_runner_per_run_dir(make_run: Callable[..., Path], tmp_path: Path) -> None:
-    config = make_run(n=40, max_tokens=24)
+    config = make_run(n=40, delay=0.1)
     run_dir = tmp_path / "run"
     p = subprocess.Popen(cli_command("--quiet", "run", config), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -101,13 +101,21 @@ def run(
     from_stage: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
     until_stage: Annotated[str | None, typer.Option("--until", help="Last stage to run.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo the selected stages, even if done.")] = False,
+    max_cost: Annotated[
+        float | None, typer.Option("--max-cost", help="Stop collecting cleanly once this many USD are spent.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate the collection's tokens and cost only.")] = False,
 ) -> None:
     """Run the configured stages in order; finished ones are skipped, interrupted ones resume."""
     from distill4all.config import load_config
     from distill4all.run import run_pipeline
 
     loaded = load_config(config)
+    if dry_run:
+        _print_estimate(loaded)
+        return
     console = Console(stderr=True, quiet=_state["quiet"])
+    options = {"max_cost_usd": max_cost} if max_cost is not None else {}
     outcomes = run_pipeline(
         loaded,
         from_stage=from_stage,
@@ -115,6 +123,7 @@ def run(
         force=force,
         console=console,
         quiet=_state["quiet"],
+        options=options,
     )
     table = Table("stage", "action", "status", "counts", "time")
     for o in outcomes:
@@ -126,6 +135,117 @@ def run(
             out.print(f"  {o.stage}: {run_dir / artifact}")
     out.print(f"run directory: {run_dir}")
     out.print(f"manifest: {run_dir / 'manifest.json'}")
+
+
+def _print_estimate(loaded: Any) -> None:
+    from distill4all.collect.estimate import estimate
+    from distill4all.store import Store
+
+    cfg = loaded.config
+    if cfg.collect is None:
+        raise UserError("--dry-run estimates the collect stage, and this config has none")
+    store_path = cfg.run_dir / "store.sqlite"
+    store = Store(store_path, readonly=True) if store_path.exists() else None
+    try:
+        estimates = estimate(cfg.collect, cfg.seed, store)
+    finally:
+        if store is not None:
+            store.close()
+    table = Table("teacher", "model", "requests", "prompt tokens", "prompt $", "expected $", "worst case $")
+    for e in estimates:
+        table.add_row(
+            e.teacher,
+            e.model,
+            f"{e.requests:,}",
+            f"~{e.prompt_tokens:,}",
+            f"{e.prompt_usd:.4f}",
+            f"{e.expected_usd:.4f}",
+            f"{e.worst_usd:.4f}",
+        )
+    out.print(table)
+    out.print(
+        "nothing was sent or written. Prompt tokens are estimated at ~4 characters each; 'worst case' "
+        "assumes every answer reaches max_tokens, 'expected' the mean length collected so far (else half)."
+    )
+
+
+# --- collect -----------------------------------------------------------------------------------
+
+collect_app = typer.Typer(help="Collection extras: pair exports and OpenAI Batch API files.", no_args_is_help=True)
+app.add_typer(collect_app, name="collect")
+
+
+def _open_run_store(config: Path) -> tuple[Any, Any]:
+    from distill4all.config import load_config
+    from distill4all.run import RunDir
+
+    loaded = load_config(config)
+    if loaded.config.collect is None:
+        raise UserError(f"{config} has no collect section")
+    return loaded, RunDir(loaded.config.run_dir)
+
+
+@collect_app.command("export")
+def collect_export(
+    config: ConfigArg,
+    out_path: Annotated[Path, typer.Argument(help="Output file.", show_default=False)],
+    fmt: Annotated[
+        str, typer.Option("--format", help="jsonl (GPT4All), parquet, or messages (OpenAI chat).")
+    ] = "jsonl",
+) -> None:
+    """Write the collected pairs as GPT4All JSONL/Parquet or OpenAI `messages` JSONL."""
+    from distill4all.collect.export import write_pairs
+
+    if fmt not in ("jsonl", "parquet", "messages"):
+        raise UserError(f"--format must be jsonl, parquet or messages, not {fmt!r}")
+    _, rd = _open_run_store(config)
+    try:
+        n = write_pairs(rd.store, out_path, fmt)  # type: ignore[arg-type]
+    finally:
+        rd.close()
+    out.print(f"wrote {n} pairs to {out_path}")
+
+
+@collect_app.command("batch-export")
+def collect_batch_export(
+    config: ConfigArg,
+    out_path: Annotated[Path, typer.Argument(help="Batch API input JSONL to write.", show_default=False)],
+    teacher: Annotated[str | None, typer.Option(help="Teacher name (default: the first).")] = None,
+) -> None:
+    """Write the pending requests as an OpenAI Batch API input file (half price, within 24 h)."""
+    from distill4all.collect import ledger
+    from distill4all.collect.batch import export_requests
+    from distill4all.collect.stage import load_sources
+    from distill4all.run import StageContext
+
+    loaded, rd = _open_run_store(config)
+    try:
+        with rd.locked():
+            ctx = StageContext("collect", rd, loaded, err, quiet=_state["quiet"])
+            load_sources(ctx, loaded.config.collect)
+            ledger.requeue(rd.store)
+            name = teacher or loaded.config.collect.teachers[0].name
+            n = export_requests(rd.store, loaded.config.collect, name, out_path)
+    finally:
+        rd.close()
+    out.print(f"wrote {n} requests to {out_path}; submit it with the OpenAI Batch API, then batch-ingest the results")
+
+
+@collect_app.command("batch-ingest")
+def collect_batch_ingest(
+    config: ConfigArg,
+    results: Annotated[Path, typer.Argument(help="Batch API output JSONL.", show_default=False)],
+) -> None:
+    """Store the answers of an OpenAI Batch API results file (reading it twice stores nothing twice)."""
+    from distill4all.collect.batch import ingest_results
+
+    loaded, rd = _open_run_store(config)
+    try:
+        with rd.locked():
+            counts = ingest_results(rd.store, loaded.config.collect, results)
+    finally:
+        rd.close()
+    out.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
 
 
 @app.command()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from distill4all.errors import ConfigError
 
@@ -34,33 +34,91 @@ class Section(BaseModel):
 
 # --- collect -----------------------------------------------------------------------------------
 
+SourceFormat = Literal["jsonl", "json", "csv", "parquet", "oig_chip2", "stackoverflow", "p3", "hf"]
+
 
 class SourceConfig(Section):
-    """A prompt source. `name` becomes the `source` tag of every prompt taken from it."""
+    """A prompt source. `name` becomes the `source` tag of every prompt taken from it.
+
+    Formats: `oig_chip2` (LAION OIG JSONL, `text` with `<human>:`/`<bot>:` turns), `stackoverflow`
+    (CSV/Parquet with title, HTML body, tags), `p3` (JSONL/Parquet with `inputs`/`targets`), generic
+    `jsonl`/`json`/`csv`/`parquet` (the prompt in `field`), or `hf` (a Hugging Face dataset by name,
+    only when a hub is reachable).
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: Path
-    format: Literal["jsonl"] = "jsonl"
-    field: str = Field("prompt", description="the JSON field that holds the prompt text")
-    limit: int | None = Field(None, ge=1, description="take at most this many prompts")
+    format: SourceFormat = "jsonl"
+    path: Path | None = None
+    dataset: str | None = Field(None, description="hf: the dataset name, e.g. laion/OIG")
+    subset: str | None = Field(None, description="hf: the dataset's config name")
+    split: str = "train"
+    field: str | None = Field(None, description="the prompt's field; default per format (generic: prompt)")
+    limit: int | None = Field(None, ge=1, description="take at most this many prompts (a seeded sample)")
+    fraction: float | None = Field(None, gt=0, le=1, description="take this share of prompts (seeded)")
+    seed: int | None = Field(None, description="sampling seed; default: the run's seed")
+    min_chars: int = Field(1, ge=1)
+    max_chars: int | None = Field(None, ge=1)
+    on_error: Literal["fail", "skip"] = Field("fail", description="a malformed row fails the run or is skipped")
+
+    @model_validator(mode="after")
+    def _where_from(self) -> SourceConfig:
+        if self.format == "hf":
+            if not self.dataset:
+                raise ValueError("format hf needs `dataset` (e.g. laion/OIG)")
+        elif self.path is None:
+            raise ValueError(f"format {self.format} needs `path`")
+        return self
+
+
+class Price(Section):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+def _default_prices() -> dict[str, Price]:
+    # Public list prices (USD per 1M tokens). GPT-3.5-Turbo cost $2/1M in March 2023, when the
+    # paper collected its data; set `price` on a teacher to reproduce that.
+    return {
+        "gpt-3.5-turbo": Price(input=0.50, output=1.50),
+        "gpt-4o-mini": Price(input=0.15, output=0.60),
+        "gpt-4o": Price(input=2.50, output=10.00),
+        "gpt-4.1-mini": Price(input=0.40, output=1.60),
+        "gpt-4.1": Price(input=2.00, output=8.00),
+    }
 
 
 class TeacherConfig(Section):
-    """The model that answers the prompts: a local model name/path, or an API endpoint."""
+    """Who answers: an OpenAI-compatible endpoint (`base_url`), or a local model that distill4all
+    serves itself on 127.0.0.1 for the duration of the stage (no `base_url`)."""
 
     name: str = Field("teacher", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str = Field(min_length=1, description="model name (see `distill4all models`) or path")
+    model: str = Field(min_length=1, description="the API's model id; or, without base_url, a local model")
+    base_url: str | None = Field(None, description="e.g. https://api.openai.com/v1")
+    api_key: SecretStr | None = Field(None, description="write ${OPENAI_API_KEY}; never stored")
     system_prompt: str | None = None
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = 0
+    stop: list[str] = Field(default_factory=list)
+    samples: int = Field(1, ge=1, description="answers per prompt (each its own request and seed)")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="passed through in each request")
+    concurrency: int = Field(8, ge=1, description="requests in flight")
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    price: Price | None = Field(None, description="default: collect.prices[model], else free")
 
 
 class CollectConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1)
     teachers: list[TeacherConfig] = Field(min_length=1)
-    batch_size: int = Field(8, ge=1, description="answers committed to the store per transaction")
+    prices: dict[str, Price] = Field(default_factory=_default_prices)
+    max_cost_usd: float | None = Field(None, gt=0, description="stop cleanly once this much is spent")
+    batch_size: int = Field(64, ge=1, description="at most this many answers per store transaction")
 
     @field_validator("sources", "teachers")
     @classmethod
@@ -70,6 +128,13 @@ class CollectConfig(Section):
         if dupes:
             raise ValueError(f"names must be unique, repeated: {', '.join(dupes)}")
         return items
+
+    def price_of(self, teacher: TeacherConfig) -> Price:
+        if teacher.price is not None:
+            return teacher.price
+        if teacher.base_url is None:
+            return Price(input=0, output=0)  # a local model costs nothing per token
+        return self.prices.get(teacher.model, Price(input=0, output=0))
 
 
 # --- curate ------------------------------------------------------------------------------------
@@ -324,6 +389,8 @@ def _describe(err: ValidationError, src: _Source) -> str:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         parts.append(f"{src.where(loc)}: {msg}")
     first, rest = parts[0], len(parts) - 1
     return first + (f" (and {rest} more problem{'s' if rest > 1 else ''})" if rest else "")

@@ -76,6 +76,7 @@ class StageContext:
     loaded: LoadedConfig
     console: Console
     quiet: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # per-invocation knobs, e.g. max_cost_usd
 
     @property
     def config(self) -> RunConfig:
@@ -254,6 +255,7 @@ def run_pipeline(
     force: bool = False,
     console: Console | None = None,
     quiet: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> list[StageOutcome]:
     """Run the configured stages in order, skipping finished ones and resuming interrupted ones."""
     console = console or Console(stderr=True, quiet=quiet)
@@ -277,7 +279,7 @@ def run_pipeline(
             atomic.clean_temp(run.path)
             all_inputs: dict[str, str] = {}
             for name in selected:
-                ctx = StageContext(name, run, loaded, console, quiet)
+                ctx = StageContext(name, run, loaded, console, quiet, dict(options or {}))
                 outcome = _run_stage(ctx, modules[name], configured, force, all_inputs)
                 outcomes.append(outcome)
             run.write_manifest(loaded, all_inputs)

@@ -4,7 +4,7 @@ Tables (schema version 1):
   meta        key/value facts about the store itself
   stages      one row per stage: status, attempts, timings, counts, costs, fingerprints
   prompts     every prompt gathered, with its source tag and original metadata
-  tasks       the collection ledger: one row per (prompt, teacher): pending/inflight/done/failed
+  tasks       the collection ledger: one row per (prompt, teacher, sample): pending/inflight/done/failed
   responses   every answer received: text, finish reason, usage, latency, request params
   decisions   curation: one row per response, kept or dropped with the rules that dropped it
   file_hashes sha256 of input files, cached by (path, size, mtime) so big files hash once
@@ -56,11 +56,13 @@ MIGRATIONS: list[str] = [
     CREATE TABLE tasks (
         prompt_id TEXT NOT NULL REFERENCES prompts (id),
         teacher TEXT NOT NULL,
+        sample INTEGER NOT NULL DEFAULT 0,  -- 0..n-1 when a teacher gives n answers per prompt
         state TEXT NOT NULL CHECK (state IN ('pending', 'inflight', 'done', 'failed')),
         attempts INTEGER NOT NULL DEFAULT 0,
         last_error TEXT,
+        permanent INTEGER NOT NULL DEFAULT 0,  -- 1: failed for good (e.g. HTTP 400); not retried
         updated_at REAL NOT NULL,
-        PRIMARY KEY (prompt_id, teacher)
+        PRIMARY KEY (prompt_id, teacher, sample)
     );
     CREATE INDEX tasks_state ON tasks (teacher, state);
     CREATE TABLE responses (
@@ -74,6 +76,7 @@ MIGRATIONS: list[str] = [
         prompt_tokens INTEGER,
         completion_tokens INTEGER,
         latency_s REAL,
+        cost_usd REAL NOT NULL DEFAULT 0,
         params TEXT NOT NULL DEFAULT '{}',
         created_at REAL NOT NULL,
         UNIQUE (prompt_id, teacher, sample)  -- an answer is stored exactly once

@@ -1,8 +1,9 @@
-"""The collection ledger in the run store: prompts, one task per (prompt, teacher), answers.
+"""The collection ledger in the run store: prompts, one task per (prompt, teacher, sample), answers.
 
 A task goes pending → inflight → done | failed. The answer row and the task's `done` are written
 in one transaction, and (prompt, teacher, sample) is unique, so a killed collector that reruns
-answers every prompt exactly once.
+answers every prompt exactly once; tasks found in flight at start never got their answer stored
+and go back to pending.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from distill4all.store import Store
 class Task:
     prompt_id: str
     teacher: str
+    sample: int
     text: str
 
 
@@ -33,11 +35,19 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
+    cost_usd: float
     params: dict[str, Any]
 
 
-def add_prompts(store: Store, prompts: Iterable[Prompt], teachers: list[str], batch: int = 1000) -> int:
-    """Insert prompts and their pending tasks; already present ones are left untouched."""
+@dataclass(frozen=True)
+class Failure:
+    task: Task
+    error: str
+    permanent: bool
+
+
+def add_prompts(store: Store, prompts: Iterable[Prompt], teachers: list[tuple[str, int]], batch: int = 2000) -> int:
+    """Insert prompts and a pending task per (teacher, sample); rows already there are kept."""
     added = 0
     buf: list[Prompt] = []
 
@@ -48,12 +58,13 @@ def add_prompts(store: Store, prompts: Iterable[Prompt], teachers: list[str], ba
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO prompts (id, source, text, meta, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(p.id, p.source, p.text, json.dumps(p.meta), now) for p in buf],
+                [(p.id, p.source, p.text, json.dumps(p.meta, default=str), now) for p in buf],
             )
             added += db.total_changes - before
             db.executemany(
-                "INSERT OR IGNORE INTO tasks (prompt_id, teacher, state, updated_at) VALUES (?, ?, 'pending', ?)",
-                [(p.id, t, now) for p in buf for t in teachers],
+                "INSERT OR IGNORE INTO tasks (prompt_id, teacher, sample, state, updated_at)"
+                " VALUES (?, ?, ?, 'pending', ?)",
+                [(p.id, name, s, now) for p in buf for name, samples in teachers for s in range(samples)],
             )
         buf.clear()
 
@@ -66,60 +77,85 @@ def add_prompts(store: Store, prompts: Iterable[Prompt], teachers: list[str], ba
     return added
 
 
-def requeue_inflight(store: Store) -> int:
-    """Tasks left in flight by a killed run go back to pending (their answer never landed)."""
+def requeue(store: Store) -> int:
+    """Back to pending: tasks left in flight by a killed run, and transient failures of past runs."""
     with store.transaction() as db:
-        cur = db.execute("UPDATE tasks SET state = 'pending' WHERE state = 'inflight'")
+        cur = db.execute(
+            "UPDATE tasks SET state = 'pending' WHERE state = 'inflight' OR (state = 'failed' AND permanent = 0)"
+        )
         return cur.rowcount
 
 
-def pending(store: Store, teacher: str, limit: int) -> list[Task]:
-    rows = store.db.execute(
-        "SELECT t.prompt_id, t.teacher, p.text FROM tasks t JOIN prompts p ON p.id = t.prompt_id"
-        " WHERE t.teacher = ? AND t.state = 'pending' ORDER BY p.created_at, p.id LIMIT ?",
-        (teacher, limit),
-    ).fetchall()
-    return [Task(r[0], r[1], r[2]) for r in rows]
+def count_pending(store: Store, teacher: str) -> int:
+    return store.count("SELECT COUNT(*) FROM tasks WHERE teacher = ? AND state = 'pending'", (teacher,))
 
 
-def mark_inflight(store: Store, tasks: list[Task]) -> None:
+def claim(store: Store, teacher: str, limit: int) -> list[Task]:
+    """Take up to `limit` pending tasks and mark them in flight, in one transaction."""
     with store.transaction() as db:
+        rows = db.execute(
+            "SELECT t.prompt_id, t.sample, p.text FROM tasks t JOIN prompts p ON p.id = t.prompt_id"
+            " WHERE t.teacher = ? AND t.state = 'pending' ORDER BY p.created_at, p.id, t.sample LIMIT ?",
+            (teacher, limit),
+        ).fetchall()
+        now = time.time()
         db.executemany(
             "UPDATE tasks SET state = 'inflight', attempts = attempts + 1, updated_at = ?"
-            " WHERE prompt_id = ? AND teacher = ?",
-            [(time.time(), t.prompt_id, t.teacher) for t in tasks],
+            " WHERE prompt_id = ? AND teacher = ? AND sample = ?",
+            [(now, r[0], teacher, r[1]) for r in rows],
+        )
+    return [Task(r[0], teacher, r[1], r[2]) for r in rows]
+
+
+def release(store: Store, tasks: list[Task]) -> None:
+    """Claimed tasks that were never sent (a clean stop) go back to pending."""
+    with store.transaction() as db:
+        db.executemany(
+            "UPDATE tasks SET state = 'pending'"
+            " WHERE prompt_id = ? AND teacher = ? AND sample = ? AND state = 'inflight'",
+            [(t.prompt_id, t.teacher, t.sample) for t in tasks],
         )
 
 
-def record(store: Store, answers: list[Answer], failures: list[tuple[Task, str]]) -> None:
-    """Write answers and failures together with their tasks' new state: all or nothing."""
+def record(store: Store, answers: list[Answer], failures: list[Failure]) -> int:
+    """Write answers and failures with their tasks' new state, all or nothing.
+
+    Returns how many answers were new; an answer already stored (e.g. a Batch results file read
+    twice) is ignored, so nothing is ever stored twice.
+    """
     now = time.time()
     with store.transaction() as db:
+        before = db.total_changes
         db.executemany(
-            "INSERT INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
-            " prompt_tokens, completion_tokens, latency_s, params, created_at)"
-            " VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
+            " prompt_tokens, completion_tokens, latency_s, cost_usd, params, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (a.task.prompt_id, a.task.teacher, a.model, a.text, a.finish_reason,
-                 a.prompt_tokens, a.completion_tokens, a.latency_s, json.dumps(a.params), now)
+                (a.task.prompt_id, a.task.teacher, a.task.sample, a.model, a.text, a.finish_reason,
+                 a.prompt_tokens, a.completion_tokens, a.latency_s, a.cost_usd, json.dumps(a.params), now)
                 for a in answers
             ],
         )  # fmt: skip
+        new = db.total_changes - before
         db.executemany(
-            "UPDATE tasks SET state = 'done', last_error = NULL, updated_at = ? WHERE prompt_id = ? AND teacher = ?",
-            [(now, a.task.prompt_id, a.task.teacher) for a in answers],
+            "UPDATE tasks SET state = 'done', last_error = NULL, updated_at = ?"
+            " WHERE prompt_id = ? AND teacher = ? AND sample = ?",
+            [(now, a.task.prompt_id, a.task.teacher, a.task.sample) for a in answers],
         )
         db.executemany(
-            "UPDATE tasks SET state = 'failed', last_error = ?, updated_at = ? WHERE prompt_id = ? AND teacher = ?",
-            [(err, now, t.prompt_id, t.teacher) for t, err in failures],
+            "UPDATE tasks SET state = 'failed', last_error = ?, permanent = ?, updated_at = ?"
+            " WHERE prompt_id = ? AND teacher = ? AND sample = ? AND state != 'done'",
+            [(f.error, int(f.permanent), now, f.task.prompt_id, f.task.teacher, f.task.sample) for f in failures],
         )
+    return new
 
 
 def counts(store: Store) -> dict[str, Any]:
     by_state = dict(store.db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
     by_source = dict(store.db.execute("SELECT source, COUNT(*) FROM prompts GROUP BY source").fetchall())
     tokens = store.db.execute(
-        "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM responses"
+        "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost_usd), 0)"
+        " FROM responses"
     ).fetchone()
     return {
         "prompts": sum(by_source.values()),
@@ -129,7 +165,12 @@ def counts(store: Store) -> dict[str, Any]:
         "pending": by_state.get("pending", 0) + by_state.get("inflight", 0),
         "prompt_tokens": tokens[0],
         "completion_tokens": tokens[1],
+        "cost_usd": round(tokens[2], 6),
     }
+
+
+def spent_usd(store: Store) -> float:
+    return float(store.db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0])
 
 
 def reset(store: Store) -> None:

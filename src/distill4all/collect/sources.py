@@ -1,12 +1,25 @@
-"""Prompt sources: each yields (prompt text, metadata) from a file, with file:line on bad rows."""
+"""Prompt sources: read rows from a file (or a hub dataset), turn each into a prompt, and report
+every row that could not be used with its file:line.
+
+Reading is split in three small steps so each format only says what is special about it:
+  rows      — the file format: (where, dict) pairs from JSONL / JSON / CSV / Parquet / hub
+  extract   — the dataset format: the prompt text and metadata of one row (OIG, StackOverflow, P3…)
+  select    — the same for all: normalize, length limits, exact dedup, seeded sampling
+"""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import heapq
 import json
+import os
+import re
+import sys
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from distill4all.config import SourceConfig
@@ -21,6 +34,25 @@ class Prompt:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SourceStats:
+    rows: int = 0
+    bad_rows: int = 0
+    too_short: int = 0
+    too_long: int = 0
+    duplicates: int = 0
+    sampled_out: int = 0
+    kept: int = 0
+    bad_examples: list[str] = field(default_factory=list)  # "file:line: why", the first few
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "bad_examples"} | {"bad_examples": self.bad_examples}
+
+
+class RowError(ValueError):
+    """This row cannot give a prompt (missing field, wrong type, no human turn…)."""
+
+
 def normalize(text: str) -> str:
     """Unicode NFC, unified newlines, trimmed: what is hashed and what the teacher sees."""
     return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
@@ -31,32 +63,276 @@ def prompt_id(source: str, text: str) -> str:
     return hashlib.sha256(f"{source}\0{text}".encode()).hexdigest()[:20]
 
 
-def read_jsonl(cfg: SourceConfig) -> Iterator[Prompt]:
-    if not cfg.path.is_file():
-        raise DataError(f"source {cfg.name!r}: file not found: {cfg.path}")
-    seen: set[str] = set()
-    taken = 0
-    with open(cfg.path, encoding="utf-8") as f:
+# --- rows: file formats ------------------------------------------------------------------------
+
+Row = tuple[str, dict[str, Any]]
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
+    with open(path, encoding="utf-8", errors="strict") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{cfg.path}:{lineno}"
+            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(cfg.field), str):
-                raise DataError(f"{where}: no string field {cfg.field!r}")
-            text = normalize(row[cfg.field])
-            if not text or text in seen:
+                yield where, RowError(f"not valid JSON ({e.msg})")
                 continue
-            seen.add(text)
-            meta = {k: v for k, v in row.items() if k != cfg.field}
-            yield Prompt(prompt_id(cfg.name, text), cfg.name, text, meta | {"line": lineno})
-            taken += 1
-            if cfg.limit is not None and taken >= cfg.limit:
-                return
+            if not isinstance(row, dict):
+                yield where, RowError("not a JSON object")
+                continue
+            yield where, row
 
 
-def read_source(cfg: SourceConfig) -> Iterator[Prompt]:
-    return read_jsonl(cfg)
+def _json_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a JSON source must be a list of objects (or {{'data': [...]}})")
+    for i, row in enumerate(data):
+        where = f"{path}:item {i}"
+        yield (where, row) if isinstance(row, dict) else (where, RowError("not a JSON object"))
+
+
+def _csv_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
+    csv.field_size_limit(sys.maxsize)  # StackOverflow bodies exceed the 128 KiB default
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            # line_num is the line where the record ended; records can span lines (quoted HTML)
+            where = f"{path}:{reader.line_num}"
+            if None in row or any(v is None for v in row.values()):
+                yield (
+                    where,
+                    RowError(f"has a different number of fields than the header's {len(reader.fieldnames or [])}"),
+                )
+                continue
+            yield where, dict(row)
+
+
+def _parquet_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield f"{path}:row {n}", row
+            n += 1
+
+
+def _hf_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
+    if os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False"):
+        raise DataError(
+            f"source {cfg.name!r}: Hugging Face dataset {cfg.dataset!r} needs the hub, and distill4all is "
+            "offline (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 to download, or point `path` at a local file"
+        )
+    _check_hub_reachable(cfg)
+    import datasets
+
+    ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, streaming=True)
+    for i, row in enumerate(ds):
+        yield f"{cfg.dataset}:{cfg.split}:{i}", dict(row)
+
+
+def _check_hub_reachable(cfg: SourceConfig) -> None:
+    """Fail in seconds, not after the datasets library's long retries, when the hub is unreachable."""
+    import httpx
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        httpx.head(endpoint, timeout=5.0)
+    except httpx.HTTPError as e:
+        raise DataError(f"source {cfg.name!r}: the hub at {endpoint} is unreachable ({type(e).__name__})") from None
+
+
+def _file_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
+    if cfg.format == "hf":
+        return _hf_rows(cfg)
+    assert cfg.path is not None
+    if not cfg.path.is_file():
+        raise DataError(f"source {cfg.name!r}: file not found: {cfg.path}")
+    suffix = cfg.path.suffix.lower()
+    kind = {"jsonl": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet"}.get(cfg.format)
+    if kind is None:  # a dataset format: the file format comes from the extension
+        kind = {".csv": "csv", ".parquet": "parquet", ".json": "json"}.get(suffix, "jsonl")
+    readers: dict[str, Callable[[Path], Iterator[Row | tuple[str, RowError]]]] = {
+        "jsonl": _jsonl_rows,
+        "json": _json_rows,
+        "csv": _csv_rows,
+        "parquet": _parquet_rows,
+    }
+    return readers[kind](cfg.path)
+
+
+# --- extract: dataset formats ------------------------------------------------------------------
+
+
+def _text_field(row: dict[str, Any], *names: str) -> str:
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, str):
+            return value
+    raise RowError(f"no text field {' or '.join(repr(n) for n in names)}")
+
+
+def _generic(cfg: SourceConfig) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]:
+    name = cfg.field or "prompt"
+
+    def extract(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return _text_field(row, name), {k: v for k, v in row.items() if k != name}
+
+    return extract
+
+
+_TURN = re.compile(r"<(human|bot)>:", re.IGNORECASE)
+
+
+def _oig_chip2(cfg: SourceConfig) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]:
+    """LAION OIG: `text` holds `<human>: … <bot>: …` turns; the first human turn is the prompt."""
+    name = cfg.field or "text"
+
+    def extract(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        text = _text_field(row, name)
+        marks = list(_TURN.finditer(text))
+        if not marks or marks[0].group(1).lower() != "human":
+            raise RowError("no <human>: turn at the start")
+        end = marks[1].start() if len(marks) > 1 else len(text)
+        prompt = text[marks[0].end() : end]
+        answer = ""
+        if len(marks) > 1 and marks[1].group(1).lower() == "bot":
+            answer = text[marks[1].end() : marks[2].start() if len(marks) > 2 else len(text)].strip()
+        meta: dict[str, Any] = {"original_response": answer, "turns": len(marks)}
+        if isinstance(row.get("metadata"), dict):
+            meta["metadata"] = row["metadata"]
+        return prompt, meta
+
+    return extract
+
+
+def _stackoverflow(cfg: SourceConfig) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]:
+    """A question: its title, then its HTML body as markdown (code blocks kept); tags as metadata."""
+    from markdownify import markdownify
+
+    def extract(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        low = {str(k).lower(): v for k, v in row.items()}
+        title = _text_field(low, "title")
+        body_html = _text_field(low, "body", cfg.field or "body")
+        body = markdownify(body_html, heading_style="ATX", bullets="-").strip()
+        body = re.sub(r"\n{3,}", "\n\n", body)
+        tags = low.get("tags") or low.get("label") or ""
+        if isinstance(tags, str):  # "<python><list>" or "python list" or "python,list"
+            tags = [t for t in re.split(r"[<>,\s|]+", tags) if t]
+        meta = {"title": title, "tags": tags}
+        for key in ("id", "score", "creationdate"):
+            if key in low:
+                meta[key] = low[key]
+        return f"{title.strip()}\n\n{body}" if body else title, meta
+
+    return extract
+
+
+def _p3(cfg: SourceConfig) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]:
+    """bigscience P3: the prompt is `inputs` (or `inputs_pretokenized`); `targets` kept as metadata."""
+
+    def extract(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        prompt = _text_field(row, cfg.field or "inputs", "inputs_pretokenized")
+        target = row.get("targets", row.get("targets_pretokenized"))
+        meta = {"targets": target} if isinstance(target, str | list) else {}
+        return prompt, meta
+
+    return extract
+
+
+EXTRACTORS: dict[str, Callable[[SourceConfig], Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]]] = {
+    "oig_chip2": _oig_chip2,
+    "stackoverflow": _stackoverflow,
+    "p3": _p3,
+}
+
+
+# --- select: shared by all ---------------------------------------------------------------------
+
+
+def _sample_key(seed: int, pid: str) -> int:
+    """A per-prompt pseudo-random key: sampling by it is independent of row order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:8], "big")
+
+
+def read_source(
+    cfg: SourceConfig, *, run_seed: int = 0, stats: SourceStats | None = None, warn: Callable[[str], None] | None = None
+) -> Iterator[Prompt]:
+    """Yield the source's prompts after normalization, limits, dedup and sampling.
+
+    A malformed row raises DataError naming its file:line (`on_error: fail`), or is counted, shown
+    through `warn` and skipped (`on_error: skip`) — never dropped silently.
+    """
+    stats = stats if stats is not None else SourceStats()
+    extract = EXTRACTORS.get(cfg.format, _generic)(cfg)
+    seed = run_seed if cfg.seed is None else cfg.seed
+    threshold = int(cfg.fraction * 2**64) if cfg.fraction is not None else None
+    seen: set[str] = set()
+    picked: list[tuple[int, int, Prompt]] = []  # a max-heap (negated keys) of the `limit` smallest
+    order = 0
+
+    def bad(where: str, why: str) -> None:
+        stats.bad_rows += 1
+        message = f"{where}: {why}"
+        if cfg.on_error == "fail":
+            raise DataError(f"{message} (set on_error: skip on source {cfg.name!r} to skip such rows)")
+        if len(stats.bad_examples) < 5:
+            stats.bad_examples.append(message)
+        if warn is not None:
+            warn(f"skipped {message}")
+
+    for where, row in _file_rows(cfg):
+        stats.rows += 1
+        if isinstance(row, RowError):
+            bad(where, str(row))
+            continue
+        try:
+            raw, meta = extract(row)
+        except RowError as e:
+            bad(where, str(e))
+            continue
+        text = normalize(raw)
+        if len(text) < cfg.min_chars:
+            stats.too_short += 1
+            continue
+        if cfg.max_chars is not None and len(text) > cfg.max_chars:
+            stats.too_long += 1
+            continue
+        if text in seen:
+            stats.duplicates += 1
+            continue
+        seen.add(text)
+        pid = prompt_id(cfg.name, text)
+        key = _sample_key(seed, pid)
+        if threshold is not None and key >= threshold:
+            stats.sampled_out += 1
+            continue
+        prompt = Prompt(pid, cfg.name, text, meta | {"where": where})
+        if cfg.limit is None:
+            stats.kept += 1
+            yield prompt
+            continue
+        order += 1
+        if len(picked) < cfg.limit:
+            heapq.heappush(picked, (-key, order, prompt))
+        else:
+            stats.sampled_out += 1
+            if -picked[0][0] > key:
+                heapq.heapreplace(picked, (-key, order, prompt))
+    if cfg.limit is not None:
+        chosen = sorted(picked, key=lambda t: t[1])  # keep file order among the chosen
+        stats.kept += len(chosen)
+        for _, _, prompt in chosen:
+            yield prompt

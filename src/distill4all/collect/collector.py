@@ -1,0 +1,196 @@
+"""The collection loop for one teacher: claim pending tasks, send them with N in flight, and
+store each answer the moment it lands.
+
+  claimer  ─▶ queue ─▶ N workers (window, limiter, budget, retries) ─▶ results ─▶ writer ─▶ store
+
+The writer commits whatever has arrived in one transaction (group commit): one answer per commit
+when answers trickle in, up to `batch_size` when they pour in, so a kill loses at most the answers
+that arrived in the last few milliseconds. The first Ctrl-C stops sending and lets the answers in
+flight (already paid for) land and be stored; a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from distill4all.collect import ledger
+from distill4all.collect.cost import Budget, cost_usd
+from distill4all.collect.teacher import Reply, TeacherError, Window, estimate_prompt_tokens
+from distill4all.config import Price, TeacherConfig
+from distill4all.store import Store
+
+
+class Completer(Protocol):
+    async def complete(self, body: dict[str, Any], est_tokens: int, window: Window | None = None) -> Reply: ...
+
+
+@dataclass
+class Progress:
+    answered: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Outcome:
+    answered: int
+    failed: int
+    stopped: str | None  # None: all done; "budget" | "interrupt": stopped early, resumable
+
+
+def build_messages(teacher: TeacherConfig, prompt: str) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": prompt}]
+    if teacher.system_prompt:
+        messages.insert(0, {"role": "system", "content": teacher.system_prompt})
+    return messages
+
+
+def build_body(teacher: TeacherConfig, task: ledger.Task, model: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model or teacher.model,
+        "messages": build_messages(teacher, task.text),
+        "max_tokens": teacher.max_tokens,
+        "temperature": teacher.temperature,
+        "top_p": teacher.top_p,
+    }
+    if teacher.seed is not None:
+        body["seed"] = teacher.seed + task.sample  # each sample its own seed
+    if teacher.stop:
+        body["stop"] = teacher.stop
+    return body | teacher.extra_body
+
+
+async def collect(
+    store: Store,
+    teacher: TeacherConfig,
+    client: Completer,
+    price: Price,
+    budget: Budget,
+    *,
+    model: str | None = None,
+    batch_size: int,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Outcome:
+    progress = Progress()
+    queue: asyncio.Queue[ledger.Task | None] = asyncio.Queue(maxsize=teacher.concurrency * 2)
+    results: asyncio.Queue[ledger.Answer | ledger.Failure | None] = asyncio.Queue()
+    window = Window(teacher.concurrency)
+    stop: dict[str, str | None] = {"why": None}
+    claimed_unsent: set[ledger.Task] = set()
+
+    async def claimer() -> None:
+        try:
+            while stop["why"] is None:
+                tasks = ledger.claim(store, teacher.name, teacher.concurrency * 2)
+                if not tasks:
+                    break
+                claimed_unsent.update(tasks)
+                for t in tasks:
+                    await queue.put(t)
+        finally:
+            for _ in range(teacher.concurrency):
+                await queue.put(None)
+
+    async def worker() -> None:
+        while (task := await queue.get()) is not None:
+            if stop["why"] is not None:
+                continue  # left claimed-unsent; released below
+            body = build_body(teacher, task, model)
+            est = estimate_prompt_tokens(body["messages"])
+            worst = cost_usd(price, est, teacher.max_tokens)
+            if not budget.reserve(worst):
+                stop["why"] = "budget"
+                continue
+            claimed_unsent.discard(task)
+            try:
+                reply = await client.complete(body, est + teacher.max_tokens, window)
+            except TeacherError as e:
+                budget.settle(worst, 0.0)
+                await results.put(ledger.Failure(task, str(e), e.permanent))
+                continue
+            actual = cost_usd(price, reply.prompt_tokens, reply.completion_tokens)
+            budget.settle(worst, actual)
+            params = {k: v for k, v in body.items() if k != "messages"} | {"attempts": reply.attempts}
+            await results.put(
+                ledger.Answer(task, reply.model, reply.text, reply.finish_reason, reply.prompt_tokens,
+                              reply.completion_tokens, reply.latency_s, actual, params)
+            )  # fmt: skip
+
+    async def writer() -> None:
+        done = False
+        while not done:
+            item = await results.get()
+            batch = [item]
+            while len(batch) < batch_size and not results.empty():
+                batch.append(results.get_nowait())
+            done = None in batch
+            answers = [b for b in batch if isinstance(b, ledger.Answer)]
+            failures = [b for b in batch if isinstance(b, ledger.Failure)]
+            if answers or failures:
+                ledger.record(store, answers, failures)
+                progress.answered += len(answers)
+                progress.failed += len(failures)
+                progress.prompt_tokens += sum(a.prompt_tokens for a in answers)
+                progress.completion_tokens += sum(a.completion_tokens for a in answers)
+                progress.cost_usd += sum(a.cost_usd for a in answers)
+                if on_progress is not None:
+                    on_progress(progress)
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def on_sigint() -> None:
+        if stop["why"] is None:
+            stop["why"] = "interrupt"  # finish and store what is in flight, send nothing new
+        elif main is not None:
+            main.cancel()
+
+    with _signal_handler(loop, on_sigint):
+        writer_task = asyncio.create_task(writer())
+        claim_task = asyncio.create_task(claimer())
+        workers = [asyncio.create_task(worker()) for _ in range(teacher.concurrency)]
+        try:
+            await _gather(workers)
+            await claim_task
+        finally:
+            await results.put(None)
+            await writer_task
+            if claimed_unsent:
+                ledger.release(store, list(claimed_unsent))
+    return Outcome(progress.answered, progress.failed, stop["why"])
+
+
+async def _gather(tasks: list[asyncio.Task[None]]) -> None:
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class _signal_handler:
+    """Install a SIGINT handler on the loop for the block (only in the main thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
+        self.loop, self.handler, self.installed = loop, handler, False
+
+    def __enter__(self) -> None:
+        try:
+            self.loop.add_signal_handler(signal.SIGINT, self.handler)
+            self.installed = True
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:
+            self.loop.remove_signal_handler(signal.SIGINT)

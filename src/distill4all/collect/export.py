@@ -1,0 +1,60 @@
+"""The collected pairs as files: GPT4All JSONL/Parquet (`prompt`, `response`, `source`) or OpenAI
+chat `messages` JSONL (the fine-tuning format)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from distill4all import atomic
+from distill4all.store import Store
+
+PairFormat = Literal["jsonl", "parquet", "messages"]
+
+
+def iter_pairs(store: Store) -> Iterator[dict[str, Any]]:
+    rows = store.db.execute(
+        "SELECT p.id, p.text, r.text, p.source, r.teacher, r.sample, r.model, r.finish_reason"
+        " FROM responses r JOIN prompts p ON p.id = r.prompt_id ORDER BY r.id"
+    )
+    for pid, prompt, response, source, teacher, sample, model, finish in rows:
+        yield {
+            "prompt": prompt,
+            "response": response,
+            "source": source,
+            "teacher": teacher,
+            "model": model,
+            "sample": sample,
+            "finish_reason": finish,
+            "prompt_id": pid,
+        }
+
+
+def write_pairs(store: Store, path: Path, fmt: PairFormat = "jsonl") -> int:
+    """Write every collected pair to `path` atomically; return how many."""
+    n = 0
+    with atomic.output_file(path) as tmp:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            rows = list(iter_pairs(store))
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            return len(rows)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for pair in iter_pairs(store):
+                if fmt == "messages":
+                    line: dict[str, Any] = {
+                        "messages": [
+                            {"role": "user", "content": pair["prompt"]},
+                            {"role": "assistant", "content": pair["response"]},
+                        ],
+                        "source": pair["source"],
+                    }
+                else:
+                    line = pair
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                n += 1
+    return n

@@ -1,0 +1,330 @@
+"""The teacher client: OpenAI-compatible chat completions over async httpx, with client-side rate
+limits, server rate-limit headers honoured, and retries with exponential backoff + full jitter.
+
+Why httpx directly and not the `openai` client: we need the raw response headers of every call
+(Retry-After, x-ratelimit-*) to pace all workers together, and our own retry policy (the openai
+client retries on its own, blind to the shared limiter); httpx is what `openai` uses underneath.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import re
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+POOL_SIZE = 4
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    latency_s: float
+    attempts: int
+
+
+class TeacherError(Exception):
+    """A request that gave no answer. `permanent` ones (a 400, a 401…) are not retried on rerun."""
+
+    def __init__(self, message: str, *, permanent: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.status = status
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.status = status
+
+
+def estimate_tokens(text: str) -> int:
+    """~4 characters a token for English (OpenAI's rule of thumb); no tokenizer download needed."""
+    return (len(text) + 3) // 4
+
+
+def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    # chat formatting adds ~4 tokens per message and 3 to prime the reply (OpenAI's cookbook)
+    return sum(estimate_tokens(m["content"]) + 4 for m in messages) + 3
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(value: str) -> float | None:
+    """OpenAI's reset headers: '1s', '6m0s', '20ms', '1h2m3.5s'; also a bare number of seconds."""
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    if not parts:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+
+
+class TokenBucket:
+    """`rate` units a minute, refilled continuously, bursting at most `burst_s` seconds' worth."""
+
+    def __init__(self, per_minute: float, burst_s: float = 5.0) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * burst_s)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def set_rate(self, per_minute: float) -> None:
+        self._refill()
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * 5.0)
+        self.level = min(self.level, self.capacity)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_time(self, amount: float) -> float:
+        """Seconds until `amount` can be taken (an amount above capacity waits for a full bucket)."""
+        self._refill()
+        need = min(amount, self.capacity)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.level -= amount  # may go negative: a big request is paid back by waiting later
+
+
+class RateLimiter:
+    """Client-side requests/min and tokens/min, plus a pause shared by every worker.
+
+    The pause is set by a 429's Retry-After and by x-ratelimit-remaining-* reaching zero, so one
+    rate-limit answer stops all workers at once instead of each learning it separately. Limits the
+    server announces (x-ratelimit-limit-*) are adopted when they are tighter than the configured ones.
+    """
+
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
+        self.requests = TokenBucket(requests_per_minute) if requests_per_minute else None
+        self.tokens = TokenBucket(tokens_per_minute) if tokens_per_minute else None
+        self.paused_until = 0.0
+        self._lock = asyncio.Lock()  # FIFO: waiters are served in arrival order
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    async def acquire(self, tokens: int) -> None:
+        async with self._lock:
+            while True:
+                wait = self.paused_until - time.monotonic()
+                if self.requests is not None:
+                    wait = max(wait, self.requests.wait_time(1))
+                if self.tokens is not None:
+                    wait = max(wait, self.tokens.wait_time(tokens))
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            if self.requests is not None:
+                self.requests.take(1)
+            if self.tokens is not None:
+                self.tokens.take(tokens)
+
+    def observe(self, headers: httpx.Headers, next_request_tokens: int) -> None:
+        for kind, bucket_name, need in (("requests", "requests", 1), ("tokens", "tokens", next_request_tokens)):
+            remaining = _int(headers.get(f"x-ratelimit-remaining-{kind}"))
+            reset = headers.get(f"x-ratelimit-reset-{kind}")
+            if remaining is not None and remaining < need and reset is not None:
+                seconds = parse_duration(reset)
+                if seconds:
+                    self.pause(seconds)
+            limit = _int(headers.get(f"x-ratelimit-limit-{kind}"))
+            if limit:
+                bucket: TokenBucket | None = getattr(self, bucket_name)
+                if bucket is None:
+                    setattr(self, bucket_name, TokenBucket(limit))
+                elif bucket.rate * 60 > limit:
+                    bucket.set_rate(limit)
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class Window:
+    """How many requests may be in flight: halved on each 429, grown by ~1 per round trip after
+    (AIMD, as TCP does), between 1 and the configured concurrency. Keeps a teacher's limits
+    without being told twice even when it announces none."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.size = float(maximum)
+        self.in_flight = 0
+        self._changed = asyncio.Condition()
+
+    async def enter(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < int(self.size))
+            self.in_flight += 1
+
+    async def leave(self, *, throttled: bool = False) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            if throttled:
+                self.size = max(1.0, self.size / 2)
+            else:
+                self.size = min(float(self.maximum), self.size + 1.0 / max(1.0, self.size))
+            self._changed.notify_all()
+
+
+class TeacherClient:
+    """One OpenAI-compatible endpoint. `complete` retries what is worth retrying and raises
+    TeacherError for the rest."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        timeout_s: float,
+        max_retries: int,
+        limiter: RateLimiter,
+        max_connections: int,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        # httpcore's pool scans every connection for every queued request: O(connections²) CPU
+        # at hundreds in flight (20 ms a request at 256, measured). Pools of POOL_SIZE connections,
+        # each request on the least busy one, keep that scan short.
+        n_pools = max(1, -(-max_connections // POOL_SIZE))
+        per_pool = -(-max_connections // n_pools)
+        tls = ssl.create_default_context()  # built once: loading CA certificates costs ~30 ms
+        self.pools = [
+            httpx.AsyncClient(
+                base_url=base_url.rstrip("/") + "/",
+                headers=headers,
+                verify=tls,
+                timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
+            )
+            for _ in range(n_pools)
+        ]
+        self.busy = [0] * n_pools
+        self.max_retries = max_retries
+        self.limiter = limiter
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.rng = rng or random.Random()
+        self.throttled = 0  # 429s seen
+
+    async def aclose(self) -> None:
+        for pool in self.pools:
+            await pool.aclose()
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        jittered = self.rng.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
+        return max(jittered, retry_after or 0.0)
+
+    async def complete(self, body: dict[str, Any], est_tokens: int, window: Window | None = None) -> Reply:
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            await self.limiter.acquire(est_tokens)
+            if window is not None:
+                await window.enter()
+            throttled = False
+            t0 = time.perf_counter()
+            try:
+                reply = await self._once(body, est_tokens)
+                return Reply(**reply, latency_s=time.perf_counter() - t0, attempts=attempt + 1)
+            except _Retryable as e:
+                last = str(e)
+                throttled = e.status == 429
+                if throttled:
+                    self.throttled += 1
+                delay = self._backoff(attempt, e.retry_after)
+                if e.retry_after is not None and throttled:
+                    self.limiter.pause(e.retry_after)
+            finally:
+                if window is not None:
+                    await window.leave(throttled=throttled)
+            if attempt < self.max_retries:
+                await asyncio.sleep(delay)
+        raise TeacherError(f"gave up after {self.max_retries + 1} attempts: {last}", permanent=False)
+
+    async def _once(self, body: dict[str, Any], est_tokens: int) -> dict[str, Any]:
+        i = self.busy.index(min(self.busy))
+        self.busy[i] += 1
+        try:
+            r = await self.pools[i].post("chat/completions", content=json.dumps(body))
+        except httpx.TimeoutException as e:
+            raise _Retryable(f"timeout ({type(e).__name__})") from None
+        except httpx.TransportError as e:
+            raise _Retryable(f"connection error ({type(e).__name__}: {e})") from None
+        finally:
+            self.busy[i] -= 1
+        self.limiter.observe(r.headers, est_tokens)
+        if r.status_code in RETRYABLE_STATUS:
+            raise _Retryable(f"HTTP {r.status_code}: {_error_text(r)}", retry_after_seconds(r.headers), r.status_code)
+        if r.status_code >= 400:
+            raise TeacherError(f"HTTP {r.status_code}: {_error_text(r)}", permanent=True, status=r.status_code)
+        try:
+            data = r.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"]
+            usage = data.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Retryable(f"malformed response body ({type(e).__name__})") from None
+        if not isinstance(text, str):
+            text = ""  # a refusal or tool call: an empty answer, which curation drops
+        return {
+            "text": text,
+            "finish_reason": str(choice.get("finish_reason") or "unknown"),
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "completion_tokens": int(usage.get("completion_tokens") or 0),
+            "model": str(data.get("model") or body.get("model")),
+        }
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        err = r.json().get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:300]
+    except (ValueError, AttributeError):
+        pass
+    return r.text[:300] or r.reason_phrase

@@ -1,0 +1,400 @@
+"""The teacher client and collector against real HTTP on 127.0.0.1: faults, limits, budget,
+exactly-once under SIGKILL and Ctrl-C, batch files, exports, dry run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import cli_command, run_cli, write_config, write_jsonl
+from distill4all.collect import ledger
+from distill4all.collect.collector import collect
+from distill4all.collect.cost import Budget
+from distill4all.collect.sources import Prompt, prompt_id
+from distill4all.collect.teacher import RateLimiter, TeacherClient, Window, parse_duration
+from distill4all.config import Price, TeacherConfig
+from distill4all.store import Store
+from servers import Background, FaultProxy, StubTeacher, start_stub_process
+
+
+@pytest.fixture
+def stub() -> Iterator[tuple[StubTeacher, Background]]:
+    teacher = StubTeacher(delay=0.01)
+    server = Background(teacher.handle)
+    yield teacher, server
+    server.stop()
+
+
+def fill(store: Store, texts: list[str], teacher: str = "t", samples: int = 1) -> None:
+    ledger.add_prompts(store, [Prompt(prompt_id("s", t), "s", t) for t in texts], [(teacher, samples)])
+
+
+def client_for(url: str, **kw: Any) -> TeacherClient:
+    opts: dict[str, Any] = {"api_key": None, "timeout_s": 1.0, "max_retries": 8, "max_connections": 16}
+    opts |= kw
+    limiter = opts.pop("limiter", RateLimiter(None, None))
+    c = TeacherClient(url, limiter=limiter, backoff_base_s=0.02, backoff_cap_s=0.2, **opts)
+    return c
+
+
+def run_collect(store: Store, teacher: TeacherConfig, client: TeacherClient, budget: Budget | None = None,
+                price: Price | None = None) -> Any:  # fmt: skip
+    async def go() -> Any:
+        try:
+            return await collect(
+                store, teacher, client, price or Price(input=0, output=0), budget or Budget(None), batch_size=8
+            )
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def stored(store: Store) -> dict[str, int]:
+    return dict(
+        store.db.execute(
+            "SELECT p.text, COUNT(*) FROM responses r JOIN prompts p ON p.id = r.prompt_id GROUP BY p.text"
+        )
+    )
+
+
+def test_every_prompt_answered_once_with_usage_and_length_finish(
+    tmp_path: Path, stub: tuple[StubTeacher, Background]
+) -> None:
+    _, server = stub
+    store = Store(tmp_path / "s.sqlite")
+    texts = [f"question {i}" for i in range(40)]
+    fill(store, texts, samples=2)
+    teacher = TeacherConfig(name="t", model="m", max_tokens=5, concurrency=8, samples=2)
+    outcome = run_collect(store, teacher, client_for(server.url))
+    assert outcome.answered == 80 and outcome.failed == 0 and outcome.stopped is None
+    assert stored(store) == {t: 2 for t in texts}
+    row = store.db.execute(
+        "SELECT text, finish_reason, prompt_tokens, completion_tokens, params FROM responses LIMIT 1"
+    ).fetchone()
+    assert row[0].startswith("Answer to: question") and row[1] == "length" and row[3] == 5 and row[2] > 0
+    params = json.loads(row[4])
+    assert params["max_tokens"] == 5 and params["model"] == "m" and "messages" not in params
+    seeds = {json.loads(p)["seed"] for (p,) in store.db.execute("SELECT params FROM responses")}
+    assert seeds == {0, 1}  # each sample its own seed
+    assert store.count("SELECT COUNT(*) FROM tasks WHERE state != 'done'") == 0
+
+
+def test_faults_are_retried_until_answered_exactly_once(tmp_path: Path, stub: tuple[StubTeacher, Background]) -> None:
+    teacher_stub, upstream = stub
+    proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=0.45, seed=3, slow_s=2.0)
+    server = Background(proxy.handle)
+    try:
+        store = Store(tmp_path / "s.sqlite")
+        texts = [f"q{i}" for i in range(60)]
+        fill(store, texts)
+        teacher = TeacherConfig(name="t", model="m", max_tokens=8, concurrency=12)
+        outcome = run_collect(store, teacher, client_for(server.url, timeout_s=0.5, max_retries=12))
+    finally:
+        server.stop()
+    assert set(proxy.injected) == {"429", "500", "503", "slow", "drop", "malformed"}
+    assert outcome.answered == 60 and outcome.failed == 0
+    assert stored(store) == {t: 1 for t in texts}
+    attempts = [json.loads(p)["attempts"] for (p,) in store.db.execute("SELECT params FROM responses")]
+    assert max(attempts) > 1 and sum(a - 1 for a in attempts) >= sum(proxy.injected.values()) - 12
+    # a slow answer that the client gave up on may still have reached the teacher: it is paid, never stored twice
+    assert all(n >= 1 for n in teacher_stub.answered.values())
+
+
+def test_retry_after_pauses_every_worker(tmp_path: Path, stub: tuple[StubTeacher, Background]) -> None:
+    _, upstream = stub
+    proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=0.0, script=["429"])
+    server = Background(proxy.handle)
+    try:
+        store = Store(tmp_path / "s.sqlite")
+        fill(store, [f"q{i}" for i in range(12)])
+        teacher = TeacherConfig(name="t", model="m", max_tokens=4, concurrency=1)
+        client = client_for(server.url)
+        run_collect(store, teacher, client)
+    finally:
+        server.stop()
+    first, rest = proxy.arrivals[0], proxy.arrivals[1:]
+    assert len(rest) == 12 and min(rest) - first >= 0.95  # Retry-After: 1, honoured by all
+    assert client.throttled == 1
+
+
+def test_aimd_window_halves_on_429_and_grows_back() -> None:
+    async def go() -> list[float]:
+        w = Window(16)
+        sizes = []
+        await w.enter()
+        await w.leave(throttled=True)
+        sizes.append(w.size)
+        await w.enter()
+        await w.leave(throttled=True)
+        sizes.append(w.size)
+        for _ in range(40):
+            await w.enter()
+            await w.leave()
+        sizes.append(w.size)
+        return sizes
+
+    a, b, c = asyncio.run(go())
+    assert (a, b) == (8.0, 4.0) and 8 < c <= 16
+
+
+def test_rate_limit_headers_and_client_limits() -> None:
+    assert parse_duration("6m0s") == 360 and parse_duration("20ms") == 0.02 and parse_duration("1.5") == 1.5
+    assert parse_duration("1h2m3.5s") == 3723.5 and parse_duration("soon") is None
+    lim = RateLimiter(requests_per_minute=None, tokens_per_minute=None)
+    lim.observe(httpx.Headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s",
+                               "x-ratelimit-limit-tokens": "6000"}), next_request_tokens=100)  # fmt: skip
+    assert lim.paused_until - time.monotonic() > 1.5
+    assert lim.tokens is not None and lim.tokens.rate == 100  # adopted: 6000/min
+
+    async def timed(rpm: float, n: int) -> float:
+        limiter = RateLimiter(rpm, None)
+        t0 = time.monotonic()
+        for _ in range(n):
+            await limiter.acquire(1)
+        return time.monotonic() - t0
+
+    # 120/min with 5 s of burst: 10 at once, then one every 0.5 s
+    assert asyncio.run(timed(120, 10)) < 0.2
+    assert 1.3 < asyncio.run(timed(120, 13)) < 2.5
+
+
+def test_a_4xx_is_not_retried_and_fails_for_good(tmp_path: Path, stub: tuple[StubTeacher, Background]) -> None:
+    _, upstream = stub
+    proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=0.0)
+    server = Background(proxy.handle)
+    try:
+        store = Store(tmp_path / "s.sqlite")
+        fill(store, ["fine", "REJECT me"])
+        outcome = run_collect(store, TeacherConfig(name="t", model="m"), client_for(server.url))
+    finally:
+        server.stop()
+    assert outcome.answered == 1 and outcome.failed == 1 and len(proxy.arrivals) == 2  # no retry
+    state, err, permanent = store.db.execute(
+        "SELECT state, last_error, permanent FROM tasks WHERE state = 'failed'"
+    ).fetchone()
+    assert state == "failed" and permanent == 1 and err == "HTTP 400: this prompt is rejected"
+    assert ledger.requeue(store) == 0  # a permanent failure is not asked again
+
+
+def test_budget_stops_cleanly_and_the_rest_resumes(tmp_path: Path, stub: tuple[StubTeacher, Background]) -> None:
+    _, server = stub
+    store = Store(tmp_path / "s.sqlite")
+    fill(store, [f"q{i}" for i in range(30)])
+    teacher = TeacherConfig(name="t", model="m", max_tokens=10, concurrency=4)
+    price = Price(input=1000.0, output=1000.0)  # $0.001 a token: each answer ~$0.02-0.03
+    budget = Budget(0.25)
+    outcome = run_collect(store, teacher, client_for(server.url), budget=budget, price=price)
+    assert outcome.stopped == "budget" and 0 < outcome.answered < 30
+    assert ledger.spent_usd(store) <= 0.25 and abs(ledger.spent_usd(store) - budget.spent_usd) < 1e-9
+    assert store.count("SELECT COUNT(*) FROM tasks WHERE state = 'inflight'") == 0  # unsent ones released
+    more = run_collect(
+        store, teacher, client_for(server.url), budget=Budget(None, ledger.spent_usd(store)), price=price
+    )
+    assert more.answered == 30 - outcome.answered
+    assert store.count("SELECT COUNT(*) FROM responses") == 30
+
+
+# --- through the CLI, against a teacher in another process -------------------------------------
+
+
+@pytest.fixture
+def stub_process() -> Iterator[str]:
+    p, url = start_stub_process(delay=0.05)
+    yield url
+    p.kill()
+    p.wait()
+
+
+def api_config(tmp_path: Path, url: str, n: int, **teacher: Any) -> Path:
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"prompt number {i}"} for i in range(n)])
+    data = {
+        "name": "c",
+        "run_dir": "run",
+        "collect": {
+            "sources": [{"name": "qs", "path": "prompts.jsonl"}],
+            "teachers": [
+                {
+                    "name": "api",
+                    "model": "gpt-4o-mini",
+                    "base_url": url,
+                    "api_key": "${D4A_KEY}",
+                    "max_tokens": 12,
+                    "concurrency": 16,
+                    **teacher,
+                }
+            ],
+            "batch_size": 16,
+        },
+    }
+    return write_config(tmp_path / "run.yaml", data)
+
+
+def count_responses(run_dir: Path) -> int:
+    try:
+        db = sqlite3.connect(f"file:{run_dir / 'store.sqlite'}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
+def server_answers(url: str) -> dict[str, int]:
+    return dict(httpx.get(url.removesuffix("/v1") + "/_stats").json()["answered"])
+
+
+def test_sigkill_several_times_then_exactly_once(tmp_path: Path, stub_process: str) -> None:
+    n = 600
+    config = api_config(tmp_path, stub_process, n)
+    env = {"D4A_KEY": "sk-test"}
+    run_dir = tmp_path / "run"
+    kills = 0
+    for threshold in (50, 200, 350):
+        p = subprocess.Popen(cli_command("--quiet", "run", config), env={**os.environ, **env},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        while count_responses(run_dir) < threshold and p.poll() is None:
+            time.sleep(0.01)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            kills += 1
+        p.wait()
+    assert kills == 3
+    r = run_cli("run", config, env=env)
+    assert r.code == 0, r.output
+    db = sqlite3.connect(run_dir / "store.sqlite")
+    per = db.execute("SELECT prompt_id, COUNT(*) FROM responses GROUP BY prompt_id").fetchall()
+    assert len(per) == n and {c for _, c in per} == {1}
+    paid = sum(server_answers(stub_process).values())
+    assert n <= paid <= n + kills * 16  # at most what was in flight at each kill was paid twice
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["collect"]["counts"]["answered"] == n
+    assert manifest["costs"]["collect_usd"] > 0  # gpt-4o-mini has a list price
+
+
+def test_ctrl_c_stores_everything_paid_for(tmp_path: Path, stub_process: str) -> None:
+    n = 400
+    config = api_config(tmp_path, stub_process, n)
+    env = {**os.environ, "D4A_KEY": "sk-test"}
+    p = subprocess.Popen(cli_command("--quiet", "run", config), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while count_responses(tmp_path / "run") < 100 and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    stored_now = count_responses(tmp_path / "run")
+    assert stored_now == sum(server_answers(stub_process).values())  # every paid answer landed
+    assert stored_now < n
+    r = run_cli("status", tmp_path / "run")
+    assert "failed" in r.stdout or "interrupted" in r.stdout
+    assert run_cli("run", config, env={"D4A_KEY": "sk-test"}).code == 0
+    assert count_responses(tmp_path / "run") == n == sum(server_answers(stub_process).values())
+
+
+def test_max_cost_then_continue_and_exports(tmp_path: Path, stub_process: str) -> None:
+    config = api_config(tmp_path, stub_process, 50, price={"input": 2000.0, "output": 2000.0})
+    env = {"D4A_KEY": "sk-test"}
+    r = run_cli("run", config, "--max-cost", "0.5", env=env)
+    assert r.code == 2 and "budget reached" in r.stderr and "pending" in r.stderr
+    partial = count_responses(tmp_path / "run")
+    assert 0 < partial < 50
+    r = run_cli("run", config, env=env)
+    assert r.code == 0 and count_responses(tmp_path / "run") == 50
+
+    for fmt, name in (("jsonl", "p.jsonl"), ("parquet", "p.parquet"), ("messages", "m.jsonl")):
+        r = run_cli("collect", "export", config, tmp_path / name, "--format", fmt, env=env)
+        assert r.code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and set(rows[0]) >= {"prompt", "response", "source"} and rows[0]["source"] == "qs"
+    assert pq.read_table(tmp_path / "p.parquet").num_rows == 50
+    msg = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in msg["messages"]] == ["user", "assistant"]
+
+
+def test_dry_run_estimates_without_sending_or_writing(tmp_path: Path, stub_process: str) -> None:
+    config = api_config(tmp_path, stub_process, 100, price={"input": 1.0, "output": 3.0})
+    r = run_cli("run", config, "--dry-run", env={"D4A_KEY": "sk-test"})
+    assert r.code == 0, r.output
+    assert "100" in r.stdout and "nothing was sent" in r.stdout
+    assert not (tmp_path / "run").exists() and server_answers(stub_process) == {}
+
+
+def test_batch_export_and_ingest(tmp_path: Path, stub_process: str) -> None:
+    config = api_config(tmp_path, stub_process, 5, price={"input": 1e6, "output": 1e6})
+    env = {"D4A_KEY": "sk-test"}
+    (tmp_path / "run").mkdir()
+    from distill4all.store import Store as S
+
+    S(tmp_path / "run" / "store.sqlite").close()
+    r = run_cli("collect", "batch-export", config, tmp_path / "batch.jsonl", env=env)
+    assert r.code == 0, r.output
+    requests = [json.loads(x) for x in (tmp_path / "batch.jsonl").read_text().splitlines()]
+    assert len(requests) == 5 and requests[0]["url"] == "/v1/chat/completions"
+    assert requests[0]["body"]["model"] == "gpt-4o-mini" and requests[0]["body"]["max_tokens"] == 12
+    # what the Batch API gives back, one line per request (the last one failed)
+    results = []
+    for i, req in enumerate(requests):
+        if i == 4:
+            results.append({"id": f"b{i}", "custom_id": req["custom_id"], "response": None,
+                            "error": {"code": "server_error", "message": "batch item failed"}})  # fmt: skip
+            continue
+        body = {"model": "gpt-4o-mini", "choices": [{"message": {"role": "assistant", "content": f"batch answer {i}"},
+                "finish_reason": "stop"}], "usage": {"prompt_tokens": 10, "completion_tokens": 3}}  # fmt: skip
+        results.append(
+            {
+                "id": f"b{i}",
+                "custom_id": req["custom_id"],
+                "response": {"status_code": 200, "body": body},
+                "error": None,
+            }
+        )
+    write_jsonl(tmp_path / "results.jsonl", results)
+    r = run_cli("collect", "batch-ingest", config, tmp_path / "results.jsonl", env=env)
+    assert r.code == 0 and "stored 4" in r.stdout and "failed 1" in r.stdout, r.output
+    r = run_cli("collect", "batch-ingest", config, tmp_path / "results.jsonl", env=env)
+    assert "stored 0" in r.stdout and "already stored 4" in r.stdout
+    db = sqlite3.connect(tmp_path / "run" / "store.sqlite")
+    assert db.execute("SELECT SUM(cost_usd) FROM responses").fetchone()[0] == pytest.approx(4 * 13 * 0.5)
+    # the run then asks only for the one that failed in the batch
+    r = run_cli("run", config, env=env)
+    assert r.code == 0, r.output
+    assert sum(server_answers(stub_process).values()) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"custom_id": "nope:api:0", "response": {"status_code": 200, "body": {}}}\n')
+    r = run_cli("collect", "batch-ingest", config, bad, env=env)
+    assert r.code == 2 and f"{bad}:1: custom_id 'nope:api:0' names no prompt of this run" in r.stderr
+
+
+def test_wrong_api_key_fails_tasks_without_retry_and_leaks_nothing(tmp_path: Path) -> None:
+    stub = StubTeacher(api_key="sk-right")
+    server = Background(stub.handle)
+    try:
+        config = api_config(tmp_path, server.url, 3)
+        r = run_cli("run", config, env={"D4A_KEY": "sk-wrong-SECRET"})
+    finally:
+        server.stop()
+    assert r.code == 0, r.output  # the stage finishes; the failures are in the ledger
+    db = sqlite3.connect(tmp_path / "run" / "store.sqlite")
+    assert db.execute(
+        "SELECT COUNT(*), MIN(permanent), MAX(attempts) FROM tasks WHERE state = 'failed'"
+    ).fetchone() == (3, 1, 1)
+    assert "HTTP 401" in db.execute("SELECT last_error FROM tasks").fetchone()[0]
+    for f in (tmp_path / "run").rglob("*"):
+        if f.is_file():
+            assert b"sk-wrong-SECRET" not in f.read_bytes()
+    data = yaml.safe_load(config.read_text())
+    assert data["collect"]["teachers"][0]["api_key"] == "${D4A_KEY}"

@@ -1,0 +1,167 @@
+"""Prompt sources: each format on small written files, malformed rows, sampling, limits, dedup."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distill4all.collect.sources import SourceStats, prompt_id, read_source
+from distill4all.config import SourceConfig
+from distill4all.errors import DataError
+
+
+def src(**kw: Any) -> SourceConfig:
+    return SourceConfig.model_validate({"name": "s", **kw})
+
+
+def lines(path: Path, *rows: Any) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_oig_chip2_takes_the_first_human_turn_and_keeps_the_answer(tmp_path: Path) -> None:
+    f = lines(
+        tmp_path / "chip2.jsonl",
+        {"text": "<human>: What is 2+2?\n<bot>: 4.", "metadata": {"source": "unified_chip2"}},
+        {"text": "<human>: Tell me a joke\n<bot>: Why did the chicken...\n<human>: Another\n<bot>: No."},
+        {"text": "<bot>: I start the conversation"},
+        "not json at all",
+    )
+    stats = SourceStats()
+    got = list(read_source(src(format="oig_chip2", path=f, on_error="skip"), stats=stats))
+    assert [p.text for p in got] == ["What is 2+2?", "Tell me a joke"]
+    assert got[0].meta["original_response"] == "4."
+    assert got[0].meta["metadata"] == {"source": "unified_chip2"}
+    assert got[1].meta["turns"] == 4 and got[1].meta["original_response"] == "Why did the chicken..."
+    assert stats.bad_rows == 2 and stats.kept == 2
+    assert stats.bad_examples[0] == f"{f}:3: no <human>: turn at the start"
+    assert stats.bad_examples[1].startswith(f"{f}:4: not valid JSON")
+
+
+def test_a_bad_row_fails_the_run_with_its_place_by_default(tmp_path: Path) -> None:
+    f = lines(tmp_path / "p.jsonl", {"prompt": "fine"}, {"prompt": 42})
+    with pytest.raises(DataError, match=rf"{f}:2: no text field 'prompt' \(set on_error: skip"):
+        list(read_source(src(path=f)))
+
+
+def test_stackoverflow_csv_turns_html_into_markdown_and_keeps_tags(tmp_path: Path) -> None:
+    f = tmp_path / "so.csv"
+    with open(f, "w", newline="", encoding="utf-8") as h:
+        w = csv.writer(h)
+        w.writerow(["Id", "Title", "Body", "Tags"])
+        w.writerow(
+            [
+                "1",
+                "Sort a list?",
+                "<p>How do I <b>sort</b>?</p><pre><code>x = [3, 1]\nx.sort()\n</code></pre>",
+                "<python><list>",
+            ]
+        )
+        w.writerow(["2", "Only a title", "", "c"])
+        h.write('3,"broken row with too few fields"\n')
+    stats = SourceStats()
+    got = list(read_source(src(format="stackoverflow", path=f, on_error="skip"), stats=stats))
+    assert got[0].text == "Sort a list?\n\nHow do I **sort**?\n\n```\nx = [3, 1]\nx.sort()\n```"
+    assert got[0].meta["tags"] == ["python", "list"] and got[0].meta["id"] == "1"
+    assert got[1].text == "Only a title" and got[1].meta["tags"] == ["c"]
+    assert stats.bad_rows == 1 and f"{f}:6:" in stats.bad_examples[0]  # the row its record ends on
+
+
+def test_stackoverflow_parquet_and_p3_jsonl_and_parquet(tmp_path: Path) -> None:
+    so = tmp_path / "so.parquet"
+    pq.write_table(pa.Table.from_pylist([{"title": "Q?", "body": "<p>body</p>", "tags": "python"}]), so)
+    assert [p.text for p in read_source(src(format="stackoverflow", path=so))] == ["Q?\n\nbody"]
+
+    p3 = lines(
+        tmp_path / "p3.jsonl",
+        {"inputs": "Is this review positive? Great film!", "targets": "yes"},
+        {"inputs_pretokenized": "Topic of: stocks fell", "targets_pretokenized": "business"},
+    )
+    got = list(read_source(src(format="p3", path=p3)))
+    assert [(p.text, p.meta["targets"]) for p in got] == [
+        ("Is this review positive? Great film!", "yes"),
+        ("Topic of: stocks fell", "business"),
+    ]
+    p3pq = tmp_path / "p3.parquet"
+    pq.write_table(pa.Table.from_pylist([{"inputs": "A?", "targets": "b"}, {"inputs": None, "targets": "c"}]), p3pq)
+    stats = SourceStats()
+    assert [p.text for p in read_source(src(format="p3", path=p3pq, on_error="skip"), stats=stats)] == ["A?"]
+    assert stats.bad_examples == [f"{p3pq}:row 1: no text field 'inputs' or 'inputs_pretokenized'"]
+
+
+def test_generic_formats_with_a_field_mapping(tmp_path: Path) -> None:
+    rows = [{"question": "one?", "id": 1}, {"question": "two?", "id": 2}]
+    j = tmp_path / "a.json"
+    j.write_text(json.dumps({"data": rows}))
+    c = tmp_path / "a.csv"
+    c.write_text("question,id\none?,1\ntwo?,2\n")
+    pqf = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), pqf)
+    jl = lines(tmp_path / "a.jsonl", *rows)
+    for fmt, path in (("json", j), ("csv", c), ("parquet", pqf), ("jsonl", jl)):
+        got = list(read_source(src(format=fmt, path=path, field="question")))
+        assert [p.text for p in got] == ["one?", "two?"], fmt
+        assert str(got[0].meta["id"]) == "1"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"data": [1, 2')
+    with pytest.raises(DataError, match=rf"{bad}:1: not valid JSON"):
+        list(read_source(src(format="json", path=bad)))
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        list(read_source(src(format="parquet", path=c)))
+
+
+def test_normalization_length_limits_and_exact_dedup(tmp_path: Path) -> None:
+    f = lines(
+        tmp_path / "p.jsonl",
+        {"prompt": "  Cafe\u0301 ok?\r\n"},  # NFD é, CRLF, spaces
+        {"prompt": "Café ok?"},  # the same after normalization
+        {"prompt": "x"},
+        {"prompt": "y" * 500},
+        {"prompt": "Just right"},
+    )
+    stats = SourceStats()
+    got = list(read_source(src(path=f, min_chars=3, max_chars=100), stats=stats))
+    assert [p.text for p in got] == ["Café ok?", "Just right"]
+    assert (stats.duplicates, stats.too_short, stats.too_long, stats.kept) == (1, 1, 1, 2)
+    assert got[0].id == prompt_id("s", "Café ok?")
+
+
+def test_sampling_is_seeded_stable_and_independent_of_row_order(tmp_path: Path) -> None:
+    rows = [{"prompt": f"prompt {i}"} for i in range(200)]
+    a = lines(tmp_path / "a.jsonl", *rows)
+    b = lines(tmp_path / "b.jsonl", *reversed(rows))
+    pick = lambda path, **kw: {p.text for p in read_source(src(path=path, **kw))}  # noqa: E731
+    first = pick(a, limit=20, seed=1)
+    assert len(first) == 20
+    assert pick(b, limit=20, seed=1) == first  # same prompts, whatever the order
+    assert pick(a, limit=20, seed=2) != first
+    frac = pick(a, fraction=0.25, seed=1)
+    assert 30 <= len(frac) <= 70 and pick(b, fraction=0.25, seed=1) == frac
+    assert pick(a, fraction=0.25, limit=10, seed=1) <= frac  # fraction first, then the count
+    order = [p.text for p in read_source(src(path=a, limit=20, seed=1))]
+    assert order == sorted(order, key=lambda t: int(t.split()[1]))  # file order kept among the chosen
+
+
+def test_missing_files_and_offline_hub_are_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(DataError, match="file not found"):
+        list(read_source(src(path=tmp_path / "nope.jsonl")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="needs the hub, and distill4all is offline"):
+        list(read_source(src(format="hf", dataset="laion/OIG")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: fails fast, no hang
+    with pytest.raises(DataError, match="unreachable"):
+        list(read_source(src(format="hf", dataset="laion/OIG")))
+
+
+def test_source_config_requires_where_to_read() -> None:
+    with pytest.raises(ValueError, match="needs `path`"):
+        SourceConfig.model_validate({"name": "s", "format": "csv"})
+    with pytest.raises(ValueError, match="needs `dataset`"):
+        SourceConfig.model_validate({"name": "s", "format": "hf"})
