@@ -6,6 +6,7 @@ traceback instead). Heavy libraries are imported inside commands so that `--help
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from datetime import datetime
@@ -298,6 +299,53 @@ def _stale(run_dir: Path) -> bool:
 
 def _counts_text(counts: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, int | float))
+
+
+# --- reproducibility ---------------------------------------------------------------------------
+
+
+@app.command()
+def reproduce(
+    manifest: Annotated[Path, typer.Argument(help="A manifest.json or a run directory.", show_default=False)],
+    run_dir: Annotated[Path | None, typer.Option(help="New run directory (default: <run_dir>-repro).")] = None,
+    allow_changed_inputs: Annotated[bool, typer.Option(help="Run even if input files changed.")] = False,
+) -> None:
+    """Rerun a recorded run from its manifest: same config, seeds and checked inputs, a new run directory."""
+    from distill4all.reproduce import prepare_reproduction, read_manifest
+    from distill4all.run import run_pipeline
+
+    recorded = read_manifest(manifest)
+    target = run_dir or Path(str(recorded["config"]["run_dir"]) + "-repro")
+    plan = prepare_reproduction(manifest, target, allow_changed_inputs=allow_changed_inputs)
+    for w in plan.warnings:
+        err.print(f"note: {w}", markup=False)
+    console = Console(stderr=True, quiet=_state["quiet"])
+    run_pipeline(plan.loaded, console=console, quiet=_state["quiet"])
+    out.print(f"reproduced into {target} (config: {plan.config_path})")
+    out.print(f"compare: distill4all diff {recorded['config']['run_dir']} {target}")
+
+
+@app.command()
+def diff(
+    run_a: Annotated[Path, typer.Argument(help="A run directory or manifest.", show_default=False)],
+    run_b: Annotated[Path, typer.Argument(help="Another one.", show_default=False)],
+) -> None:
+    """Show what differs between two runs: config, versions, inputs, stage counts and artifacts."""
+    from distill4all.reproduce import diff_manifests, read_manifest
+
+    diffs = diff_manifests(read_manifest(run_a), read_manifest(run_b))
+    if not diffs:
+        out.print("no differences (besides times and run ids)")
+        return
+    table = Table("where", str(run_a), str(run_b))
+    for d in diffs:
+        table.add_row(d.where, _short(d.a), _short(d.b))
+    out.print(table)
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
 
 
 # --- models ------------------------------------------------------------------------------------
