@@ -106,12 +106,15 @@ def run(
         float | None, typer.Option("--max-cost", help="Stop collecting cleanly once this many USD are spent.")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate the collection's tokens and cost only.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set eval.limit=null.")
+    ] = None,
 ) -> None:
     """Run the configured stages in order; finished ones are skipped, interrupted ones resume."""
     from distill4all.config import load_config
     from distill4all.run import run_pipeline
 
-    loaded = load_config(config)
+    loaded = load_config(config, overrides=overrides)
     if dry_run:
         _print_estimate(loaded)
         return

@@ -183,11 +183,46 @@ class ExportConfig(Section):
     quantizations: list[Quant] = Field(default_factory=_paper_quants)
 
 
+class EvalModel(Section):
+    name: str = Field(min_length=1, description="its label in tables and plots")
+    model: str = Field(min_length=1, description="a model name or path (HF checkpoint, adapter, GGUF)")
+
+
+class JudgeConfig(Section):
+    """Pairwise LLM-judge win rate of each model against `baseline`, through any OpenAI-compatible
+    endpoint (a local model without base_url is served on 127.0.0.1)."""
+
+    judge: TeacherConfig
+    answer_max_tokens: int = Field(256, ge=1, description="how long the compared models may answer")
+    max_cost_usd: float | None = Field(None, gt=0)
+
+
+RunModel = Literal["base", "trained", "exported"]
+
+
 class EvalConfig(Section):
-    data: Path
-    models: list[str] = Field(default_factory=list, description="extra models to compare")
+    """The paper's Self-Instruct evaluation: ground-truth perplexity, clipped at 100 (its Figure 3)."""
+
+    data: list[Path] = Field(min_length=1, description="eval items; the first path that exists is used")
+    limit: int | None = Field(None, ge=1, description="a seeded subset of the items; null for all")
+    include: list[RunModel] = Field(
+        default_factory=lambda: ["base", "trained", "exported"],
+        description="this run's models to compare: the base model, the trained one, its exports",
+    )
+    models: list[EvalModel] = Field(default_factory=list, description="other models to compare")
+    baseline: str | None = Field("base", description="the model the others are tested against")
+    metrics: list[Literal["faithful", "conditioned"]] = Field(default_factory=lambda: ["faithful", "conditioned"])
     clip: float = Field(100.0, gt=0)
     stride: int = Field(512, ge=1)
+    judge: JudgeConfig | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | Path) else v
+
+    def data_path(self) -> Path:
+        return next((p for p in self.data if p.is_file()), self.data[0])
 
 
 class ServeConfig(Section):
@@ -343,13 +378,48 @@ def _resolve_paths(model: BaseModel, base: Path) -> None:
         elif isinstance(value, BaseModel):
             _resolve_paths(value, base)
         elif isinstance(value, list):
-            for item in value:
+            for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
                     _resolve_paths(item, base)
+                elif isinstance(item, Path) and not item.is_absolute():
+                    value[i] = (base / item).resolve()
 
 
-def load_config(path: Path | str, env: dict[str, str] | None = None) -> LoadedConfig:
-    """Read, interpolate, validate and path-resolve a run config, or raise ConfigError."""
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """`a.b.c=value` (the value read as YAML; a number segment indexes a list) set in place."""
+    key, sep, raw = override.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not sep or not parts:
+        raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. eval.limit=null")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is not an item of the list")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {override!r}: {'.'.join(parts[:i])} is not a mapping")
+
+
+def load_config(
+    path: Path | str, env: dict[str, str] | None = None, overrides: list[str] | None = None
+) -> LoadedConfig:
+    """Read, interpolate, validate and path-resolve a run config, or raise ConfigError.
+
+    `overrides` (`key.path=value`, as `--set` on the command line) apply on top of the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -367,6 +437,8 @@ def load_config(path: Path | str, env: dict[str, str] | None = None) -> LoadedCo
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values")
+    for override in overrides or []:
+        apply_override(raw, override)
 
     src = _Source(str(path), lines)
     env_paths: dict[KeyPath, str] = {}
