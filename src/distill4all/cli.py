@@ -109,6 +109,7 @@ def run(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set eval.limit=null.")
     ] = None,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Do not write the report page.")] = False,
 ) -> None:
     """Run the configured stages in order; finished ones are skipped, interrupted ones resume."""
     from distill4all.config import load_config
@@ -137,8 +138,25 @@ def run(
     for o in outcomes:
         for artifact in o.row.artifacts:
             out.print(f"  {o.stage}: {run_dir / artifact}")
+    if not no_report:
+        from distill4all.report.build import build_report
+
+        out.print(f"report: {build_report(run_dir)}")
     out.print(f"run directory: {run_dir}")
     out.print(f"manifest: {run_dir / 'manifest.json'}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    chats: Annotated[bool, typer.Option(help="Include sample chats with the run's model.")] = True,
+) -> None:
+    """Write the run's report page (report/index.html): funnel, costs, map, losses, quantization, eval."""
+    from distill4all.report.build import build_report
+    from distill4all.run import RunDir
+
+    RunDir(run_dir, readonly=True).close()  # a clear error when it is not a run directory
+    out.print(f"report: {build_report(run_dir, chats=chats)}")
 
 
 def _print_estimate(loaded: Any) -> None:

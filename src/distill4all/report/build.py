@@ -1,0 +1,138 @@
+"""Build `report/index.html` for a run directory from its documented files only (docs/architecture.md):
+manifest.json, curate/report.json + map.html, train/metrics.jsonl + loss.png, export/quant_report.json,
+eval/summary.json + figure3-*.png. Images are embedded, so the page is one file; the data map (a page
+of its own, often large) is linked and shown in a frame. Sections whose stage did not run are left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from distill4all import atomic
+from distill4all.config import STAGE_ORDER
+
+CHAT_QUESTIONS = [
+    "Give three tips for staying healthy.",
+    "Write a Python function that reverses a string.",
+    "What is the capital of France?",
+]
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _png(path: Path) -> str | None:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
+def chat_model(run_dir: Path) -> Path | None:
+    """The model a user would chat with: the smallest exported quantization, else the trained model."""
+    ggufs = sorted((run_dir / "export").glob("model-q*.gguf"), key=lambda p: p.stat().st_size)
+    if ggufs:
+        return ggufs[0]
+    trained = run_dir / "train" / "model"
+    return trained if trained.is_dir() else None
+
+
+def sample_chats(run_dir: Path, max_tokens: int = 96) -> list[dict[str, str]]:
+    """A few answers of the run's model, cached in report/chats.json until the model changes."""
+    model = chat_model(run_dir)
+    if model is None:
+        return []
+    cache = run_dir / "report" / "chats.json"
+    cached = _json(cache)
+    stamp = model.stat().st_mtime
+    if isinstance(cached, dict) and cached.get("model") == str(model) and cached.get("mtime") == stamp:
+        return list(cached["chats"])
+    from distill4all.runtime.engine import SamplingParams, load_engine
+
+    engine = load_engine(str(model))
+    try:
+        chats = []
+        for q in CHAT_QUESTIONS:
+            c = engine.chat([{"role": "user", "content": q}], SamplingParams(max_tokens=max_tokens))
+            chats.append({"user": q, "assistant": c.text, "tokens_per_s": f"{c.tokens_per_second:.0f}"})
+    finally:
+        engine.close()
+    atomic.write_json(cache, {"model": str(model), "mtime": stamp, "chats": chats})
+    return chats
+
+
+def gather(run_dir: Path, *, chats: bool = True) -> dict[str, Any]:
+    manifest = _json(run_dir / "manifest.json") or {}
+    stages = manifest.get("stages", {})
+    metrics = []
+    mpath = run_dir / "train" / "metrics.jsonl"
+    if mpath.is_file():
+        for line in mpath.read_text().splitlines():
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    val = [m for m in metrics if "val_loss" in m]
+    ctx: dict[str, Any] = {
+        "run": manifest.get("run", run_dir.name),
+        "built_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "manifest": manifest,
+        "stages": [(name, stages[name]) for name in STAGE_ORDER if name in stages],
+        "total_seconds": sum(s.get("seconds", 0) for s in stages.values()),
+        "costs": manifest.get("costs", {}),
+        "packages": manifest.get("environment", {}).get("packages", {}),
+        "collect": stages.get("collect", {}).get("counts"),
+        "curate": _json(run_dir / "curate" / "report.json"),
+        "map": (run_dir / "curate" / "map.html").is_file(),
+        "train": stages.get("train", {}).get("counts"),
+        "val_losses": [(m["step"], m["val_loss"]) for m in val],
+        "loss_png": _png(run_dir / "train" / "loss.png"),
+        "quant": _json(run_dir / "export" / "quant_report.json"),
+        "eval": _json(run_dir / "eval" / "summary.json"),
+        "figures": [
+            (m, src)
+            for m in ("faithful", "conditioned")
+            if (src := _png(run_dir / "eval" / f"figure3-{m}.png")) is not None
+        ],
+        "chats": sample_chats(run_dir) if chats else [],
+        "chat_model": str(chat_model(run_dir) or ""),
+    }
+    ctx["funnel"] = funnel(ctx)
+    return ctx
+
+
+def funnel(ctx: dict[str, Any]) -> list[tuple[str, int]]:
+    """Counts from prompts to the training set, as the paper reports them (~1M → 806,199 → 437,605)."""
+    steps: list[tuple[str, int]] = []
+    c = ctx.get("collect") or {}
+    if "prompts" in c:
+        steps.append(("prompts gathered", int(c["prompts"])))
+    if "answered" in c:
+        steps.append(("answers collected", int(c["answered"])))
+    cur = ctx.get("curate") or {}
+    for f in cur.get("funnel", []):
+        steps.append((f"after {f['step']}", int(f["remaining"])))
+    t = ctx.get("train") or {}
+    if "train_examples" in t:
+        steps.append(("training examples", int(t["train_examples"])))
+    return steps
+
+
+def build_report(run_dir: Path, *, chats: bool = True) -> Path:
+    from jinja2 import Environment, select_autoescape
+
+    env = Environment(autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = lambda v, d=3: (
+        f"{v:,.{d}f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else v)
+    )
+    template = env.from_string(resources.files("distill4all.report").joinpath("template.html").read_text())
+    html = template.render(**gather(run_dir, chats=chats))
+    out = run_dir / "report" / "index.html"
+    atomic.write_text(out, html)
+    return out
