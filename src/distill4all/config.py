@@ -153,12 +153,13 @@ class CurateDiversityConfig(Section):
     sample: int = Field(1000, ge=10, description="texts per source that the metrics are measured on")
     min_reasons: int = Field(2, ge=1)
     short_answer_share: float = Field(0.5, ge=0, le=1, description="share of answers of ≤3 tokens")
-    prompt_gzip_ratio: float = Field(0.3, ge=0, le=1, description="prompts compress below this ratio")
+    prompt_gzip_ratio: float = Field(0.33, ge=0, le=1, description="prompts compress below this ratio")
     response_gzip_ratio: float = Field(0.25, ge=0, le=1)
-    prompt_distinct_2: float = Field(0.35, ge=0, le=1, description="distinct bigrams per bigram below this")
+    prompt_distinct_2: float = Field(0.4, ge=0, le=1, description="distinct bigrams per bigram below this")
     near_dup_rate: float = Field(0.3, ge=0, le=1, description="share of pairs in near-duplicate clusters")
-    embedding_spread: float = Field(0.5, ge=0, le=2, description="spread below this share of the others'")
-    cluster_concentration: float = Field(0.5, ge=0, le=1, description="share in its 3 largest subtopics")
+    template_share: float = Field(0.8, ge=0, le=1, description="share of prompts that follow a template")
+    neighbour_distance: float = Field(0.6, ge=0, le=2, description="below this share of the others' median")
+    cluster_concentration: float = Field(0.95, ge=0, le=1, description="share in its 3 largest subtopics")
 
 
 class CurateConfig(Section):

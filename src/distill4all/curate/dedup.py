@@ -83,8 +83,10 @@ class MinHasher:
             extra = np.zeros(len(short), dtype=np.uint64)
             starts = np.concatenate([[0], np.cumsum(counts)])
             for k, d in enumerate(short):
-                for v in h[starts[d] : starts[d + 1]]:
-                    extra[k] = extra[k] * np.uint64(1_000_003) + v
+                acc = 0
+                for v in h[starts[d] : starts[d + 1]].tolist():
+                    acc = (acc * 1_000_003 + v) & 0xFFFF_FFFF_FFFF_FFFF  # the same wrap as uint64 above
+                extra[k] = acc
             sh, sh_doc = np.concatenate([sh, extra]), np.concatenate([sh_doc, short])
         order = np.argsort(sh_doc, kind="stable")
         sh, sh_doc = (sh[order] ^ (sh[order] >> np.uint64(29))) & _MAX_HASH, sh_doc[order]

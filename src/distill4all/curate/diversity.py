@@ -9,7 +9,9 @@ these signals agree (each alone has innocent causes; templated, low-entropy data
   prompt distinct-2  few distinct word bigrams among the prompts
   response gzip      the answers repeat one another
   near-dup rate      share of its pairs with a near-duplicate (MinHash) partner
-  embedding spread   1 − |mean unit embedding|, against the other sources' median
+  templates          share of prompts whose first or last 3 words open/close ≥3% of its prompts
+  neighbour distance cosine distance to its 5 nearest pairs, against the other sources' median:
+                     the paper's "balls" of near-identical pairs are pairs with very near neighbours
   concentration      share of its pairs in its 3 largest subtopics
 
 Text metrics are measured on a seeded sample of the same size for every source, since
@@ -19,6 +21,7 @@ distinct-n and compression ratios change with the amount of text.
 from __future__ import annotations
 
 import gzip
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,8 +45,9 @@ class SourceStats:
     response_gzip_ratio: float
     prompt_gzip_ratio: float
     near_dup_rate: float
-    embedding_spread: float | None
-    relative_spread: float | None
+    template_share: float
+    neighbour_distance: float | None
+    relative_neighbour_distance: float | None
     cluster_concentration: float | None
     homogeneous: bool = False
     reasons: list[str] = field(default_factory=list)
@@ -71,6 +75,30 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(grams) / total if total else 0.0
 
 
+def template_share(prompts: Sequence[str], min_share: float = 0.03) -> float:
+    """Share of prompts that open or close with the same 3 words as ≥`min_share` of them (≥3 prompts)."""
+    if not prompts:
+        return 0.0
+    heads = [tuple(p.lower().split()[:3]) for p in prompts]
+    tails = [tuple(p.lower().split()[-3:]) for p in prompts]
+    need = max(3, int(np.ceil(min_share * len(prompts))))
+    head_n, tail_n = Counter(heads), Counter(tails)
+    hits = sum(1 for h, t in zip(heads, tails, strict=True) if head_n[h] >= need or tail_n[t] >= need)
+    return hits / len(prompts)
+
+
+def neighbour_distance(emb: NDArray[np.float32], k: int = 5) -> float:
+    """Mean cosine distance of each (unit) embedding to its k nearest others."""
+    n = len(emb)
+    if n < 2:
+        return 0.0
+    k = min(k, n - 1)
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = -np.partition(-sims, k - 1, axis=1)[:, :k]
+    return float(1 - nearest.mean())
+
+
 def gzip_ratio(texts: Sequence[str]) -> float:
     raw = "\n".join(texts).encode()
     return len(gzip.compress(raw, mtime=0)) / len(raw) if raw else 1.0
@@ -93,9 +121,7 @@ def source_stats(
     rs = [responses[i] for i in pick]
     r_words = np.asarray([len(r.split()) for r in responses], dtype=np.int64)
     p_words = np.asarray([len(p.split()) for p in prompts], dtype=np.int64)
-    spread = None
-    if emb is not None and len(emb):
-        spread = round(float(1 - np.linalg.norm(emb[pick].mean(axis=0))), 4)
+    spread = round(neighbour_distance(emb[pick]), 4) if emb is not None and len(emb) else None
     concentration = None
     if subtopic is not None and len(subtopic):
         sizes = np.sort(np.bincount(subtopic))[::-1]
@@ -112,19 +138,20 @@ def source_stats(
         response_gzip_ratio=round(gzip_ratio(rs), 4),
         prompt_gzip_ratio=round(gzip_ratio(ps), 4),
         near_dup_rate=round(float(near_dup.mean()) if n else 0.0, 4),
-        embedding_spread=spread,
-        relative_spread=None,
+        template_share=round(template_share(ps), 4),
+        neighbour_distance=spread,
+        relative_neighbour_distance=None,
         cluster_concentration=concentration,
     )
 
 
 def flag_homogeneous(stats: list[SourceStats], cfg: CurateDiversityConfig) -> None:
     """Set `homogeneous` and its `reasons` on each source's stats."""
-    spreads = {s.source: s.embedding_spread for s in stats if s.embedding_spread is not None}
+    spreads = {s.source: s.neighbour_distance for s in stats if s.neighbour_distance is not None}
     for s in stats:
         others = [v for k, v in spreads.items() if k != s.source]
-        if s.embedding_spread is not None and others and np.median(others) > 0:
-            s.relative_spread = round(s.embedding_spread / float(np.median(others)), 4)
+        if s.neighbour_distance is not None and others and np.median(others) > 0:
+            s.relative_neighbour_distance = round(s.neighbour_distance / float(np.median(others)), 4)
         reasons = []
         if s.short_answer_share >= cfg.short_answer_share:
             reasons.append(f"{s.short_answer_share:.0%} of answers are ≤3 tokens (≥{cfg.short_answer_share:.0%})")
@@ -138,8 +165,13 @@ def flag_homogeneous(stats: list[SourceStats], cfg: CurateDiversityConfig) -> No
             )
         if s.near_dup_rate >= cfg.near_dup_rate:
             reasons.append(f"{s.near_dup_rate:.0%} of pairs have a near-duplicate (≥{cfg.near_dup_rate:.0%})")
-        if s.relative_spread is not None and s.relative_spread < cfg.embedding_spread:
-            reasons.append(f"embedding spread is {s.relative_spread:.2f}× the other sources' (<{cfg.embedding_spread})")
+        if s.template_share >= cfg.template_share:
+            reasons.append(f"{s.template_share:.0%} of prompts share a template's first or last words")
+        rel = s.relative_neighbour_distance
+        if rel is not None and rel < cfg.neighbour_distance:
+            reasons.append(
+                f"pairs lie {rel:.2f}× as close to their neighbours as other sources' (<{cfg.neighbour_distance})"
+            )
         if s.cluster_concentration is not None and s.cluster_concentration >= cfg.cluster_concentration:
             reasons.append(
                 f"{s.cluster_concentration:.0%} of pairs sit in its 3 largest subtopics"

@@ -186,19 +186,20 @@ def report_markdown(r: dict[str, Any], title: str) -> str:
         out.append(f"| `{rule}` | {info['count']:,} | {_md_cell(ex['detail'], 40)} — {_md_cell(ex['response'], 60)} |")
     out += ["", "## Sources", ""]
     out += [
-        "| source | pairs | kept | ≤3-token answers | distinct-2 | prompt gzip | near-dup | spread× "
-        "| top-3 subtopics | homogeneous |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| source | pairs | kept | ≤3-token answers | distinct-2 | prompt gzip | templates | near-dup "
+        "| neighbour dist.× | top-3 subtopics | homogeneous |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in r["sources"]:
-        spread = "-" if s["relative_spread"] is None else f"{s['relative_spread']:.2f}"
+        spread = "-" if s["relative_neighbour_distance"] is None else f"{s['relative_neighbour_distance']:.2f}"
         conc = "-" if s["cluster_concentration"] is None else f"{s['cluster_concentration']:.0%}"
         flag = "**yes**" if s["homogeneous"] else "no"
         if s["excluded"]:
             flag += f" (excluded: {s['excluded']})"
         out.append(
             f"| {s['source']} | {s['total']:,} | {s['kept']:,} | {s['short_answer_share']:.0%} | {s['distinct_2']:.2f} "
-            f"| {s['prompt_gzip_ratio']:.2f} | {s['near_dup_rate']:.0%} | {spread} | {conc} | {flag} |"
+            f"| {s['prompt_gzip_ratio']:.2f} | {s['template_share']:.0%} | {s['near_dup_rate']:.0%} | {spread} "
+            f"| {conc} | {flag} |"
         )
     for s in r["sources"]:
         if s["reasons"]:

@@ -19,7 +19,9 @@ def project(
         return np.zeros((0, 2), dtype=np.float32)
     if n < 4:  # too few points for a neighbour graph: lay them on a line
         return np.stack([np.arange(n, dtype=np.float32), np.zeros(n, dtype=np.float32)], axis=1)
-    jobs = max(1, os.cpu_count() or 1)
+    # openTSNE's threads spin-wait: on a busy 2-core machine two of them ran a 500-point map 10×
+    # slower than one, so small maps get one thread and only large ones (FFT gradients) all cores
+    jobs = max(1, os.cpu_count() or 1) if n > 20_000 else 1
     if method == "tsne":
         from openTSNE import TSNE
 
