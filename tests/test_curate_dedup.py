@@ -7,12 +7,60 @@ from datasketch import MinHash, MinHashLSH
 
 from distill4all.curate import dedup
 
-WORDS = (
-    "river stone garden lamp window paper music coffee train winter summer valley bridge market "
-    "engine forest cloud harbor street candle mirror pocket ladder violin carpet basket planet "
-    "silver orange meadow island castle rocket pencil wallet jacket button garlic butter tomato "
-    "kettle saddle anchor feather marble cotton velvet copper timber canyon desert glacier"
-).split()
+WORDS = [
+    "river",
+    "stone",
+    "garden",
+    "lamp",
+    "window",
+    "paper",
+    "music",
+    "coffee",
+    "train",
+    "winter",
+    "summer",
+    "valley",
+    "bridge",
+    "market",
+    "engine",
+    "forest",
+    "cloud",
+    "harbor",
+    "street",
+    "candle",
+    "mirror",
+    "pocket",
+    "ladder",
+    "violin",
+    "carpet",
+    "basket",
+    "planet",
+    "silver",
+    "orange",
+    "meadow",
+    "island",
+    "castle",
+    "rocket",
+    "pencil",
+    "wallet",
+    "jacket",
+    "button",
+    "garlic",
+    "butter",
+    "tomato",
+    "kettle",
+    "saddle",
+    "anchor",
+    "feather",
+    "marble",
+    "cotton",
+    "velvet",
+    "copper",
+    "timber",
+    "canyon",
+    "desert",
+    "glacier",
+]
 
 
 def corpus(n: int = 300, length: int = 60, seed: int = 0) -> list[str]:
