@@ -255,7 +255,12 @@ def varied_pairs(n: int) -> list[dict[str, Any]]:
 def test_sigkill_mid_curation_then_rerun_gives_the_same_result(tmp_path: Path) -> None:
     rows = varied_pairs(400) + p3_pairs() + list(PLANTED.values())
     write_jsonl(tmp_path / "pairs.jsonl", rows)
-    cfg = {**CURATE, "embed": {"model": "minilm", "max_chars": 300, "batch_size": 4}, "dedup": {"semantic": True}}
+    cfg = {
+        **CURATE,
+        "embed": {"model": "minilm", "max_chars": 300, "batch_size": 4},
+        "dedup": {"semantic": True},
+        "auto_exclude_homogeneous": False,  # the recombined sources are homogeneous; keep them to dedup
+    }
     write_config(tmp_path / "cfg.yaml", {"name": "x", "run_dir": "r", "curate": cfg})
     args = ["curate", tmp_path / "pairs.jsonl", "--config", tmp_path / "cfg.yaml", "--out"]
 
@@ -278,6 +283,7 @@ def test_sigkill_mid_curation_then_rerun_gives_the_same_result(tmp_path: Path) -
 
     r = run_cli(*args, killed)
     assert r.code == 0 and "curate: resumed" in r.stdout, r.output
+    assert len(read_jsonl(clean / "curate" / "train.jsonl")) > 300
     assert decisions(killed) == decisions(clean)
     for name in ("train.jsonl", "train.parquet", "split/validation.jsonl"):
         assert (killed / "curate" / name).read_bytes() == (clean / "curate" / name).read_bytes()

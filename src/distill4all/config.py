@@ -141,7 +141,7 @@ class CurateEmbedConfig(Section):
 class CurateMapConfig(Section):
     enabled: bool = True
     method: Literal["tsne", "umap", "pacmap"] = "tsne"
-    max_points: int = Field(50_000, ge=10, description="a seeded sample beyond this")
+    max_points: int = Field(20_000, ge=10, description="pairs on the map (and projected): a seeded sample beyond this")
     perplexity: float = Field(30.0, gt=1)
     topics: int = Field(0, ge=0, description="coarse topics; 0 picks from the data size")
     subtopics: int = Field(0, ge=0, description="fine topics; 0 picks from the data size")
@@ -151,14 +151,15 @@ class CurateDiversityConfig(Section):
     """When a source counts as homogeneous: `min_reasons` of the signals below at once."""
 
     sample: int = Field(1000, ge=10, description="texts per source that the metrics are measured on")
+    min_pairs: int = Field(30, ge=1, description="smaller sources are measured but never flagged")
     min_reasons: int = Field(2, ge=1)
     short_answer_share: float = Field(0.5, ge=0, le=1, description="share of answers of ≤3 tokens")
-    prompt_gzip_ratio: float = Field(0.33, ge=0, le=1, description="prompts compress below this ratio")
+    prompt_gzip_ratio: float = Field(0.31, ge=0, le=1, description="prompts compress below this ratio")
     response_gzip_ratio: float = Field(0.25, ge=0, le=1)
-    prompt_distinct_2: float = Field(0.4, ge=0, le=1, description="distinct bigrams per bigram below this")
+    prompt_distinct_2: float = Field(0.6, ge=0, le=1, description="distinct bigrams per bigram below this")
     near_dup_rate: float = Field(0.3, ge=0, le=1, description="share of pairs in near-duplicate clusters")
     template_share: float = Field(0.8, ge=0, le=1, description="share of prompts that follow a template")
-    neighbour_distance: float = Field(0.6, ge=0, le=2, description="below this share of the others' median")
+    neighbour_distance: float = Field(0.6, ge=0, le=2, description="below this share of all sources' median")
     cluster_concentration: float = Field(0.95, ge=0, le=1, description="share in its 3 largest subtopics")
 
 

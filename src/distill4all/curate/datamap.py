@@ -46,12 +46,12 @@ _PAGE = """<!doctype html>
 <style>
   html, body {{ margin: 0; height: 100%; font: 13px/1.4 system-ui, sans-serif; color: #222; }}
   #app {{ display: flex; height: 100%; }}
-  #side {{ width: 290px; padding: 12px; box-sizing: border-box; border-right: 1px solid #ddd;
+  #side {{ flex: 0 0 290px; padding: 12px; box-sizing: border-box; border-right: 1px solid #ddd;
           overflow-y: auto; background: #fafafa; }}
   #side h1 {{ font-size: 15px; margin: 0 0 8px; }}
   #side label {{ display: block; margin: 6px 0; }}
   #side input[type=search], #side select {{ width: 100%; box-sizing: border-box; padding: 4px; }}
-  #map {{ flex: 1; height: 100%; display: block; cursor: crosshair; }}
+  #map {{ flex: 1 1 auto; min-width: 0; height: 100%; display: block; cursor: crosshair; }}
   #legend .item {{ cursor: pointer; padding: 2px 0; user-select: none; }}
   #legend .item.off {{ opacity: 0.35; text-decoration: line-through; }}
   .swatch {{ display: inline-block; width: 10px; height: 10px; border-radius: 50%; margin-right: 6px; }}

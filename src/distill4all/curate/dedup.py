@@ -1,18 +1,17 @@
 """Duplicates: exact (normalized hash), near (MinHash LSH) and semantic (embedding cosine, faiss).
 
-MinHash here follows datasketch's scheme (random permutations `(a·h + b) mod p` of 32-bit
-shingle hashes, the same seeded parameters) and datasketch's choice of bands × rows for a
-Jaccard threshold, but computes the signatures of a whole batch at once in numpy and finds the
-band collisions by sorting. datasketch's `MinHash.update_batch` + `MinHashLSH.insert` cost about
-300 µs a document in Python; this is the part of curation that must run at ≥20k pairs/s, so it
-is vectorized here (bench/curate.py measures both side by side, and a test checks that both
-find the same planted duplicates).
+MinHash here uses datasketch's choice of bands × rows for a Jaccard threshold, but computes the
+signatures of a whole batch of texts at once in numpy (multiply-shift hash permutations of 32-bit
+shingle hashes: no modulo, unlike datasketch's `(a·h + b) mod p`) and finds band collisions by
+sorting. datasketch's `MinHash.update_batch` + `MinHashLSH.query/insert` cost about 300 µs a
+text in Python; this is the part of curation that must run at ≥20k pairs/s, so it is vectorized
+here (bench/curate.py measures both side by side; a test checks both find the planted duplicates).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
+import string
 import zlib
 from collections.abc import Sequence
 
@@ -23,15 +22,15 @@ from numpy.typing import NDArray
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-_NON_WORD = re.compile(r"[\W_]+")
-_MERSENNE = np.uint64((1 << 61) - 1)
+# punctuation → space with str.translate: ~18× faster than a [\W_]+ regex on a million characters
+_PUNCT = str.maketrans(dict.fromkeys(string.punctuation + "“”‘’«»—–…¿¡·•", " "))
 _MAX_HASH = np.uint64((1 << 32) - 1)
 _SEP = " qqdocsepqq "  # word characters only, so it survives normalization as one word
 
 
 def normalize(text: str) -> str:
     """What "the same text" means: case-folded words, punctuation and spacing ignored."""
-    return _NON_WORD.sub(" ", text.casefold()).strip()
+    return " ".join(text.casefold().translate(_PUNCT).split())
 
 
 def exact_key(text: str) -> bytes:
@@ -43,9 +42,9 @@ class MinHasher:
 
     def __init__(self, num_perm: int = 128, shingle_words: int = 5, seed: int = 1) -> None:
         self.num_perm, self.n = num_perm, shingle_words
-        gen = np.random.RandomState(seed)  # datasketch's generator and draws for its permutations
-        self.a = gen.randint(1, int(_MERSENNE), size=num_perm, dtype=np.uint64)
-        self.b = gen.randint(0, int(_MERSENNE), size=num_perm, dtype=np.uint64)
+        gen = np.random.RandomState(seed)
+        self.a = gen.randint(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
+        self.b = gen.randint(0, 2**63, size=num_perm, dtype=np.uint64)
 
     def signatures(self, texts: Sequence[str], batch: int = 256) -> NDArray[np.uint32]:
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
@@ -54,7 +53,7 @@ class MinHasher:
         return out
 
     def _batch(self, texts: Sequence[str]) -> NDArray[np.uint32]:
-        words = normalize(_SEP.join(texts)).split(" ") if texts else []
+        words = _SEP.join(texts).casefold().translate(_PUNCT).split()
         codes, uniques = pd.factorize(np.asarray(words, dtype=object))
         # 32-bit word hashes, stable across processes and runs (Python's hash() is salted)
         word_hash = np.fromiter((zlib.crc32(w.encode()) for w in uniques), dtype=np.uint64, count=len(uniques))
@@ -90,14 +89,15 @@ class MinHasher:
             sh, sh_doc = np.concatenate([sh, extra]), np.concatenate([sh_doc, short])
         order = np.argsort(sh_doc, kind="stable")
         sh, sh_doc = (sh[order] ^ (sh[order] >> np.uint64(29))) & _MAX_HASH, sh_doc[order]
-        with np.errstate(over="ignore"):
-            perm = (sh[:, None] * self.a[None, :] + self.b[None, :]) % _MERSENNE & _MAX_HASH
-        sig = np.full((n_docs, self.num_perm), _MAX_HASH, dtype=np.uint64)
+        with np.errstate(over="ignore"):  # (a·x + b) mod 2^64, top 32 bits: Dietzfelbinger's multiply-shift
+            # (num_perm, shingles): each permutation's row is contiguous for the segment minima
+            perm = ((self.a[:, None] * sh[None, :] + self.b[:, None]) >> np.uint64(32)).astype(np.uint32)
+        sig = np.full((n_docs, self.num_perm), _MAX_HASH, dtype=np.uint32)
         present = np.unique(sh_doc)
         if len(present):
             starts = np.searchsorted(sh_doc, present)
-            sig[present] = np.minimum.reduceat(perm, starts, axis=0)
-        return sig.astype(np.uint32)
+            sig[present] = np.minimum.reduceat(perm, starts, axis=1).T
+        return sig
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:

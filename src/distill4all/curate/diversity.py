@@ -10,7 +10,7 @@ these signals agree (each alone has innocent causes; templated, low-entropy data
   response gzip      the answers repeat one another
   near-dup rate      share of its pairs with a near-duplicate (MinHash) partner
   templates          share of prompts whose first or last 3 words open/close ≥3% of its prompts
-  neighbour distance cosine distance to its 5 nearest pairs, against the other sources' median:
+  neighbour distance cosine distance to its 5 nearest pairs, against the median of all sources:
                      the paper's "balls" of near-identical pairs are pairs with very near neighbours
   concentration      share of its pairs in its 3 largest subtopics
 
@@ -147,11 +147,11 @@ def source_stats(
 
 def flag_homogeneous(stats: list[SourceStats], cfg: CurateDiversityConfig) -> None:
     """Set `homogeneous` and its `reasons` on each source's stats."""
-    spreads = {s.source: s.neighbour_distance for s in stats if s.neighbour_distance is not None}
+    # against the median of all sources (itself included): one odd source cannot make the others look tight
+    spreads = [s.neighbour_distance for s in stats if s.neighbour_distance is not None]
     for s in stats:
-        others = [v for k, v in spreads.items() if k != s.source]
-        if s.neighbour_distance is not None and others and np.median(others) > 0:
-            s.relative_neighbour_distance = round(s.neighbour_distance / float(np.median(others)), 4)
+        if s.neighbour_distance is not None and len(spreads) > 1 and np.median(spreads) > 0:
+            s.relative_neighbour_distance = round(s.neighbour_distance / float(np.median(spreads)), 4)
         reasons = []
         if s.short_answer_share >= cfg.short_answer_share:
             reasons.append(f"{s.short_answer_share:.0%} of answers are ≤3 tokens (≥{cfg.short_answer_share:.0%})")
@@ -170,7 +170,7 @@ def flag_homogeneous(stats: list[SourceStats], cfg: CurateDiversityConfig) -> No
         rel = s.relative_neighbour_distance
         if rel is not None and rel < cfg.neighbour_distance:
             reasons.append(
-                f"pairs lie {rel:.2f}× as close to their neighbours as other sources' (<{cfg.neighbour_distance})"
+                f"pairs lie {rel:.2f}× the sources' median distance from their neighbours (<{cfg.neighbour_distance})"
             )
         if s.cluster_concentration is not None and s.cluster_concentration >= cfg.cluster_concentration:
             reasons.append(
@@ -178,4 +178,4 @@ def flag_homogeneous(stats: list[SourceStats], cfg: CurateDiversityConfig) -> No
                 f" (≥{cfg.cluster_concentration:.0%})"
             )
         s.reasons = reasons
-        s.homogeneous = len(reasons) >= cfg.min_reasons
+        s.homogeneous = len(reasons) >= cfg.min_reasons and s.pairs >= cfg.min_pairs

@@ -14,11 +14,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from distill4all.config import FILTER_RULES, CurateFiltersConfig
+from distill4all.curate.dedup import normalize
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,10 @@ _ASKS_JSON = re.compile(
     re.IGNORECASE,
 )
 _PROGRAMMING_QUESTION = re.compile(r"\b(how (do|can|to|would)|python|javascript|java|parse|serializ|library)\b", re.I)
-_NON_WORD = re.compile(r"[\W_]+")
 
 
 def _straight(text: str) -> str:
     return text.replace("’", "'").replace("‘", "'")
-
-
-def _norm_words(text: str) -> str:
-    return _NON_WORD.sub(" ", text.casefold()).strip()
 
 
 class Filters:
@@ -164,17 +161,20 @@ class Filters:
         return "JSON was asked for; none parses"
 
     def malformed_mojibake(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        from ftfy.badness import is_bad
-
+        if text.isascii():  # mojibake is made of non-ASCII characters; most answers have none
+            return None
         if "\ufffd" in text:
             return "U+FFFD replacement character"
+        from ftfy.badness import is_bad
+
         return "mojibake (mis-decoded text)" if is_bad(text) else None
 
     def malformed_echo(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        prompt, answer = _norm_words(pair.prompt), _norm_words(text)
-        if not prompt or len(prompt.split()) < self.cfg.echo_min_words:
+        prompt = normalize(pair.prompt)
+        if not prompt or prompt.count(" ") + 1 < self.cfg.echo_min_words:
             return None
-        if answer == prompt:
+        answer = normalize(text[: 2 * len(pair.prompt) + 64])  # only its start can echo the prompt
+        if answer == prompt and len(text) <= 2 * len(pair.prompt) + 64:
             return "the answer is the prompt"
         return "the answer starts by repeating the whole prompt" if answer.startswith(prompt + " ") else None
 
@@ -182,6 +182,9 @@ class Filters:
         """Repetition loops, by the Gopher rules: chars in repeated lines, top 2-gram, repeated 5-grams."""
         if len(words) < self.cfg.repetition_min_words:
             return None
+        data = text.encode()
+        if len(zlib.compress(data, 1)) > 0.5 * len(data):
+            return None  # fast path: text that repeats itself enough to trip a rule compresses below half
         lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 3]
         total = sum(len(ln) for ln in lines)
         if total:
@@ -193,8 +196,8 @@ class Filters:
                 seen.add(ln)
             if dup / total > self.cfg.max_dup_line_chars:
                 return f"{dup / total:.0%} of the text is repeated lines"
-        lower = [w.lower() for w in words]
-        chars = sum(len(w) for w in lower)
+        lower = text.lower().split()
+        chars = sum(map(len, lower))
         top_gram, top_count = Counter(itertools.pairwise(lower)).most_common(1)[0]
         share = top_count * (len(top_gram[0]) + len(top_gram[1])) / chars
         if top_count > 2 and share > self.cfg.max_top_bigram_chars:
@@ -266,6 +269,8 @@ def _dup_ngram_char_share(words: list[str], n: int, chars: int) -> float:
         return 0.0
     grams = list(zip(*(words[i:] for i in range(n)), strict=False))
     counts = Counter(grams)
+    if len(counts) == len(grams):  # no n-gram repeats: the common case, decided without the walk
+        return 0.0
     covered = bytearray(len(words))
     for i, g in enumerate(grams):
         if counts[g] > 1:

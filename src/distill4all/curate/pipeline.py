@@ -91,11 +91,13 @@ def _keys_range(lo: int, hi: int) -> tuple[list[bytes], list[bytes]]:
 
 
 def _minhash_range(lo: int, hi: int) -> tuple[NDArray[np.uint32], NDArray[np.uint32]]:
+    """Signatures of the prompts and of the pairs; a pair's shingles are its prompt's and its answer's,
+    so its signature is the element-wise minimum of theirs and the prompt is hashed only once."""
     rows: Rows = _STATE["rows"]
     hasher: dedup.MinHasher = _STATE["hasher"]
-    prompts = rows.prompts[lo:hi]
-    pairs = [pair_text(p, r) for p, r in zip(prompts, rows.responses[lo:hi], strict=True)]
-    return hasher.signatures(prompts), hasher.signatures(pairs)
+    prompts = hasher.signatures(rows.prompts[lo:hi])
+    answers = hasher.signatures([r or "" for r in rows.responses[lo:hi]])
+    return prompts, np.minimum(prompts, answers)
 
 
 class Scanner:
