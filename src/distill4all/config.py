@@ -110,17 +110,17 @@ class CurateFiltersConfig(Section):
         return items
 
 
-DedupOn = Literal["prompt", "pair"]
+DedupScope = Literal["prompt", "pair"]
 
 
-def _dedup_both() -> list[DedupOn]:
+def _dedup_both() -> list[DedupScope]:
     return ["pair", "prompt"]
 
 
 class CurateDedupConfig(Section):
     exact: bool = Field(True, description="normalized-hash duplicates")
     near: bool = Field(True, description="MinHash LSH near-duplicates")
-    on: list[DedupOn] = Field(default_factory=_dedup_both)
+    scope: list[DedupScope] = Field(default_factory=_dedup_both, description="dedup prompts, pairs or both")
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word shingles")
     num_perm: int = Field(128, ge=16, le=1024)
     shingle_words: int = Field(5, ge=1)

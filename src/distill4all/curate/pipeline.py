@@ -305,7 +305,7 @@ def _source_stats(
 def _dedup_kinds(cfg: CurateConfig) -> list[str]:
     """The enabled duplicate kinds, in the order they are applied."""
     d = cfg.dedup
-    on = [what for what in ("pair", "prompt") if what in d.on]
+    on = [what for what in ("pair", "prompt") if what in d.scope]
     kinds = [f"exact-{w}" for w in on if d.exact] + [f"near-{w}" for w in on if d.near]
     return kinds + (["semantic"] if d.semantic else [])
 
