@@ -35,7 +35,6 @@ from distill4all.store import Store
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "data" / "demo"
 RESULTS = REPO / "bench" / "RESULTS.md"
-START, END = "<!-- bench:curate:start -->", "<!-- bench:curate:end -->"
 
 
 def vocabulary() -> list[str]:
@@ -224,11 +223,12 @@ def main() -> None:
               f"flagged homogeneous: {funnel['flagged']}.", ""]  # fmt: skip
     text = "\n".join(lines)
     print(text)
-    if args.write:
-        section = f"{START}\n{text}\n{END}"
+    if args.write:  # one section per size, so the 100k and 1M runs sit side by side
+        start, end = f"<!-- bench:curate:{args.n}:start -->", f"<!-- bench:curate:{args.n}:end -->"
+        section = f"{start}\n{text}\n{end}"
         old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        if START in old:
-            new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, old, flags=re.S)
+        if start in old:
+            new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: section, old, flags=re.S)
         else:
             new = old.rstrip() + "\n\n" + section + "\n"
         RESULTS.write_text(new)

@@ -11,7 +11,7 @@ import time
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -182,6 +182,9 @@ def _counts_text(counts: dict[str, Any]) -> str:
 
 # --- curate ------------------------------------------------------------------------------------
 
+if TYPE_CHECKING:
+    from distill4all.config import LoadedConfig
+
 
 @app.command()
 def curate(
@@ -233,7 +236,7 @@ def curate(
             out.print(f"  {folder / name}")
 
 
-def _pairs_file_config(pairs: Path, out_dir: Path | None, config: Path | None) -> Any:
+def _pairs_file_config(pairs: Path, out_dir: Path | None, config: Path | None) -> LoadedConfig:
     """A run config for curating a pairs file, written into its run directory so reruns compare."""
     from distill4all import atomic
     from distill4all.config import load_config, to_yaml

@@ -215,7 +215,11 @@ def curate(
     with steps.step("diversity", len(ok_idx), bar=False):
         stats = _source_stats(rows, ok, in_near, emb, emb_row, sub_of_row, cfg, seed)
         diversity.flag_homogeneous(stats, cfg.diversity)
-    excluded = {s: "source.excluded" for s in cfg.exclude_sources if s in set(rows.sources)}
+    present = set(rows.sources)
+    for name in cfg.exclude_sources:
+        if name not in present:
+            console.print(f"[yellow]curate: exclude_sources names {name!r}, which has no pairs[/yellow]")
+    excluded = {s: "source.excluded" for s in cfg.exclude_sources if s in present}
     if cfg.auto_exclude_homogeneous:
         for st in stats:
             if st.homogeneous:
