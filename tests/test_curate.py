@@ -314,6 +314,8 @@ def test_run_collect_then_curate(make_run: Callable[..., Path], tmp_path: Path) 
     finally:
         db.close()
     assert len(read_jsonl(run_dir / "curate" / "train.jsonl")) == stage["counts"]["kept"]
+    r = run_cli("curate", config)  # the curate stage alone, from the run's config
+    assert r.code == 0 and "curate: skipped" in r.stdout, r.output
     # redoing collect makes curate stale: the runner refuses until it is redone too
     assert run_cli("run", config, "--force", "--until", "collect").code == 0
     r = run_cli("run", config)

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from distill4all import atomic
 from distill4all.config import CurateConfig
 from distill4all.curate import datamap
@@ -86,8 +88,6 @@ def write_outputs(out_dir: Path, c: Curation, cfg: CurateConfig, *, seed: int, t
 def _write_maps(out_dir: Path, c: Curation, title: str) -> list[Path]:
     rows = c.rows
     idx = sorted(c.xy)
-    import numpy as np
-
     xy = np.asarray([c.xy[i] for i in idx], dtype=np.float32)
 
     def decision(i: int) -> str:

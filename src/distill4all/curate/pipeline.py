@@ -50,7 +50,6 @@ class Curation:
     """Everything the curation decided and measured, for the store, the exports and the report."""
 
     rows: Rows
-    hits: list[list[filters.Hit]]
     rules: list[list[str]]
     details: list[dict[str, str]]
     cluster: list[str | None]
@@ -263,7 +262,7 @@ def curate(
             xy[has_text[k]] = (x, y)
 
     result = Curation(
-        rows=rows, hits=hits, rules=rules, details=details, cluster=cluster, funnel=funnel, sources=stats,
+        rows=rows, rules=rules, details=details, cluster=cluster, funnel=funnel, sources=stats,
         excluded=excluded, topic=topic, subtopic=subtopic, topic_table=topic_table, xy=xy,
         embed_model=embedder.key, steps=steps, dedup_counts=dedup_counts,
     )  # fmt: skip
