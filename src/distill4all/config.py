@@ -135,7 +135,7 @@ class CurateEmbedConfig(Section):
         description="minilm-static (model2vec distillate, fast), minilm (all-MiniLM-L6-v2), or a model path",
     )
     batch_size: int = Field(256, ge=1)
-    max_chars: int = Field(2000, ge=16, description="pair text cut to this length before embedding")
+    max_chars: int = Field(1000, ge=16, description="pair text cut to this length (MiniLM reads 256 tokens)")
 
 
 class CurateMapConfig(Section):
