@@ -9,7 +9,9 @@ from pathlib import Path
 from conftest import run_cli
 
 
-def test_reproduce_gives_the_same_artifacts_and_diff_finds_changes(make_run: Callable[..., Path], tmp_path: Path) -> None:
+def test_reproduce_gives_the_same_artifacts_and_diff_finds_changes(
+    make_run: Callable[..., Path], tmp_path: Path
+) -> None:
     config = make_run(n=4)
     assert run_cli("run", config).code == 0
     run_a, run_b = tmp_path / "run", tmp_path / "again"

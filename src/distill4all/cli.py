@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -367,6 +367,89 @@ def diff(
 def _short(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
+
+
+# --- curate ------------------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from distill4all.config import LoadedConfig
+
+
+@app.command()
+def curate(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A run config (YAML: runs its curate stage) or a pairs file (JSONL/Parquet with prompt, "
+            "response and optionally source).",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory for a pairs file [default: runs/curate-NAME].")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="A run config whose curate: section and seed to use.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo the curation even if it finished.")] = False,
+) -> None:
+    """Filter, dedup, map and export a collection: the curate stage alone, on a run or on any pairs file."""
+    import json
+
+    from distill4all.config import load_config
+    from distill4all.run import run_pipeline
+
+    if source.suffix in (".yaml", ".yml"):
+        if out_dir is not None or config is not None:
+            raise UserError("--out and --config are for a pairs file; a run config names its own run_dir")
+        loaded = load_config(source)
+        if loaded.config.curate is None:
+            raise UserError(f"{source} has no curate: section")
+    else:
+        loaded = _pairs_file_config(source, out_dir, config)
+    console = Console(stderr=True, quiet=_state["quiet"])
+    outcome = run_pipeline(
+        loaded, from_stage="curate", until_stage="curate", force=force, console=console, quiet=_state["quiet"]
+    )[-1]
+    folder = loaded.config.run_dir / "curate"
+    report = json.loads((folder / "report.json").read_text())
+    table = Table("step", "dropped", "remaining", title=f"curate: {outcome.action}")
+    for step in report["funnel"]:
+        table.add_row(step["step"], f"{step['dropped']:,}", f"{step['remaining']:,}")
+    out.print(table)
+    for s in report["sources"]:
+        if s["homogeneous"]:
+            out.print(f"homogeneous source {s['source']!r}: {'; '.join(s['reasons'])}")
+    for name in ("train.jsonl", "map.html", "report.md"):
+        if (folder / name).is_file():
+            out.print(f"  {folder / name}")
+
+
+def _pairs_file_config(pairs: Path, out_dir: Path | None, config: Path | None) -> LoadedConfig:
+    """A run config for curating a pairs file, written into its run directory so reruns compare."""
+    from distill4all import atomic
+    from distill4all.config import load_config, to_yaml
+
+    if not pairs.is_file():
+        raise UserError(f"pairs file not found: {pairs}")
+    if pairs.suffix not in (".jsonl", ".json", ".parquet"):
+        raise UserError(f"{pairs}: expected a .jsonl or .parquet pairs file, or a .yaml run config")
+    stem = pairs.name.split(".")[0]
+    out_dir = out_dir or Path("runs") / f"curate-{stem}"
+    generated = out_dir / "curate.yaml"
+    if (out_dir / "store.sqlite").exists() and not generated.exists():
+        raise UserError(f"{out_dir} is another run's directory; choose a new --out")
+    section: dict[str, Any] = {}
+    seed = 0
+    if config is not None:
+        base = load_config(config)
+        section = base.public_dict().get("curate") or {}
+        seed = base.config.seed
+    section["input"] = str(pairs.resolve())
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in f"curate-{stem}")
+    data = {"name": name, "run_dir": ".", "seed": seed, "curate": section}
+    atomic.write_text(generated, "# written by `distill4all curate`\n" + to_yaml(data))
+    return load_config(generated)
 
 
 # --- models ------------------------------------------------------------------------------------

@@ -140,9 +140,106 @@ class CollectConfig(Section):
 # --- curate ------------------------------------------------------------------------------------
 
 
+FILTER_RULES: tuple[str, ...] = (
+    "failure.empty", "failure.api", "refusal", "truncated.length", "truncated.mid-sentence",
+    "truncated.code-fence", "malformed.fence", "malformed.json", "malformed.mojibake", "malformed.echo",
+    "malformed.repetition", "length.short", "length.long", "language",
+)  # fmt: skip
+"""Every filter rule; `filters.disable` takes these or a family (the part before the dot)."""
+
+
+class CurateFiltersConfig(Section):
+    """Thresholds of the failure and malformed-answer filters (see docs/curate.md)."""
+
+    disable: list[str] = Field(default_factory=list, description="rules or families to skip")
+    refusal_phrases: list[str] = Field(default_factory=list, description="added to the built-in phrases")
+    truncation_min_words: int = Field(12, ge=1, description="judge 'ends mid-sentence' from this length")
+    repetition_min_words: int = Field(30, ge=1, description="judge repetition loops from this length")
+    max_dup_ngram_chars: float = Field(0.3, gt=0, le=1, description="share of text in repeated 5-grams")
+    max_top_bigram_chars: float = Field(0.25, gt=0, le=1, description="share of text in the top 2-gram")
+    max_dup_line_chars: float = Field(0.3, gt=0, le=1, description="share of text in repeated lines")
+    echo_min_words: int = Field(4, ge=1, description="an answer starting with the whole prompt of this length")
+    min_response_words: int = Field(1, ge=0)
+    max_response_chars: int = Field(20_000, ge=1)
+    max_prompt_chars: int = Field(20_000, ge=1)
+    languages: list[str] = Field(default_factory=list, description="ISO 639-1 codes to keep, e.g. [en]")
+    language_min_chars: int = Field(40, ge=1, description="shorter answers are not language-checked")
+
+    @field_validator("disable")
+    @classmethod
+    def _known_rules(cls, items: list[str]) -> list[str]:
+        families = {r.split(".")[0] for r in FILTER_RULES}
+        unknown = [i for i in items if i not in FILTER_RULES and i not in families]
+        if unknown:
+            raise ValueError(f"unknown rule {unknown[0]!r}; rules: {', '.join(FILTER_RULES)}")
+        return items
+
+
+DedupScope = Literal["prompt", "pair"]
+
+
+def _dedup_both() -> list[DedupScope]:
+    return ["pair", "prompt"]
+
+
+class CurateDedupConfig(Section):
+    exact: bool = Field(True, description="normalized-hash duplicates")
+    near: bool = Field(True, description="MinHash LSH near-duplicates")
+    scope: list[DedupScope] = Field(default_factory=_dedup_both, description="dedup prompts, pairs or both")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word shingles")
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_words: int = Field(5, ge=1)
+    semantic: bool = Field(False, description="also drop pairs whose embeddings are this close (faiss)")
+    semantic_threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity")
+
+
+class CurateEmbedConfig(Section):
+    model: str = Field(
+        "minilm-static",
+        min_length=1,
+        description="minilm-static (model2vec distillate, fast), minilm (all-MiniLM-L6-v2), or a model path",
+    )
+    batch_size: int = Field(256, ge=1)
+    max_chars: int = Field(1000, ge=16, description="pair text cut to this length (MiniLM reads 256 tokens)")
+
+
+class CurateMapConfig(Section):
+    enabled: bool = True
+    method: Literal["tsne", "umap", "pacmap"] = "tsne"
+    max_points: int = Field(20_000, ge=10, description="pairs on the map (and projected): a seeded sample beyond this")
+    perplexity: float = Field(30.0, gt=1)
+    topics: int = Field(0, ge=0, description="coarse topics; 0 picks from the data size")
+    subtopics: int = Field(0, ge=0, description="fine topics; 0 picks from the data size")
+
+
+class CurateDiversityConfig(Section):
+    """When a source counts as homogeneous: `min_reasons` of the signals below at once."""
+
+    sample: int = Field(1000, ge=10, description="texts per source that the metrics are measured on")
+    min_pairs: int = Field(30, ge=1, description="smaller sources are measured but never flagged")
+    min_reasons: int = Field(2, ge=1)
+    short_answer_share: float = Field(0.5, ge=0, le=1, description="share of answers of ≤3 tokens")
+    prompt_gzip_ratio: float = Field(0.31, ge=0, le=1, description="prompts compress below this ratio")
+    response_gzip_ratio: float = Field(0.25, ge=0, le=1)
+    prompt_distinct_2: float = Field(0.6, ge=0, le=1, description="distinct bigrams per bigram below this")
+    near_dup_rate: float = Field(0.3, ge=0, le=1, description="share of pairs in near-duplicate clusters")
+    template_share: float = Field(0.8, ge=0, le=1, description="share of prompts that follow a template")
+    neighbour_distance: float = Field(0.6, ge=0, le=2, description="below this share of all sources' median")
+    cluster_concentration: float = Field(0.95, ge=0, le=1, description="share in its 3 largest subtopics")
+
+
 class CurateConfig(Section):
+    input: Path | None = Field(None, description="a pairs file (JSONL/Parquet: prompt, response, source)")
+    import_teacher: str = Field("import", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     exclude_sources: list[str] = Field(default_factory=list)
     auto_exclude_homogeneous: bool = True
+    validation_fraction: float = Field(0.05, ge=0, lt=1)
+    workers: int = Field(0, ge=0, description="processes for the filters; 0 = one per CPU")
+    filters: CurateFiltersConfig = Field(default_factory=CurateFiltersConfig)
+    dedup: CurateDedupConfig = Field(default_factory=CurateDedupConfig)
+    embed: CurateEmbedConfig = Field(default_factory=CurateEmbedConfig)
+    map: CurateMapConfig = Field(default_factory=CurateMapConfig)
+    diversity: CurateDiversityConfig = Field(default_factory=CurateDiversityConfig)
 
 
 # --- train -------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The run store: one SQLite file (WAL) that is the contract between stages.
 
-Tables (schema version 1):
+Tables (schema version 2):
   meta        key/value facts about the store itself
   stages      one row per stage: status, attempts, timings, counts, costs, fingerprints
   prompts     every prompt gathered, with its source tag and original metadata
   tasks       the collection ledger: one row per (prompt, teacher, sample): pending/inflight/done/failed
   responses   every answer received: text, finish reason, usage, latency, request params
-  decisions   curation: one row per response, kept or dropped with the rules that dropped it
+  decisions   curation: one row per response, kept or dropped with the rules that dropped it,
+              the rules' details, its near-duplicate cluster, topic and map coordinates (v2)
+  embeddings  the curation's embedding cache, keyed by model and text hash (v2)
   file_hashes sha256 of input files, cached by (path, size, mtime) so big files hash once
 
 The schema version lives in `PRAGMA user_version`; `MIGRATIONS[i]` takes a store from version i
@@ -92,6 +94,20 @@ MIGRATIONS: list[str] = [
         path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
         sha256 TEXT NOT NULL
     );
+    """,
+    # 1 -> 2: curation details, topics and map coordinates per decision; the embeddings cache
+    """
+    ALTER TABLE decisions ADD COLUMN details TEXT NOT NULL DEFAULT '{}';  -- JSON: rule → why
+    ALTER TABLE decisions ADD COLUMN topic TEXT;
+    ALTER TABLE decisions ADD COLUMN subtopic TEXT;
+    ALTER TABLE decisions ADD COLUMN x REAL;
+    ALTER TABLE decisions ADD COLUMN y REAL;
+    CREATE TABLE embeddings (
+        model TEXT NOT NULL,             -- the embedding model's key (name + content hash)
+        text_hash TEXT NOT NULL,         -- sha256 of the embedded text, first 32 hex digits
+        vector BLOB NOT NULL,            -- float32, little-endian
+        PRIMARY KEY (model, text_hash)
+    ) WITHOUT ROWID;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

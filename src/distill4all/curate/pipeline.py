@@ -1,0 +1,416 @@
+"""The curation, step by step, over every response in a run store.
+
+  filters     failure / refusal / truncation / malformed / length / language rules (filters.py)
+  keys        normalized hashes of each prompt and pair (exact duplicates)
+  minhash     MinHash signatures of each prompt and pair, LSH near-duplicate links
+  embed       pair embeddings, cached in the store
+  topics      two-level k-means topics with c-TF-IDF labels
+  diversity   per-source metrics and the homogeneous-source flag; sources excluded
+  dedup       one representative per cluster: exact, near, then semantic duplicates
+  project     the 2-D map (t-SNE), cached in the stage folder
+  decide      one decision row per response, written in a single transaction
+  export      curated pairs (GPT4All / Parquet / messages), the split, the map and the report
+
+Every step is deterministic for a given store, config and seed, so a killed curation that runs
+again reaches the same decisions; the expensive steps (embeddings, projection) keep what they
+finished and are not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+from rich.console import Console
+
+from distill4all import atomic
+from distill4all.config import CurateConfig
+from distill4all.curate import dedup, diversity, embed, export, filters, project, topics
+from distill4all.curate.pairs import Rows, load_rows
+from distill4all.curate.steps import Steps
+from distill4all.errors import DataError
+from distill4all.store import Store
+
+T = TypeVar("T")
+
+_STATE: dict[str, Any] = {}  # what forked workers read: the rows, the filters, the hasher
+
+
+@dataclass
+class Curation:
+    """Everything the curation decided and measured, for the store, the exports and the report."""
+
+    rows: Rows
+    rules: list[list[str]]
+    details: list[dict[str, str]]
+    cluster: list[str | None]
+    funnel: list[dict[str, Any]]
+    sources: list[diversity.SourceStats]
+    excluded: dict[str, str]  # source → rule that excluded it
+    topic: list[str | None]
+    subtopic: list[str | None]
+    topic_table: list[dict[str, Any]]
+    xy: dict[int, tuple[float, float]]  # row index → map coordinates (the sampled rows)
+    embed_model: str
+    steps: Steps
+    dedup_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[bool]:
+        return [not r for r in self.rules]
+
+
+def pair_text(prompt: str, response: str | None) -> str:
+    return f"{prompt}\n{response or ''}"
+
+
+# --- parallel scan ------------------------------------------------------------------------------
+
+
+def _filter_range(lo: int, hi: int) -> list[list[filters.Hit]]:
+    f: filters.Filters = _STATE["filters"]
+    rows: Rows = _STATE["rows"]
+    return [f.check(filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i])) for i in range(lo, hi)]
+
+
+def _keys_range(lo: int, hi: int) -> tuple[list[bytes], list[bytes]]:
+    rows: Rows = _STATE["rows"]
+    prompt_keys = [dedup.exact_key(rows.prompts[i]) for i in range(lo, hi)]
+    pair_keys = [dedup.exact_key(pair_text(rows.prompts[i], rows.responses[i])) for i in range(lo, hi)]
+    return prompt_keys, pair_keys
+
+
+def _minhash_range(lo: int, hi: int) -> tuple[NDArray[np.uint32], NDArray[np.uint32]]:
+    """Signatures of the prompts and of the pairs; a pair's shingles are its prompt's and its answer's,
+    so its signature is the element-wise minimum of theirs and the prompt is hashed only once."""
+    rows: Rows = _STATE["rows"]
+    hasher: dedup.MinHasher = _STATE["hasher"]
+    prompts = hasher.signatures(rows.prompts[lo:hi])
+    answers = hasher.signatures([r or "" for r in rows.responses[lo:hi]])
+    return prompts, np.minimum(prompts, answers)
+
+
+class Scanner:
+    """Runs a function over row ranges, in forked worker processes when there is enough work."""
+
+    CHUNK = 2000
+
+    def __init__(self, n: int, workers: int) -> None:
+        self.n = n
+        self.pool = None
+        if workers > 1 and n >= 4 * self.CHUNK and "fork" in multiprocessing.get_all_start_methods():
+            # fork: the workers see the rows without pickling a million strings to each
+            self.pool = multiprocessing.get_context("fork").Pool(workers)
+
+    def map(self, fn: Callable[[int, int], T], advance: Callable[[int], None]) -> list[T]:
+        ranges = [(lo, min(lo + self.CHUNK, self.n)) for lo in range(0, self.n, self.CHUNK)]
+        out: list[T] = []
+        if self.pool is None:
+            for lo, hi in ranges:
+                out.append(fn(lo, hi))
+                advance(hi - lo)
+            return out
+        for (lo, hi), result in zip(ranges, self.pool.imap(_star, [(fn, lo, hi) for lo, hi in ranges]), strict=True):
+            out.append(result)
+            advance(hi - lo)
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _star(args: tuple[Callable[[int, int], T], int, int]) -> T:
+    fn, lo, hi = args
+    return fn(lo, hi)
+
+
+# --- the curation -------------------------------------------------------------------------------
+
+
+def curate(
+    store: Store,
+    cfg: CurateConfig,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    title: str = "distill4all",
+    console: Console | None = None,
+    quiet: bool = False,
+) -> Curation:
+    """Decide every response in the store, record the decisions, and write the outputs to `out_dir`."""
+    console = console or Console(stderr=True, quiet=quiet)
+    steps = Steps(console, quiet)
+    with steps.step("load", 0, bar=False):
+        rows = load_rows(store)
+    n = len(rows)
+    if n == 0:
+        raise DataError("nothing to curate: the run store has no answers (run collect, or give curate.input)")
+    workers = cfg.workers or os.cpu_count() or 1
+    _STATE.update(
+        rows=rows,
+        filters=filters.Filters(cfg.filters),
+        hasher=dedup.MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_words),
+    )
+    scanner = Scanner(n, workers)
+    try:
+        with steps.step("filters", n) as advance:
+            hits = [h for part in scanner.map(_filter_range, advance) for h in part]
+        with steps.step("exact keys", n) as advance:
+            parts = scanner.map(_keys_range, advance)
+            prompt_keys = [k for p, _ in parts for k in p]
+            pair_keys = [k for _, q in parts for k in q]
+        with steps.step("minhash", n) as advance:
+            sig_parts = scanner.map(_minhash_range, advance)
+    finally:
+        scanner.close()
+        _STATE.clear()
+    ok = np.asarray([not h for h in hits])
+    ok_idx = np.flatnonzero(ok)
+    sigs = {
+        "prompt": np.concatenate([p for p, _ in sig_parts]),
+        "pair": np.concatenate([q for _, q in sig_parts]),
+    }
+    del sig_parts
+    with steps.step("near-dup links", len(ok_idx), bar=False):
+        # among all pairs that passed the filters: the sources' near-duplicate rates
+        in_near = np.zeros(n, dtype=bool)
+        for sig in sigs.values():
+            in_near[ok_idx[dedup.near_duplicate_edges(sig[ok_idx], cfg.dedup.threshold)].ravel()] = True
+
+    # embeddings of every pair with an answer: the map shows dropped pairs too
+    has_text = [i for i in range(n) if rows.responses[i] and rows.responses[i].strip()]  # type: ignore[union-attr]
+    texts = [pair_text(rows.prompts[i], rows.responses[i])[: cfg.embed.max_chars] for i in has_text]
+    embedder = embed.load_embedder(cfg.embed.model)
+    with steps.step(f"embed ({cfg.embed.model})", len(set(texts))) as advance:
+        emb = embed.embed(store, embedder, texts, cfg.embed.batch_size, advance)
+    emb_row = np.full(n, -1, dtype=np.int64)
+    emb_row[has_text] = np.arange(len(has_text))
+
+    topic: list[str | None] = [None] * n
+    subtopic: list[str | None] = [None] * n
+    topic_table: list[dict[str, Any]] = []
+    sub_of_row = np.full(n, -1, dtype=np.int64)
+    if len(has_text):
+        with steps.step("topics", len(has_text), bar=False):
+            found = topics.find_topics(emb, texts, topics=cfg.map.topics, subtopics=cfg.map.subtopics, seed=seed)
+        topic_table = _topic_table(found)
+        for k, i in enumerate(has_text):
+            t, s = int(found.topic[k]), int(found.subtopic[k])
+            topic[i] = f"T{t}: {found.topic_labels[t]}"
+            subtopic[i] = f"T{t}.{s}: {found.subtopic_labels[s]}"
+            sub_of_row[i] = s
+
+    with steps.step("diversity", len(ok_idx), bar=False):
+        stats = _source_stats(rows, ok, in_near, emb, emb_row, sub_of_row, cfg, seed)
+        diversity.flag_homogeneous(stats, cfg.diversity)
+    present = set(rows.sources)
+    for name in cfg.exclude_sources:
+        if name not in present:
+            console.print(f"[yellow]curate: exclude_sources names {name!r}, which has no pairs[/yellow]")
+    excluded = {s: "source.excluded" for s in cfg.exclude_sources if s in present}
+    if cfg.auto_exclude_homogeneous:
+        for st in stats:
+            if st.homogeneous:
+                excluded.setdefault(st.source, "source.homogeneous")
+
+    rules = [[name for name, _ in h] for h in hits]
+    details = [dict(h) for h in hits]
+    for i in range(n):
+        if (rule := excluded.get(rows.sources[i])) is not None:
+            rules[i].append(rule)
+            details[i][rule] = f"source {rows.sources[i]}"
+    after_filters = int(ok.sum())
+    alive = np.asarray([not r for r in rules])
+    after_sources = int(alive.sum())
+
+    cluster: list[str | None] = [None] * n
+    funnel = [
+        {"step": "pairs", "remaining": n, "dropped": 0},
+        {"step": "failed or malformed answers", "remaining": after_filters, "dropped": n - after_filters},
+        {"step": "excluded sources", "remaining": after_sources, "dropped": after_filters - after_sources},
+    ]
+    dedup_counts: dict[str, int] = {}
+    with steps.step("dedup", after_sources, bar=False):
+        keys = {"prompt": prompt_keys, "pair": pair_keys}
+        for kind in _dedup_kinds(cfg):
+            before = int(alive.sum())
+            edges = _duplicate_edges(kind, np.flatnonzero(alive), keys, sigs, emb, emb_row, cfg)
+            _drop_duplicates(kind, edges, alive, rows.ids, rules, details, cluster)
+            dedup_counts[kind] = before - int(alive.sum())
+            funnel.append({"step": f"{kind} duplicates", "remaining": int(alive.sum()), "dropped": dedup_counts[kind]})
+
+    xy: dict[int, tuple[float, float]] = {}
+    if cfg.map.enabled and len(has_text):
+        rng = np.random.RandomState(seed)
+        pick = np.arange(len(has_text), dtype=np.int64)
+        if len(pick) > cfg.map.max_points:
+            pick = np.sort(rng.choice(len(pick), cfg.map.max_points, replace=False)).astype(np.int64)
+        with steps.step(f"project ({cfg.map.method})", len(pick), bar=False):
+            coords = _cached_projection(out_dir, emb[pick], [texts[k] for k in pick], embedder.key, cfg, seed)
+        for k, (x, y) in zip(pick.tolist(), coords.tolist(), strict=True):
+            xy[has_text[k]] = (x, y)
+
+    result = Curation(
+        rows=rows, rules=rules, details=details, cluster=cluster, funnel=funnel, sources=stats,
+        excluded=excluded, topic=topic, subtopic=subtopic, topic_table=topic_table, xy=xy,
+        embed_model=embedder.key, steps=steps, dedup_counts=dedup_counts,
+    )  # fmt: skip
+    with steps.step("decide", n, bar=False):
+        write_decisions(store, result)
+    with steps.step("export", int(sum(result.kept)), bar=False):
+        export.write_outputs(out_dir, result, cfg, seed=seed, title=title)
+    return result
+
+
+def _source_stats(
+    rows: Rows,
+    ok: NDArray[np.bool_],
+    in_near: NDArray[np.bool_],
+    emb: NDArray[np.float32],
+    emb_row: NDArray[np.int64],
+    sub_of_row: NDArray[np.int64],
+    cfg: CurateConfig,
+    seed: int,
+) -> list[diversity.SourceStats]:
+    stats = []
+    sources = np.asarray(rows.sources, dtype=object)
+    for source in sorted(set(rows.sources)):
+        idx = np.flatnonzero((sources == source) & ok)
+        if not len(idx):
+            continue
+        e = emb_row[idx]
+        stats.append(
+            diversity.source_stats(
+                source,
+                [rows.prompts[i] for i in idx],
+                [rows.responses[i] or "" for i in idx],
+                in_near[idx],
+                emb[e] if len(emb) and (e >= 0).all() else None,
+                sub_of_row[idx] if (sub_of_row[idx] >= 0).all() and len(idx) >= 30 else None,
+                cfg.diversity.sample,
+                seed,
+            )
+        )
+    return stats
+
+
+def _dedup_kinds(cfg: CurateConfig) -> list[str]:
+    """The enabled duplicate kinds, in the order they are applied."""
+    d = cfg.dedup
+    on = [what for what in ("pair", "prompt") if what in d.scope]
+    kinds = [f"exact-{w}" for w in on if d.exact] + [f"near-{w}" for w in on if d.near]
+    return kinds + (["semantic"] if d.semantic else [])
+
+
+def _duplicate_edges(
+    kind: str,
+    alive: NDArray[np.int64],
+    keys: dict[str, list[bytes]],
+    sigs: dict[str, NDArray[np.uint32]],
+    emb: NDArray[np.float32],
+    emb_row: NDArray[np.int64],
+    cfg: CurateConfig,
+) -> NDArray[np.int64]:
+    """Duplicate links of one kind among the rows still kept (indices into all rows)."""
+    method, _, what = kind.partition("-")
+    if method == "exact":
+        local = dedup.exact_duplicate_edges([keys[what][i] for i in alive])
+    elif method == "near":
+        local = dedup.near_duplicate_edges(sigs[what][alive], cfg.dedup.threshold)
+    else:
+        alive = alive[emb_row[alive] >= 0]
+        if not len(alive):
+            return np.zeros((0, 2), dtype=np.int64)
+        local = dedup.semantic_duplicate_edges(emb[emb_row[alive]], cfg.dedup.semantic_threshold)
+    return alive[local]
+
+
+def _drop_duplicates(
+    kind: str,
+    edges: NDArray[np.int64],
+    alive: NDArray[np.bool_],
+    ids: Sequence[int],
+    rules: list[list[str]],
+    details: list[dict[str, str]],
+    cluster: list[str | None],
+) -> None:
+    """Keep the first row of each cluster and drop the rest."""
+    if not len(edges):
+        return
+    members = np.unique(edges)
+    local = np.searchsorted(members, edges)
+    rep = members[dedup.clusters(len(members), local)]
+    rule = f"dup.{kind}"
+    for i, r in zip(members.tolist(), rep.tolist(), strict=True):
+        name = f"{kind}:{ids[r]}"
+        if cluster[i] is None:
+            cluster[i] = name
+        if i != r:
+            alive[i] = False
+            rules[i].append(rule)
+            details[i][rule] = f"duplicate of response {ids[r]}"
+
+
+def _topic_table(found: topics.Topics) -> list[dict[str, Any]]:
+    sizes = np.bincount(found.subtopic, minlength=len(found.subtopic_labels))
+    table: list[dict[str, Any]] = []
+    for t, label in enumerate(found.topic_labels):
+        subs = sorted(
+            (s for s in range(len(found.subtopic_labels)) if found.subtopic_parent[s] == t), key=lambda s: -sizes[s]
+        )
+        table.append({
+            "id": f"T{t}",
+            "label": label,
+            "size": int(sizes[subs].sum()),
+            "subtopics": [{"id": f"T{t}.{s}", "label": found.subtopic_labels[s], "size": int(sizes[s])} for s in subs],
+        })  # fmt: skip
+    table.sort(key=lambda row: -row["size"])
+    return table
+
+
+def _cached_projection(
+    out_dir: Path, emb: NDArray[np.float32], texts: list[str], model_key: str, cfg: CurateConfig, seed: int
+) -> NDArray[np.float32]:
+    """The map coordinates, reused when the same texts were projected with the same settings."""
+    h = hashlib.sha256(json.dumps([model_key, cfg.map.method, cfg.map.perplexity, seed]).encode())
+    for t in texts:
+        h.update(embed.text_hash(t).encode())
+    path = out_dir / "work" / f"projection-{h.hexdigest()[:16]}.npy"
+    if path.is_file():
+        xy = np.load(path)
+        if xy.shape == (len(texts), 2):
+            return np.asarray(xy, dtype=np.float32)
+    xy = project.project(emb, cfg.map.method, perplexity=cfg.map.perplexity, seed=seed)
+    with atomic.output_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, xy)
+    return xy
+
+
+def write_decisions(store: Store, c: Curation) -> None:
+    """Replace every decision at once: a killed curation leaves the previous complete set."""
+    now = time.time()
+    rows = []
+    for i, rid in enumerate(c.rows.ids):
+        x, y = c.xy.get(i, (None, None))
+        rows.append(
+            (rid, 0 if c.rules[i] else 1, json.dumps(c.rules[i]), c.cluster[i], now,
+             json.dumps(c.details[i], ensure_ascii=False), c.topic[i], c.subtopic[i], x, y)
+        )  # fmt: skip
+    with store.transaction() as db:
+        db.execute("DELETE FROM decisions")
+        db.executemany(
+            "INSERT INTO decisions (response_id, kept, rules, cluster, decided_at, details, topic, subtopic, x, y)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )

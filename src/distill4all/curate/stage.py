@@ -1,0 +1,57 @@
+"""Stage `curate`: decide every collected (or imported) pair, and write the curated data.
+
+Reads the run store (after `collect`, or a pairs file named by `curate.input`, imported first),
+writes one decision row per response and the outputs listed in export.py into `run_dir/curate/`.
+A rerun after a kill recomputes the same decisions; finished embeddings and projections are reused.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from distill4all.config import RunConfig
+from distill4all.curate import pairs, pipeline
+from distill4all.run import StageContext, StageResult
+
+UPSTREAM: tuple[str, ...] = ("collect",)
+
+
+def inputs(config: RunConfig) -> list[Path]:
+    assert config.curate is not None
+    return [config.curate.input] if config.curate.input is not None else []
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.config.curate
+    assert cfg is not None
+    if cfg.input is not None:
+        pairs.import_pairs(ctx.store, cfg.input, cfg.import_teacher)
+    result = pipeline.curate(
+        ctx.store, cfg, ctx.dir, seed=ctx.config.seed, title=ctx.config.name, console=ctx.console, quiet=ctx.quiet
+    )
+    kept = sum(result.kept)
+    funnel = {f["step"]: f["remaining"] for f in result.funnel}
+    counts = {
+        "pairs": len(result.rows),
+        "after_filters": funnel["failed or malformed answers"],
+        "after_sources": funnel["excluded sources"],
+        "kept": kept,
+        "dropped": len(result.rows) - kept,
+        "homogeneous_sources": sorted(s.source for s in result.sources if s.homogeneous),
+        "excluded_sources": sorted(result.excluded),
+    }
+    artifacts = [ctx.dir / name for name in ("train.jsonl", "report.json")]
+    if (ctx.dir / "map.html").is_file():
+        artifacts.append(ctx.dir / "map.html")
+    return StageResult(counts=counts, artifacts=artifacts)
+
+
+def reset(ctx: StageContext) -> None:
+    """Forget the decisions and outputs (and imported pairs); the embeddings cache stays."""
+    cfg = ctx.config.curate
+    with ctx.store.transaction() as db:
+        db.execute("DELETE FROM decisions")
+    if cfg is not None and cfg.input is not None:
+        pairs.remove_import(ctx.store, cfg.import_teacher)
+    shutil.rmtree(ctx.dir, ignore_errors=True)
