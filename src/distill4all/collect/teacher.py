@@ -1,9 +1,12 @@
-"""The teacher client: OpenAI-compatible chat completions over async httpx, with client-side rate
+"""The teacher client: OpenAI-compatible chat completions over aiohttp, with client-side rate
 limits, server rate-limit headers honoured, and retries with exponential backoff + full jitter.
 
-Why httpx directly and not the `openai` client: we need the raw response headers of every call
-(Retry-After, x-ratelimit-*) to pace all workers together, and our own retry policy (the openai
-client retries on its own, blind to the shared limiter); httpx is what `openai` uses underneath.
+Why not the `openai` client: we need the raw response headers of every call (Retry-After,
+x-ratelimit-*) to pace all workers together, and our own retry policy (the openai client retries
+on its own, blind to the shared limiter). Why aiohttp and not httpx (what `openai` uses): at
+hundreds of requests in flight httpx spends ~1.1 ms of CPU a request in its connection pool, and
+aiohttp ~0.22 ms (measured side by side against the same local server, 256 in flight) — at a
+million prompts that is the difference between the client or the API being the bottleneck.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import random
 import re
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-POOL_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def parse_duration(value: str) -> float | None:
     return sum(float(n) * scale[u] for n, u in parts)
 
 
-def retry_after_seconds(headers: httpx.Headers) -> float | None:
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     if (ms := headers.get("retry-after-ms")) is not None:
         try:
             return max(0.0, float(ms) / 1000)
@@ -158,7 +161,7 @@ class RateLimiter:
             if self.tokens is not None:
                 self.tokens.take(tokens)
 
-    def observe(self, headers: httpx.Headers, next_request_tokens: int) -> None:
+    def observe(self, headers: Mapping[str, str], next_request_tokens: int) -> None:
         for kind, bucket_name, need in (("requests", "requests", 1), ("tokens", "tokens", next_request_tokens)):
             remaining = _int(headers.get(f"x-ratelimit-remaining-{kind}"))
             reset = headers.get(f"x-ratelimit-reset-{kind}")
@@ -228,23 +231,11 @@ class TeacherClient:
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        # httpcore's pool scans every connection for every queued request: O(connections²) CPU
-        # at hundreds in flight (20 ms a request at 256, measured). Pools of POOL_SIZE connections,
-        # each request on the least busy one, keep that scan short.
-        n_pools = max(1, -(-max_connections // POOL_SIZE))
-        per_pool = -(-max_connections // n_pools)
-        tls = ssl.create_default_context()  # built once: loading CA certificates costs ~30 ms
-        self.pools = [
-            httpx.AsyncClient(
-                base_url=base_url.rstrip("/") + "/",
-                headers=headers,
-                verify=tls,
-                timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
-            )
-            for _ in range(n_pools)
-        ]
-        self.busy = [0] * n_pools
+        self.base_url = base_url.rstrip("/") + "/"
+        self.headers = headers
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(10.0, timeout_s))
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None  # made inside the running event loop
         self.max_retries = max_retries
         self.limiter = limiter
         self.backoff_base_s = backoff_base_s
@@ -253,8 +244,19 @@ class TeacherClient:
         self.throttled = 0  # 429s seen
 
     async def aclose(self) -> None:
-        for pool in self.pools:
-            await pool.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                base_url=self.base_url,
+                headers=self.headers,
+                timeout=self.timeout,
+                connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=ssl.create_default_context()),
+            )
+        return self._session
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         jittered = self.rng.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
@@ -287,23 +289,20 @@ class TeacherClient:
         raise TeacherError(f"gave up after {self.max_retries + 1} attempts: {last}", permanent=False)
 
     async def _once(self, body: dict[str, Any], est_tokens: int) -> dict[str, Any]:
-        i = self.busy.index(min(self.busy))
-        self.busy[i] += 1
         try:
-            r = await self.pools[i].post("chat/completions", content=json.dumps(body))
-        except httpx.TimeoutException as e:
-            raise _Retryable(f"timeout ({type(e).__name__})") from None
-        except httpx.TransportError as e:
+            async with self._http().post("chat/completions", data=json.dumps(body)) as r:
+                status, headers, raw = r.status, r.headers, await r.read()
+        except TimeoutError:
+            raise _Retryable("timeout") from None
+        except aiohttp.ClientError as e:
             raise _Retryable(f"connection error ({type(e).__name__}: {e})") from None
-        finally:
-            self.busy[i] -= 1
-        self.limiter.observe(r.headers, est_tokens)
-        if r.status_code in RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {r.status_code}: {_error_text(r)}", retry_after_seconds(r.headers), r.status_code)
-        if r.status_code >= 400:
-            raise TeacherError(f"HTTP {r.status_code}: {_error_text(r)}", permanent=True, status=r.status_code)
+        self.limiter.observe(headers, est_tokens)
+        if status in RETRYABLE_STATUS:
+            raise _Retryable(f"HTTP {status}: {_error_text(raw)}", retry_after_seconds(headers), status)
+        if status >= 400:
+            raise TeacherError(f"HTTP {status}: {_error_text(raw)}", permanent=True, status=status)
         try:
-            data = r.json()
+            data = json.loads(raw)
             choice = data["choices"][0]
             text = choice["message"]["content"]
             usage = data.get("usage") or {}
@@ -320,11 +319,11 @@ class TeacherClient:
         }
 
 
-def _error_text(r: httpx.Response) -> str:
+def _error_text(raw: bytes) -> str:
     try:
-        err = r.json().get("error")
+        err = json.loads(raw).get("error")
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])[:300]
     except (ValueError, AttributeError):
         pass
-    return r.text[:300] or r.reason_phrase
+    return raw[:300].decode("utf-8", errors="replace") or "(no body)"
