@@ -115,7 +115,22 @@ def _paper_quants() -> list[Quant]:
 
 
 class ExportConfig(Section):
+    """Merge → GGUF → quantize. Input: the train stage's `train/model/`, or `model` without one."""
+
+    model: str | None = Field(
+        None, description="model name or path to export when the run has no train stage (else train/model/)"
+    )
     quantizations: list[Quant] = Field(default_factory=_paper_quants)
+    base_type: Literal["f32", "f16"] = Field(
+        "f16", description="the unquantized GGUF every quantization is made from and measured against"
+    )
+    compat: bool = Field(
+        False,
+        description="write an older pre-tokenizer name with the identical split rule (smollm → refact) so "
+        "runtimes on an older llama.cpp, such as the GPT4All app and its Python bindings, load the files",
+    )
+    pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name; default: detected")
+    report: bool = Field(True, description="measure KL, top-1 agreement and perplexity of each file")
 
 
 class EvalConfig(Section):
