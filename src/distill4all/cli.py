@@ -260,8 +260,9 @@ def export_cmd(
 
     from distill4all import atomic
     from distill4all.config import ExportConfig
-    from distill4all.export.exporter import export_model
+    from distill4all.export.exporter import check_source, export_model
 
+    check_source(model)
     try:
         cfg = ExportConfig(model=model, quantizations=quant or ["q4_0"], base_type=base_type,
                            compat=compat, pre_tokenizer=pre_tokenizer, report=report)  # fmt: skip

@@ -6,6 +6,7 @@ moment picks up where it stopped when run again. Used by the `export` stage and 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from distill4all import atomic
 from distill4all.config import ExportConfig
 from distill4all.export import ExportError
-from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, check_compat, write_gguf
+from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, LlamaHparams, check_compat, write_gguf
 from distill4all.export.merge import is_adapter, merge_adapter
 from distill4all.export.quant_report import QuantRow, quant_report, report_table
 from distill4all.export.quantize import quantize
-from distill4all.models import resolve_model
+from distill4all.errors import ModelError
+from distill4all.models import BUILTINS, resolve_model
 
 
 @dataclass
@@ -34,6 +36,12 @@ class ExportOutcome:
 
 def gguf_name(kind: str) -> str:
     return f"model-{kind}.gguf"
+
+
+def check_source(spec: str) -> None:
+    """Fail early, before anything is written, on a model that is neither a path nor a name."""
+    if spec not in BUILTINS and not Path(spec).expanduser().exists():
+        raise ModelError(f"model {spec!r} is neither a path that exists nor a known name ({', '.join(BUILTINS)})")
 
 
 def source_checkpoint(spec: str, out_dir: Path) -> tuple[Path, Path | None]:
@@ -52,9 +60,13 @@ def export_model(
 ) -> ExportOutcome:
     console = console or Console(stderr=True, quiet=quiet)
     kinds = [cfg.base_type, *[q for q in cfg.quantizations if q != cfg.base_type]]
-    steps = 1 + len(kinds) + (len(kinds) if cfg.report else 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.clean_temp(out_dir)
+    # Everything that can reject the input happens before the progress bar starts.
+    with console.status(f"reading {spec}…") if not quiet else contextlib.nullcontext():
+        hf_dir, merged = source_checkpoint(spec, out_dir)
+        LlamaHparams.from_config(hf_dir)
+    steps = len(kinds) + (len(kinds) if cfg.report else 0)
     with Progress(
         TextColumn("export · {task.fields[step]}"),
         BarColumn(),
@@ -64,10 +76,7 @@ def export_model(
         console=console,
         disable=quiet,
     ) as bar:
-        task = bar.add_task("export", total=steps, step="reading the checkpoint")
-        hf_dir, merged = source_checkpoint(spec, out_dir)
-        bar.advance(task)
-
+        task = bar.add_task("export", total=steps, step="")
         base = out_dir / gguf_name(cfg.base_type)
         bar.update(task, step=f"writing {base.name}")
         outcome = ExportOutcome(files=[base], merged=merged)

@@ -14,6 +14,7 @@ GPT4All app and its `gpt4all` 2.8 Python bindings) predate some names and refuse
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 from distill4all import atomic
 from distill4all.export import ExportError
+from distill4all.export.quantize import native_stderr
 
 BaseType = Literal["f32", "f16"]
 
@@ -132,6 +134,8 @@ def read_vocab(hf_dir: Path, n_vocab: int, pre: str | None = None) -> Vocab:
         else:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
+    # gguf warns about pair templates (two-sequence inputs), which a causal LM never uses.
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=n_vocab)
     probe = tok("a", add_special_tokens=True)["input_ids"]
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
@@ -327,7 +331,8 @@ def llama_tokenize(gguf_file: Path, text: str, *, add_special: bool = True) -> l
 
     _logger.set_verbose(False)
     try:
-        llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
+        with native_stderr():  # a vocabulary-only load warns that it has no context length
+            llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise ExportError(f"llama.cpp cannot read the vocabulary of {gguf_file}: {e}") from None
     try:

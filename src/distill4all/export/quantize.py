@@ -37,7 +37,7 @@ def quantize(src: Path, dst: Path, kind: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[kind])
     params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with atomic.output_file(dst) as tmp, _native_stderr() as log:
+    with atomic.output_file(dst) as tmp, native_stderr() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
             last = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
@@ -45,7 +45,7 @@ def quantize(src: Path, dst: Path, kind: str) -> None:
 
 
 @contextlib.contextmanager
-def _native_stderr() -> Iterator[Path]:
+def native_stderr() -> Iterator[Path]:
     """Send what native code writes to stderr into a file for the duration.
 
     llama.cpp's quantizer prints a line per tensor (e.g. K-quant fallbacks on narrow rows) with
