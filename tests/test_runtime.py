@@ -106,7 +106,9 @@ def test_python_api_generate_and_chat_session(gguf_file: Path) -> None:
             assert [m["role"] for m in s.history] == ["system", "user", "assistant", "user", "assistant"]
             assert s.history[2]["content"] == CHATS["What is the capital of France?"]
             rendered = a.engine.render_chat(s.history, add_generation_prompt=False)
-            assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>") and rendered.count("<|im_start|>") == 5
+            assert (
+                rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>") and rendered.count("<|im_start|>") == 5
+            )
             s.reset()
             assert s.history == [{"role": "system", "content": "Be brief."}]
             s.reset(system="")
@@ -132,7 +134,12 @@ def test_chat_cli_with_piped_stdin(gguf_file: Path) -> None:
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["pong pong", CHATS["What is the capital of France?"], CHATS["Say hello."]]
-    assert p.stderr.count("tokens/s") == 3 and "system prompt set" in p.stderr and "cleared" in p.stderr and "unknown command /bogus" in p.stderr
+    assert (
+        p.stderr.count("tokens/s") == 3
+        and "system prompt set" in p.stderr
+        and "cleared" in p.stderr
+        and "unknown command /bogus" in p.stderr
+    )
 
 
 def test_chat_cli_bad_model_is_one_line(tmp_path: Path) -> None:

@@ -16,12 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill4all import atomic
 from distill4all.config import ExportConfig
+from distill4all.errors import ModelError
 from distill4all.export import ExportError
 from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, LlamaHparams, check_compat, write_gguf
 from distill4all.export.merge import is_adapter, merge_adapter
 from distill4all.export.quant_report import QuantRow, quant_report, report_table
 from distill4all.export.quantize import quantize
-from distill4all.errors import ModelError
 from distill4all.models import BUILTINS, resolve_model
 
 

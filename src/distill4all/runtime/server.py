@@ -43,6 +43,7 @@ from distill4all.runtime.engine import (
 )
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+DRAIN_BYTES = 64 * 1024 * 1024
 API_KEY_ENV = "DISTILL4ALL_API_KEY"
 
 
@@ -184,15 +185,21 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 
 
 async def _read_json(request: Request, model: type[T]) -> T:
+    # An oversized body is still read (and dropped) up to DRAIN_BYTES: a server that answers
+    # before the client has finished sending makes most clients see a reset, not the 413.
+    too_large = APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > DRAIN_BYTES:
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
-        chunks.append(chunk)
+        if size <= MAX_BODY_BYTES:
+            chunks.append(chunk)
+        elif size > DRAIN_BYTES:
+            break
+    if size > MAX_BODY_BYTES:
+        raise too_large
     try:
         data = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
@@ -206,6 +213,16 @@ async def _read_json(request: Request, model: type[T]) -> T:
         param = ".".join(str(p) for p in first["loc"]) or None
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise APIError(422, f"{param}: {first['msg']}{more}", param=param, code="invalid_value") from None
+
+
+def _authorize(state: ServerState, request: Request) -> None:
+    if not state.api_key:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        why = "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer …)"
+        raise APIError(401, why, code="invalid_api_key")
 
 
 def _check_model(state: ServerState, name: str) -> None:
@@ -337,9 +354,23 @@ def _chat_chunks(
     yield "data: [DONE]\n\n"
 
 
+class _EngineStream(StreamingResponse):
+    """A streaming response that always closes its body, whatever ends it.
+
+    When a client goes away mid-stream, Starlette may leave the body generator suspended at a
+    `yield`, holding the engine until garbage collection; closing it here (shielded from the
+    cancellation) stops the generation and hands the engine to the next request at once."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
 def _stream_response(state: ServerState, events: Iterator[str]) -> StreamingResponse:
-    """SSE from `events`: the engine is held from the first event to the last, and let go (with
-    the generation stopped) if the client goes away in between."""
+    """SSE from `events`: the engine is held from the first event to the last."""
 
     async def body() -> AsyncIterator[str]:
         async with state.turn():
@@ -349,9 +380,9 @@ def _stream_response(state: ServerState, events: Iterator[str]) -> StreamingResp
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
-                    await _in_thread(close)
+                    close()  # quick: it only unwinds the generators
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _EngineStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # --- completions -------------------------------------------------------------------------------
@@ -359,7 +390,7 @@ def _stream_response(state: ServerState, events: Iterator[str]) -> StreamingResp
 
 def _prompts(engine: Engine, req: CompletionRequest) -> list[tuple[str, list[int]]]:
     """(text, token ids) per prompt; text prompts get the model's BOS as llama.cpp and vLLM do,
-    token prompts are taken as they are."""
+    token prompts are taken as they are (after a range check: llama.cpp must never see a bad id)."""
     p = req.prompt
     if isinstance(p, str):
         return [(p, engine.tokenize(p))]
@@ -367,10 +398,10 @@ def _prompts(engine: Engine, req: CompletionRequest) -> list[tuple[str, list[int
         raise APIError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(x, str) for x in p):
         return [(str(x), engine.tokenize(str(x))) for x in p]
-    if all(isinstance(x, int) for x in p):
-        ids = [int(x) for x in p]  # type: ignore[arg-type]
-        return [(engine.detokenize(ids), ids)]
-    lists: list[list[int]] = [[int(t) for t in x] for x in p]  # type: ignore[union-attr]
+    flat = all(isinstance(x, int) for x in p)
+    lists: list[list[int]] = [[int(x) for x in p]] if flat else [list(x) for x in p]  # type: ignore[arg-type]
+    for ids in lists:
+        _check_ids(engine, ids)
     return [(engine.detokenize(ids), ids) for ids in lists]
 
 
@@ -420,7 +451,8 @@ async def completions(state: ServerState, request: Request) -> Any:
     engine = state.engine
     prompts = await _in_thread(lambda: _prompts(engine, req))
     for _, ids in prompts:
-        _check_ids(engine, ids)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
         try:
             engine.check_fits(len(ids) if req.max_tokens > 0 else len(ids) - 1)
         except ContextLengthError as e:
@@ -504,16 +536,6 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        if state.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-                why = "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer …)"
-                return APIError(401, why, code="invalid_api_key").response()
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": state.model_id, "backend": engine.backend, "n_ctx": engine.n_ctx,
@@ -523,20 +545,24 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "distill4all"}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        _authorize(state, request)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict[str, Any]:
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        _authorize(state, request)
         _check_model(state, model)
         return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
+        _authorize(state, request)
         return await chat_completions(state, request)
 
     @app.post("/v1/completions")
     async def complete(request: Request) -> Any:
+        _authorize(state, request)
         return await completions(state, request)
 
     return app
