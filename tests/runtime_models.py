@@ -85,6 +85,14 @@ def _train(base: Path, out: Path) -> None:
         tok.save_pretrained(tmp)
 
 
+EXPORT_ARGS = ("--base-type", "f32", "--quant", "q8_0", "--quant", "q4_0", "--quant", "q4_k_m")
+
+
+def trained_export() -> Path:
+    """The trained tiny model exported to f32, Q8_0, Q4_0 and Q4_K_M (with the report)."""
+    return exported(trained_tiny(), "test-export", *EXPORT_ARGS)
+
+
 def exported(source: Path, name: str, *args: str) -> Path:
     """`distill4all export SOURCE --out <cache>/NAME ARGS`, once per test session; the folder."""
     out = models_dir() / name

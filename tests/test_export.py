@@ -14,9 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import run_cli, write_config
 from distill4all.export.gguf import PROBE_TEXT, check_compat, llama_tokenize
 from distill4all.runtime.engine import SamplingParams, load_engine
-from runtime_models import CHATS, TEXTS, exported, trained_tiny
+from runtime_models import CHATS, trained_export, trained_tiny
 
-QUANTS = ("--base-type", "f32", "--quant", "q8_0", "--quant", "q4_0", "--quant", "q4_k_m")
 PROMPTS = ["The quick brown", "A teacher model", "Numbers: 0 1 2", "def add(a", "Hello world, this is"]
 
 
@@ -27,7 +26,7 @@ def trained() -> Path:
 
 @pytest.fixture(scope="module")
 def export_dir(trained: Path) -> Path:
-    return exported(trained, "test-export", *QUANTS)
+    return trained_export()
 
 
 def hf_greedy(model_dir: Path, prompts: list[str], max_new: int = 32) -> dict[str, list[int]]:
@@ -71,9 +70,9 @@ def test_4_bit_files_load_and_generate(export_dir: Path, kind: str) -> None:
 def test_metadata_reads_back_with_gguf_reader(trained: Path, export_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(trained)
     for kind in ("f32", "q4_0"):
-        r = gguf.GGUFReader(export_dir / f"model-{kind}.gguf")
+        reader = gguf.GGUFReader(export_dir / f"model-{kind}.gguf")
 
-        def field(key: str) -> object:
+        def field(key: str, r: gguf.GGUFReader = reader) -> object:
             f = r.get_field(key)
             assert f is not None, key
             return f.contents()
@@ -197,7 +196,7 @@ def test_compat_writes_refact_for_smollm_and_proves_the_same_split(trained: Path
     refact = llama_tokenize(out2 / "model-f16.gguf", PROBE_TEXT)
     assert smollm == refact == hf
     assert len(hf) > 200
-    gpt2_split = llama_tokenize(exported(trained, "test-export", *QUANTS) / "model-f32.gguf", PROBE_TEXT)
+    gpt2_split = llama_tokenize(trained_export() / "model-f32.gguf", PROBE_TEXT)
     assert gpt2_split != refact  # the probe text does tell split rules apart
     assert check_compat(model, "smollm", "refact", tmp_path) == len(hf)
 

@@ -11,14 +11,12 @@ import pytest
 
 from distill4all import Assistant
 from distill4all.runtime.engine import Engine, SamplingParams, load_engine
-from runtime_models import CHATS, exported, trained_tiny
+from runtime_models import CHATS, trained_export, trained_tiny
 
 
 @pytest.fixture(scope="module")
 def gguf_file() -> Path:
-    return exported(trained_tiny(), "test-export-runtime", "--base-type", "f32", "--quant", "q8_0", "--no-report") / (
-        "model-q8_0.gguf"
-    )
+    return trained_export() / "model-q8_0.gguf"
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from distill4all.runtime.engine import load_engine
-from runtime_models import CHATS, exported, trained_tiny
+from runtime_models import CHATS, trained_export
 
 KEY = "test-key-9f2c"
 
@@ -46,7 +46,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    gguf = exported(trained_tiny(), "test-export-server", "--base-type", "f32", "--quant", "q8_0", "--no-report")
+    gguf = trained_export()
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
