@@ -20,7 +20,7 @@ from distill4all.errors import ModelError
 from distill4all.export import ExportError
 from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, LlamaHparams, check_compat, write_gguf
 from distill4all.export.merge import is_adapter, merge_adapter
-from distill4all.export.quant_report import QuantRow, quant_report, report_table
+from distill4all.export.quant_report import REPORT_TEXTS, QuantRow, quant_report, report_table
 from distill4all.export.quantize import quantize
 from distill4all.models import BUILTINS, resolve_model
 
@@ -66,7 +66,7 @@ def export_model(
     with console.status(f"reading {spec}…") if not quiet else contextlib.nullcontext():
         hf_dir, merged = source_checkpoint(spec, out_dir)
         LlamaHparams.from_config(hf_dir)
-    steps = len(kinds) + (len(kinds) if cfg.report else 0)
+    steps = len(kinds) + (len(REPORT_TEXTS) if cfg.report else 0)
     with Progress(
         TextColumn("export · {task.fields[step]}"),
         BarColumn(),
@@ -100,7 +100,7 @@ def export_model(
 
         if cfg.report:
             bar.update(task, step="measuring the quantization report")
-            outcome.report = quant_report(base, outcome.files, on_file=lambda _: bar.advance(task))
+            outcome.report = quant_report(base, outcome.files, on_text=lambda: bar.advance(task))
     if outcome.report and not quiet:
         console.print(report_table(outcome.report, title=f"quantization report (vs {base.name})"))
     return outcome

@@ -66,58 +66,54 @@ def gguf_stats(path: Path) -> tuple[int, float, str]:
 
 
 @dataclass
-class _Reference:
-    ids: list[list[int]]
-    logprobs: list[np.ndarray]  # [len(ids) - 1, vocab] per text
-    nll: float
-    tokens: int
-
-
-def _reference(engine: LlamaCppEngine, texts: tuple[str, ...]) -> _Reference:
-    ids = [engine.tokenize(t) for t in texts]
-    logprobs = [log_softmax(engine.logits(i[:-1])) for i in ids]
-    nll = -sum(float(lp[np.arange(len(i) - 1), i[1:]].sum()) for lp, i in zip(logprobs, ids, strict=True))
-    return _Reference(ids, logprobs, nll, sum(len(i) - 1 for i in ids))
-
-
-def _compare(ref: _Reference, engine: LlamaCppEngine) -> tuple[float, float, float]:
-    """(mean KL, top-1 agreement, perplexity) of `engine` on the reference's token ids."""
-    kl_sum, agree, nll = 0.0, 0, 0.0
-    for ids, ref_lp in zip(ref.ids, ref.logprobs, strict=True):
-        lp = log_softmax(engine.logits(ids[:-1]))
-        kl_sum += float((np.exp(ref_lp) * (ref_lp - lp)).sum())
-        agree += int((ref_lp.argmax(axis=-1) == lp.argmax(axis=-1)).sum())
-        nll -= float(lp[np.arange(len(ids) - 1), ids[1:]].sum())
-    return kl_sum / ref.tokens, agree / ref.tokens, math.exp(nll / ref.tokens)
+class _Totals:
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
 
 
 def quant_report(
     reference: Path,
     files: list[Path],
     texts: tuple[str, ...] = REPORT_TEXTS,
-    on_file: Callable[[Path], None] | None = None,
+    on_text: Callable[[], None] | None = None,
 ) -> list[QuantRow]:
-    """One row per file (the reference first), all measured on the same token ids."""
-    engine = LlamaCppEngine(reference)
+    """One row per file (the reference first), all measured on the same token ids.
+
+    Text by text, every file scores the same ids, so memory holds one text's logits per file
+    rather than the reference's logits for every text.
+    """
+    paths = [reference, *[f for f in files if f != reference]]
+    engines = [LlamaCppEngine(p) for p in paths]
+    totals = [_Totals() for _ in paths]
+    n_tokens = 0
     try:
-        ref = _reference(engine, texts)
+        for text in texts:
+            ids = engines[0].tokenize(text)
+            if len(ids) < 2:
+                continue
+            targets = np.asarray(ids[1:])
+            positions = np.arange(len(targets))
+            ref = log_softmax(engines[0].logits(ids[:-1]))
+            ref_p, ref_top = np.exp(ref), ref.argmax(axis=-1)
+            n_tokens += len(targets)
+            for engine, t in zip(engines, totals, strict=True):
+                lp = ref if engine is engines[0] else log_softmax(engine.logits(ids[:-1]))
+                t.nll -= float(lp[positions, targets].sum())
+                t.kl += float((ref_p * (ref - lp)).sum())
+                t.agree += int((lp.argmax(axis=-1) == ref_top).sum())
+            if on_text is not None:
+                on_text()
     finally:
-        engine.close()
-    ref_ppl = math.exp(ref.nll / ref.tokens)
-    rows: list[QuantRow] = []
-    for path in [reference, *[f for f in files if f != reference]]:
+        for engine in engines:
+            engine.close()
+    ref_ppl = math.exp(totals[0].nll / max(n_tokens, 1))
+    rows = []
+    for path, t in zip(paths, totals, strict=True):
         size, bpw, ftype = gguf_stats(path)
-        if path == reference:
-            kl, top1, ppl = 0.0, 1.0, ref_ppl
-        else:
-            engine = LlamaCppEngine(path)
-            try:
-                kl, top1, ppl = _compare(ref, engine)
-            finally:
-                engine.close()
-        rows.append(QuantRow(path.name, ftype, size, round(bpw, 3), kl, top1, ppl, ref_ppl, ref.tokens))
-        if on_file is not None:
-            on_file(path)
+        kl = 0.0 if path == reference else t.kl / max(n_tokens, 1)
+        rows.append(QuantRow(path.name, ftype, size, round(bpw, 3), kl, t.agree / max(n_tokens, 1),
+                             math.exp(t.nll / max(n_tokens, 1)), ref_ppl, n_tokens))  # fmt: skip
     return rows
 
 

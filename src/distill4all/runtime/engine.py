@@ -19,7 +19,7 @@ import random
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,9 +81,9 @@ class TextStream(Iterator[str]):
     Closing it early (or breaking out of a loop over it) stops generation at once.
     """
 
-    def __init__(self, pieces: Iterator[str]) -> None:
-        self._pieces = pieces
+    def __init__(self, make: Callable[[TextStream], Iterator[str]]) -> None:
         self.completion: Completion | None = None
+        self._pieces = make(self)  # a generator that sets `completion` when it ends
 
     def __next__(self) -> str:
         return next(self._pieces)
@@ -181,14 +181,14 @@ class Engine(ABC):
     def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         """Yield sampled token ids after the prompt `ids`, forever (the caller stops it)."""
 
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
     def close(self) -> None:  # noqa: B027 - optional for backends
         """Free the model's memory now rather than at garbage collection."""
 
     # --- shared on top ------------------------------------------------------------------------
-
-    @property
-    @abstractmethod
-    def vocab_size(self) -> int: ...
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1 (the first token has no context)."""
@@ -213,9 +213,7 @@ class Engine(ABC):
     def stream_ids(self, ids: list[int], params: SamplingParams) -> TextStream:
         """Generate after the prompt token ids; the returned stream yields text pieces."""
         self.check_fits(len(ids))
-        stream = TextStream(iter(()))
-        stream._pieces = self._pieces(ids, params, stream)
-        return stream
+        return TextStream(lambda stream: self._pieces(ids, params, stream))
 
     def stream(self, prompt: str, params: SamplingParams) -> TextStream:
         return self.stream_ids(self.tokenize(prompt), params)
