@@ -6,6 +6,7 @@ traceback instead). Heavy libraries are imported inside commands so that `--help
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from datetime import datetime
@@ -227,14 +228,8 @@ def _load_engine(model: str, backend: str, n_ctx: int | None) -> Any:
 
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    with err.status(f"loading {model}…") if not _state["quiet"] else _nullcontext():
+    with err.status(f"loading {model}…") if not _state["quiet"] else contextlib.nullcontext():
         return load_engine(model, backend, n_ctx=n_ctx)
-
-
-def _nullcontext() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 @app.command("export")
