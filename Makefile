@@ -25,6 +25,8 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(BIN)/distill4all run examples/demo.yaml
+	echo "In one sentence, why can a 4-bit model run on a laptop CPU?" | \
+		$(BIN)/distill4all chat runs/demo/export/model-q4_0.gguf --temperature 0 --max-tokens 96
 
 lint: install-dev
 	$(BIN)/ruff check src tests

@@ -8,3 +8,12 @@ __version__ = "0.1.0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def __getattr__(name: str) -> object:
+    # The Python API, imported on first use so that `import distill4all` stays light.
+    if name in ("Assistant", "ChatSession"):
+        from distill4all.runtime import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'distill4all' has no attribute {name!r}")

@@ -6,6 +6,7 @@ traceback instead). Heavy libraries are imported inside commands so that `--help
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -483,6 +484,134 @@ def tiny_model(
     t0 = time.perf_counter()
     build_tiny_model(out_dir, size, seed)  # type: ignore[arg-type]
     out.print(f"wrote {size} model to {out_dir} in {time.perf_counter() - t0:.1f}s")
+
+
+# --- export, chat, serve -----------------------------------------------------------------------
+
+ModelArg = Annotated[
+    str, typer.Argument(help="GGUF file, HF checkpoint folder, LoRA adapter folder or model name.", show_default=False)
+]
+BackendOpt = Annotated[str, typer.Option(help="auto (GGUF → llama.cpp, HF → transformers), llama.cpp or transformers.")]
+CtxOpt = Annotated[int | None, typer.Option("--n-ctx", help="Context window in tokens (default: the model's, ≤4096).")]
+
+
+def _load_engine(model: str, backend: str, n_ctx: int | None) -> Any:
+    from distill4all.runtime.engine import BACKENDS, load_engine
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    with err.status(f"loading {model}…") if not _state["quiet"] else contextlib.nullcontext():
+        return load_engine(model, backend, n_ctx=n_ctx)
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelArg,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the GGUF files.", show_default=False)],
+    quant: Annotated[
+        list[str] | None, typer.Option("--quant", help="q4_0, q4_k_m, q8_0, f16 or f32; repeat for several.")
+    ] = None,
+    base_type: Annotated[str, typer.Option(help="The unquantized GGUF: f16 or f32.")] = "f16",
+    compat: Annotated[
+        bool, typer.Option(help="Older pre-tokenizer name (smollm → refact) for GPT4All 2.8 and other older runtimes.")
+    ] = False,
+    pre_tokenizer: Annotated[str | None, typer.Option(help="llama.cpp pre-tokenizer name (default: detected).")] = None,
+    report: Annotated[bool, typer.Option(help="Measure KL, top-1 agreement and perplexity of each file.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Redo an export made with other settings.")] = False,
+) -> None:
+    """Export a model to GGUF and quantize it: merge an adapter, write f16/f32, quantize, report."""
+    import json
+    import shutil
+
+    from pydantic import ValidationError
+
+    from distill4all import atomic
+    from distill4all.config import ExportConfig
+    from distill4all.export.exporter import check_source, export_model
+
+    check_source(model)
+    try:
+        cfg = ExportConfig(model=model, quantizations=quant or ["q4_0"], base_type=base_type,
+                           compat=compat, pre_tokenizer=pre_tokenizer, report=report)  # fmt: skip
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"--{'-'.join(str(x) for x in first['loc'][:1])}: {first['msg']}") from None
+    settings = cfg.model_dump(mode="json")
+    record = out_dir / "export.json"
+    if record.is_file():
+        previous = json.loads(record.read_text(encoding="utf-8"))
+        if previous != settings:
+            if not force:
+                raise UserError(f"{out_dir} holds an export made with other settings; use --force or another --out")
+            for old in out_dir.glob("model-*.gguf"):
+                old.unlink()
+            shutil.rmtree(out_dir / "merged", ignore_errors=True)
+    elif out_dir.exists() and any(out_dir.glob("model-*.gguf")):
+        raise UserError(f"{out_dir} already holds GGUF files; choose another --out (nothing was overwritten)")
+    atomic.write_json(record, settings)
+    outcome = export_model(model, out_dir, cfg, console=err, quiet=_state["quiet"])
+    if outcome.report:
+        atomic.write_json(out_dir / "quant_report.json", {"reference": outcome.files[0].name,
+                                                          "rows": [r.as_dict() for r in outcome.report]})  # fmt: skip
+    for f in outcome.files:
+        out.print(str(f))
+
+
+@app.command()
+def chat(
+    model: ModelArg,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    top_k: Annotated[int, typer.Option(min=0, help="0 is off.")] = 40,
+    min_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option(min=0.0)] = 1.1,
+    seed: Annotated[int | None, typer.Option(help="Fixed seed for reproducible sampling.")] = None,
+    backend: BackendOpt = "auto",
+    n_ctx: CtxOpt = None,
+) -> None:
+    """Chat with a model in the terminal (streaming; /reset, /system, /exit). Reads stdin when piped."""
+    from distill4all.runtime.api import Assistant
+    from distill4all.runtime.chat import chat_loop
+    from distill4all.runtime.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)  # fmt: skip
+    assistant = Assistant(_load_engine(model, backend, n_ctx), params)
+    try:
+        chat_loop(assistant, system=system, quiet=_state["quiet"])
+    except KeyboardInterrupt:
+        err.print()
+    finally:
+        assistant.close()
+
+
+@app.command()
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback unless you mean to share.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 4891,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DISTILL4ALL_API_KEY", show_default=False, help="Require this bearer key.")
+    ] = None,
+    model_name: Annotated[str | None, typer.Option(help="The model id clients use (default: its name).")] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait; more get 503.")] = 64,
+    backend: BackendOpt = "auto",
+    n_ctx: CtxOpt = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    from distill4all.runtime.server import serve as run_server
+
+    engine = _load_engine(model, backend, n_ctx)
+    model_id = model_name or engine.name
+    auth = "an API key is required" if api_key else "no API key"
+    err.print(f"serving {model_id} ({engine.backend}) at http://{host}:{port}/v1 — {auth}; Ctrl-C stops")
+    try:
+        run_server(engine, host=host, port=port, api_key=api_key, model_id=model_id, max_queue=max_queue,
+                   quiet=_state["quiet"])  # fmt: skip
+    finally:
+        engine.close()
 
 
 # --- entry point -------------------------------------------------------------------------------

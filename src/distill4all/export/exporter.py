@@ -1,0 +1,115 @@
+"""One export, start to end: (merge) → GGUF f32/f16 → quantized GGUFs → quantization report.
+
+Each output file is written atomically and an existing one is kept, so an export killed at any
+moment picks up where it stopped when run again. Used by the `export` stage and the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from distill4all import atomic
+from distill4all.config import ExportConfig
+from distill4all.errors import ModelError
+from distill4all.export import ExportError
+from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, LlamaHparams, check_compat, write_gguf
+from distill4all.export.merge import is_adapter, merge_adapter
+from distill4all.export.quant_report import REPORT_TEXTS, QuantRow, quant_report, report_table
+from distill4all.export.quantize import quantize
+from distill4all.models import BUILTINS, resolve_model
+
+
+@dataclass
+class ExportOutcome:
+    files: list[Path]  # the GGUF files, unquantized first
+    merged: Path | None  # the merged HF checkpoint, when an adapter was merged
+    report: list[QuantRow] = field(default_factory=list)
+    pre_tokenizer: str = ""  # the name written into the files
+    compat_checked_tokens: int = 0  # tokens of the probe text both pre-tokenizer names split alike
+
+
+def gguf_name(kind: str) -> str:
+    return f"model-{kind}.gguf"
+
+
+def check_source(spec: str) -> None:
+    """Fail early, before anything is written, on a model that is neither a path nor a name."""
+    if spec not in BUILTINS and not Path(spec).expanduser().exists():
+        raise ModelError(f"model {spec!r} is neither a path that exists nor a known name ({', '.join(BUILTINS)})")
+
+
+def source_checkpoint(spec: str, out_dir: Path) -> tuple[Path, Path | None]:
+    """The HF checkpoint to convert: a merged adapter, an HF folder, or a GGUF's HF form."""
+    path = Path(spec).expanduser()
+    if is_adapter(path):
+        merged = out_dir / "merged"
+        if not (merged / "config.json").is_file():
+            merge_adapter(path, merged)
+        return merged, merged
+    return resolve_model(spec, want="hf").path, None
+
+
+def export_model(
+    spec: str, out_dir: Path, cfg: ExportConfig, *, console: Console | None = None, quiet: bool = False
+) -> ExportOutcome:
+    console = console or Console(stderr=True, quiet=quiet)
+    kinds = [cfg.base_type, *[q for q in cfg.quantizations if q != cfg.base_type]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.clean_temp(out_dir)
+    # Everything that can reject the input happens before the progress bar starts.
+    with console.status(f"reading {spec}…") if not quiet else contextlib.nullcontext():
+        hf_dir, merged = source_checkpoint(spec, out_dir)
+        LlamaHparams.from_config(hf_dir)
+    steps = len(kinds) + (len(REPORT_TEXTS) if cfg.report else 0)
+    with Progress(
+        TextColumn("export · {task.fields[step]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    ) as bar:
+        task = bar.add_task("export", total=steps, step="")
+        base = out_dir / gguf_name(cfg.base_type)
+        bar.update(task, step=f"writing {base.name}")
+        outcome = ExportOutcome(files=[base], merged=merged)
+        if not base.is_file():
+            write_gguf(hf_dir, base, cfg.base_type, pre_tokenizer=cfg.pre_tokenizer, compat=cfg.compat)
+        outcome.pre_tokenizer = _pre_name(base)
+        bar.advance(task)
+
+        if cfg.compat and outcome.pre_tokenizer in COMPAT_PRE_TOKENIZERS.values():
+            original = next(k for k, v in COMPAT_PRE_TOKENIZERS.items() if v == outcome.pre_tokenizer)
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=f"compat{atomic.TEMP_MARK}") as work:
+                outcome.compat_checked_tokens = check_compat(hf_dir, original, outcome.pre_tokenizer, Path(work))
+
+        for kind in kinds[1:]:
+            target = out_dir / gguf_name(kind)
+            bar.update(task, step=f"quantizing {target.name}")
+            if not target.is_file():
+                quantize(base, target, kind)
+            outcome.files.append(target)
+            bar.advance(task)
+
+        if cfg.report:
+            bar.update(task, step="measuring the quantization report")
+            outcome.report = quant_report(base, outcome.files, on_text=lambda: bar.advance(task))
+    if outcome.report and not quiet:
+        console.print(report_table(outcome.report, title=f"quantization report (vs {base.name})"))
+    return outcome
+
+
+def _pre_name(path: Path) -> str:
+    import gguf
+
+    field_ = gguf.GGUFReader(path).get_field("tokenizer.ggml.pre")
+    if field_ is None:
+        raise ExportError(f"{path} has no tokenizer.ggml.pre; delete it and export again")
+    return str(field_.contents())

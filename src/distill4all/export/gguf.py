@@ -1,0 +1,383 @@
+"""HF LLaMA checkpoint → GGUF (f32 or f16), with the tokenizer and chat template in its metadata.
+
+Why a writer of our own: llama.cpp's converter (`convert_hf_to_gguf.py`) lives only in llama.cpp's
+source tree and no well-kept package ships it. The `gguf` package, which that converter itself is
+built on, provides the file writer, the HF→GGUF tensor-name map and the tokenizer-file reader
+(merges, special ids), so a LLaMA conversion is the short mapping below. Every file is checked
+after writing: llama.cpp must tokenize a probe text exactly as the HF tokenizer does.
+
+The pre-tokenizer name tells llama.cpp which split regex to use before BPE. Older runtimes (the
+GPT4All app and its `gpt4all` 2.8 Python bindings) predate some names and refuse such files;
+`compat=True` writes an older name with the identical regex (see COMPAT_PRE_TOKENIZERS).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from distill4all import atomic
+from distill4all.export import ExportError
+from distill4all.export.quantize import native_stderr
+
+BaseType = Literal["f32", "f16"]
+
+PROBE_TEXT = (
+    "Hello world! The year 2023 had 365 days; π≈3.14159, 1,000,000 and 0.5%.\n"
+    "Ça va? Schöne Grüße aus München. ¿Qué tal? Привет, как дела? 你好，世界！東京は日本の首都です。"
+    " 안녕하세요 مرحبا بالعالم नमस्ते 🚀🔥👍🏽\n"
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # O(2**n)\n\n"
+    "\tfor (int i = 0; i < 10; ++i) { x[i] = i * 42; }\n"
+    "SELECT id, name FROM users WHERE age >= 30 ORDER BY name;   \n\n\n"
+    "  leading spaces, trailing spaces   \r\n"
+    "I'm sure you'll see they've done it. ALL CAPS 123abc abc123 a1b2c3 9999999999 3333"
+)
+"""Multilingual prose, code, digits and whitespace runs: where split rules differ, this shows it."""
+
+COMPAT_PRE_TOKENIZERS: dict[str, str] = {
+    # llama.cpp (src/llama-vocab.cpp) gives these the same regex list: "\p{N}" then the GPT-2
+    # rule; `refact` is known to llama.cpp builds from mid-2024 on, `smollm` only from late 2024.
+    "smollm": "refact",
+}
+
+# Split rules of HF tokenizers that llama.cpp knows, by the pattern in tokenizer.json.
+_LLAMA3_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+_QWEN2_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+_SPLIT_NAMES = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+
+
+def _is_byte_level(step: dict[str, Any], *, regex: bool) -> bool:
+    return step.get("type") == "ByteLevel" and bool(step.get("use_regex", True)) == regex
+
+
+def detect_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's name for the split rule of a byte-level BPE tokenizer.json.
+
+    Only rules whose llama.cpp regex is known to be the same are named here; anything else asks
+    the user to name it (export.pre_tokenizer), and the tokenization check still guards the file.
+    """
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and _is_byte_level(steps[0], regex=True) and not steps[0].get("add_prefix_space"):
+        return "gpt-2"
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Digits"
+        and steps[0].get("individual_digits")
+        and _is_byte_level(steps[1], regex=True)
+    ):
+        return "smollm"
+    if len(steps) == 2 and steps[0].get("type") == "Split" and _is_byte_level(steps[1], regex=False):
+        pattern = steps[0].get("pattern", {}).get("Regex")
+        if pattern in _SPLIT_NAMES:
+            return _SPLIT_NAMES[pattern]
+    raise ExportError(
+        f"cannot tell llama.cpp's name for this tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}); "
+        "set export.pre_tokenizer (e.g. gpt-2, llama-bpe, qwen2, smollm)"
+    )
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    special_ids: dict[str, int]  # bos / eos / unk / pad …
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+    pre: str
+
+
+def read_vocab(hf_dir: Path, n_vocab: int, pre: str | None = None) -> Vocab:
+    """The byte-level BPE vocabulary of an HF tokenizer, as llama.cpp's `gpt2` tokenizer model."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from distill4all.models.registry import quiet_hf
+
+    tokenizer_json = hf_dir / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise ExportError(f"{hf_dir} has no tokenizer.json (a fast byte-level BPE tokenizer is needed)")
+    tj = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model = tj.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ExportError(
+            f"{hf_dir}: only byte-level BPE tokenizers (GPT-2 style, as SmolLM2, Llama 3, Qwen use) "
+            f"are supported, not {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
+        )
+    with quiet_hf():
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(n_vocab):
+        if i not in reverse:  # the embedding is larger than the vocabulary
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    # gguf warns about pair templates (two-sequence inputs), which a causal LM never uses.
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
+    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=n_vocab)
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    return Vocab(
+        tokens=tokens,
+        token_types=[int(t) for t in types],
+        merges=list(special.merges),
+        special_ids=dict(special.special_token_ids),
+        add_bos=tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id],
+        add_eos=tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id],
+        chat_template=template,
+        pre=pre or detect_pre_tokenizer(tj),
+    )
+
+
+def _add_vocab(writer: Any, vocab: Vocab, pre: str) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    for kind, tid in vocab.special_ids.items():
+        add = getattr(writer, f"add_{kind}_token_id", None)
+        if add is not None:
+            add(tid)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
+
+
+@dataclass(frozen=True)
+class LlamaHparams:
+    n_vocab: int
+    n_ctx: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: tuple[str, float] | None
+    tied: bool
+    name: str
+
+    @classmethod
+    def from_config(cls, hf_dir: Path) -> LlamaHparams:
+        try:
+            c = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"cannot read {hf_dir / 'config.json'}: {e}") from None
+        if c.get("model_type") not in ("llama", "mistral") or c.get("sliding_window"):
+            raise ExportError(
+                f"{hf_dir}: only LLaMA-architecture models can be exported (model_type llama), "
+                f"not {c.get('model_type')!r}"
+            )
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ("default", "linear"):
+            raise ExportError(f"{hf_dir}: rope scaling {rope_type!r} is not supported by this exporter")
+        n_head = int(c["num_attention_heads"])
+        return cls(
+            n_vocab=int(c["vocab_size"]),
+            n_ctx=int(c.get("max_position_embeddings", 2048)),
+            n_embd=int(c["hidden_size"]),
+            n_ff=int(c["intermediate_size"]),
+            n_layer=int(c["num_hidden_layers"]),
+            n_head=n_head,
+            n_head_kv=int(c.get("num_key_value_heads") or n_head),
+            head_dim=int(c.get("head_dim") or c["hidden_size"] // n_head),
+            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta") or c.get("rope_theta", 10000.0)),
+            rope_scaling=("linear", float(rope["factor"])) if rope_type == "linear" else None,
+            tied=bool(c.get("tie_word_embeddings", False)),
+            name=str(c.get("_name_or_path") or c.get("_model_name_or_path") or hf_dir.name),
+        )
+
+
+def _add_hparams(writer: Any, hp: LlamaHparams, base_type: BaseType) -> None:
+    import gguf
+
+    writer.add_name(Path(hp.name).name or "model")
+    writer.add_vocab_size(hp.n_vocab)
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_block_count(hp.n_layer)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_rope_dimension_count(hp.head_dim)
+    if hp.head_dim != hp.n_embd // hp.n_head:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    if hp.rope_scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(hp.rope_scaling[1])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if base_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+
+
+def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF stores q/k rows for rotate-half RoPE; GGUF LLaMA wants llama.cpp's interleaved order
+    (the same permutation as llama.cpp's converter, LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_tensors(hf_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(name, torch tensor) for every tensor in the checkpoint's safetensors file(s)."""
+    from safetensors import safe_open
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{hf_dir} has no *.safetensors weights (save the model with safe_serialization)")
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                yield name, st.get_tensor(name)
+
+
+def convert_tensors(hf_dir: Path, hp: LlamaHparams, base_type: BaseType) -> Iterator[tuple[str, np.ndarray]]:
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
+    for name, tensor in _hf_tensors(hf_dir):
+        if name.endswith("rotary_emb.inv_freq") or (hp.tied and name == "lm_head.weight"):
+            continue
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ExportError(f"{hf_dir}: tensor {name!r} has no GGUF LLaMA counterpart")
+        data = tensor.float().numpy()
+        if name.endswith("q_proj.weight"):
+            data = _permute_rope(data, hp.n_head)
+        elif name.endswith("k_proj.weight"):
+            data = _permute_rope(data, hp.n_head_kv)
+        # As llama.cpp's converter does: 1-D tensors (norms) stay f32.
+        dtype = np.float16 if base_type == "f16" and data.ndim > 1 else np.float32
+        yield new, np.ascontiguousarray(data.astype(dtype))
+
+
+def write_gguf(
+    hf_dir: Path,
+    out: Path,
+    base_type: BaseType = "f16",
+    *,
+    pre_tokenizer: str | None = None,
+    compat: bool = False,
+    on_tensor: Callable[[str], None] | None = None,
+) -> Vocab:
+    """Write `out` from the HF checkpoint in `hf_dir`; returns the vocabulary that went in."""
+    import gguf
+
+    hp = LlamaHparams.from_config(hf_dir)
+    vocab = read_vocab(hf_dir, hp.n_vocab, pre_tokenizer)
+    pre = COMPAT_PRE_TOKENIZERS.get(vocab.pre, vocab.pre) if compat else vocab.pre
+    with atomic.output_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch="llama")
+        _add_hparams(writer, hp, base_type)
+        _add_vocab(writer, vocab, pre)
+        for name, data in convert_tensors(hf_dir, hp, base_type):
+            writer.add_tensor(name, data)
+            if on_tensor is not None:
+                on_tensor(name)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        check_tokenizer(tmp, hf_dir)
+    return vocab
+
+
+def write_vocab_only(out: Path, hf_dir: Path, pre: str) -> None:
+    """A GGUF with the tokenizer and no weights, as llama.cpp's own ggml-vocab-*.gguf test files."""
+    import gguf
+
+    hp = LlamaHparams.from_config(hf_dir)
+    vocab = read_vocab(hf_dir, hp.n_vocab)
+    writer = gguf.GGUFWriter(out, arch="llama")
+    _add_hparams(writer, hp, "f32")
+    _add_vocab(writer, vocab, pre)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_tokenize(gguf_file: Path, text: str, *, add_special: bool = True) -> list[int]:
+    """How llama.cpp tokenizes `text` with the vocabulary in `gguf_file` (weights are not read)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)
+    try:
+        with native_stderr():  # a vocabulary-only load warns that it has no context length
+            llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise ExportError(f"llama.cpp cannot read the vocabulary of {gguf_file}: {e}") from None
+    try:
+        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False))
+    finally:
+        llm.close()
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def check_tokenizer(gguf_file: Path, hf_dir: Path, text: str = PROBE_TEXT) -> None:
+    """Fail unless llama.cpp tokenizes `text` with `gguf_file` exactly as the HF tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from distill4all.models.registry import quiet_hf
+
+    with quiet_hf():
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+    want = list(tok(text, add_special_tokens=True)["input_ids"])
+    got = llama_tokenize(gguf_file, text)
+    if got != want:
+        i = _first_difference(got, want)
+        raise ExportError(
+            f"llama.cpp tokenizes differently from the HF tokenizer at token {i} "
+            f"(llama.cpp {got[i : i + 5]} vs HF {want[i : i + 5]}); the pre-tokenizer name is probably "
+            "wrong: set export.pre_tokenizer"
+        )
+
+
+def check_compat(hf_dir: Path, name: str, compat: str, work: Path, text: str = PROBE_TEXT) -> int:
+    """Prove that pre-tokenizer `compat` splits `text` token for token as `name` does.
+
+    Writes two vocabulary-only GGUFs that differ only in the name; returns the token count.
+    """
+    a, b = work / f"vocab-{name}.gguf", work / f"vocab-{compat}.gguf"
+    write_vocab_only(a, hf_dir, name)
+    write_vocab_only(b, hf_dir, compat)
+    try:
+        ta, tb = llama_tokenize(a, text), llama_tokenize(b, text)
+    finally:
+        a.unlink(missing_ok=True)
+        b.unlink(missing_ok=True)
+    if ta != tb:
+        i = _first_difference(ta, tb)
+        raise ExportError(f"pre-tokenizers {name!r} and {compat!r} split differently at token {i}; compat is unsafe")
+    return len(ta)

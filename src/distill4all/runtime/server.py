@@ -1,0 +1,579 @@
+"""An OpenAI-compatible HTTP server over one engine: `distill4all serve MODEL`.
+
+Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions and
+POST /v1/completions (with `logprobs` and `echo`, so lm-evaluation-harness can score through it),
+both with SSE streaming. Errors have OpenAI's body, {"error": {message, type, param, code}}, and
+status: 400 bad request or prompt too long for the context, 401 bad API key, 404 unknown model or
+route, 413 body too large, 422 wrong field types or values, 503 queue full.
+
+One engine serves every request: requests take turns on an asyncio lock (generation runs in a
+worker thread, so the event loop stays free to accept, validate and reject), and at most
+`max_queue` requests wait; more get 503 at once rather than hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, TypeVar
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from distill4all import __version__
+from distill4all.errors import UserError
+from distill4all.runtime.engine import (
+    Completion,
+    ContextLengthError,
+    Engine,
+    Message,
+    SamplingParams,
+    log_softmax,
+)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+DRAIN_BYTES = 64 * 1024 * 1024
+API_KEY_ENV = "DISTILL4ALL_API_KEY"
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# --- request bodies ----------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored, as clients send vendor extensions (user, logit_bias, …).
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+
+
+class _Sampling(_Body):
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # extension, as llama.cpp's server and vLLM accept
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension
+    repeat_penalty: float = Field(1.0, gt=0.0)  # extension
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = None
+
+    def sampling(self, max_tokens: int, choice: int) -> SamplingParams:
+        if self.frequency_penalty or self.presence_penalty:
+            raise APIError(400, "frequency_penalty and presence_penalty are not supported; use repeat_penalty",
+                           param="frequency_penalty", code="unsupported_parameter")  # fmt: skip
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            seed=None if self.seed is None else self.seed + choice,
+            stop=stop,
+        )
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)  # OpenAI's default; 0 with echo scores the prompt only
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+
+# --- state -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    model_id: str
+    api_key: str | None = None
+    max_queue: int = 64
+    created: int = field(default_factory=lambda: int(time.time()))
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+
+    def admit(self) -> None:
+        """Refuse at once when the queue is full, before anything is streamed."""
+        if self.waiting >= self.max_queue:
+            raise APIError(503, f"the server is busy ({self.waiting} requests waiting); retry later",
+                           type_="server_error", code="server_busy")  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait for the engine; the one place requests are serialized."""
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+
+T = TypeVar("T")
+
+
+async def _in_thread(fn: Callable[[], T]) -> T:
+    return await anyio.to_thread.run_sync(fn)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+async def _read_json(request: Request, model: type[T]) -> T:
+    # An oversized body is still read (and dropped) up to DRAIN_BYTES: a server that answers
+    # before the client has finished sending makes most clients see a reset, not the 413.
+    too_large = APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > DRAIN_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY_BYTES:
+            chunks.append(chunk)
+        elif size > DRAIN_BYTES:
+            break
+    if size > MAX_BODY_BYTES:
+        raise too_large
+    try:
+        data = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)  # type: ignore[attr-defined, no-any-return]
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise APIError(422, f"{param}: {first['msg']}{more}", param=param, code="invalid_value") from None
+
+
+def _authorize(state: ServerState, request: Request) -> None:
+    if not state.api_key:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        why = "Incorrect API key provided" if given else "Missing API key (Authorization: Bearer …)"
+        raise APIError(401, why, code="invalid_api_key")
+
+
+def _check_model(state: ServerState, name: str) -> None:
+    if name != state.model_id:
+        raise APIError(404, f"The model '{name}' does not exist; this server has '{state.model_id}'",
+                       param="model", code="model_not_found")  # fmt: skip
+
+
+def _context_error(e: ContextLengthError, param: str) -> APIError:
+    return APIError(400, str(e), param=param, code="context_length_exceeded")
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def score_tokens(engine: Engine, context: list[int], targets: list[int], top: int) -> list[TokenLogprob]:
+    """Logprob of each target token after context + the targets before it, with the `top` best."""
+    if not targets:
+        return []
+    if not context:
+        raise APIError(400, "cannot score the first token of a text with no context", param="prompt")
+    rows = log_softmax(engine.logits([*context, *targets[:-1]])[len(context) - 1 :])
+    out = []
+    for row, tok in zip(rows, targets, strict=True):
+        best = np.argpartition(-row, top)[:top] if 0 < top < len(row) else np.arange(len(row) if top else 0)
+        best = best[np.argsort(-row[best])]
+        out.append(TokenLogprob(tok, float(row[tok]), [(int(i), float(row[i])) for i in best]))
+    return out
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # JSON has no -inf
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# --- chat --------------------------------------------------------------------------------------
+
+
+def _chat_messages(req: ChatRequest) -> list[Message]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+
+
+def _chat_logprobs(engine: Engine, prompt: list[int], c: Completion, top: int) -> dict[str, Any]:
+    content = []
+    for t in score_tokens(engine, prompt, c.token_ids, top):
+        text = engine.token_text(t.token)
+        content.append({
+            "token": text, "logprob": _finite(t.logprob), "bytes": list(text.encode()),
+            "top_logprobs": [
+                {"token": engine.token_text(i), "logprob": _finite(lp), "bytes": list(engine.token_text(i).encode())}
+                for i, lp in t.top
+            ],
+        })  # fmt: skip
+    return {"content": content}
+
+
+async def chat_completions(state: ServerState, request: Request) -> Any:
+    req = await _read_json(request, ChatRequest)
+    _check_model(state, req.model)
+    state.admit()
+    engine = state.engine
+    max_tokens = req.max_completion_tokens or req.max_tokens or engine.n_ctx
+    if req.stream and req.logprobs:
+        raise APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
+    messages = _chat_messages(req)
+    try:
+        prompt = await _in_thread(lambda: engine.chat_ids(messages))
+        engine.check_fits(len(prompt))
+    except ContextLengthError as e:
+        raise _context_error(e, "messages") from None
+    except UserError as e:  # the chat template rejected the conversation
+        raise APIError(400, str(e), param="messages") from None
+    params = [req.sampling(max_tokens, i) for i in range(req.n)]
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "created": created, "model": state.model_id, "system_fingerprint": f"distill4all-{__version__}"}
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _stream_response(state, _chat_chunks(state, head, prompt, params, include_usage))
+
+    def run() -> dict[str, Any]:
+        choices, used = [], 0
+        for i, p in enumerate(params):
+            c = engine.generate_ids(prompt, p)
+            used += c.completion_tokens
+            logprobs = _chat_logprobs(engine, prompt, c, req.top_logprobs or 0) if req.logprobs else None
+            choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": logprobs, "finish_reason": c.finish_reason})  # fmt: skip
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), used)}
+
+    async with state.turn():
+        return await _in_thread(run)
+
+
+def _chat_chunks(
+    state: ServerState, head: dict[str, Any], prompt: list[int], params: list[SamplingParams], include_usage: bool
+) -> Iterator[str]:
+    """The SSE events of a streamed chat answer; each next() runs in a worker thread."""
+    chunk = {**head, "object": "chat.completion.chunk"}
+
+    def event(i: int, delta: dict[str, str], finish: str | None) -> str:
+        return _sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+    used = 0
+    for i, p in enumerate(params):
+        yield event(i, {"role": "assistant", "content": ""}, None)
+        stream = state.engine.stream_ids(prompt, p)
+        try:
+            for piece in stream:
+                yield event(i, {"content": piece}, None)
+        finally:
+            stream.close()
+        assert stream.completion is not None
+        used += stream.completion.completion_tokens
+        yield event(i, {}, stream.completion.finish_reason)
+    if include_usage:
+        yield _sse({**chunk, "choices": [], "usage": _usage(len(prompt), used)})
+    yield "data: [DONE]\n\n"
+
+
+class _EngineStream(StreamingResponse):
+    """A streaming response that always closes its body, whatever ends it.
+
+    When a client goes away mid-stream, Starlette may leave the body generator suspended at a
+    `yield`, holding the engine until garbage collection; closing it here (shielded from the
+    cancellation) stops the generation and hands the engine to the next request at once."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def _stream_response(state: ServerState, events: Iterator[str]) -> StreamingResponse:
+    """SSE from `events`: the engine is held from the first event to the last."""
+
+    async def body() -> AsyncIterator[str]:
+        async with state.turn():
+            try:
+                while (event := await _in_thread(lambda: next(events, None))) is not None:
+                    yield event
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()  # quick: it only unwinds the generators
+
+    return _EngineStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# --- completions -------------------------------------------------------------------------------
+
+
+def _prompts(engine: Engine, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(text, token ids) per prompt; text prompts get the model's BOS as llama.cpp and vLLM do,
+    token prompts are taken as they are (after a range check: llama.cpp must never see a bad id)."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [(p, engine.tokenize(p))]
+    if not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(x, str) for x in p):
+        return [(str(x), engine.tokenize(str(x))) for x in p]
+    flat = all(isinstance(x, int) for x in p)
+    lists: list[list[int]] = [[int(x) for x in p]] if flat else [list(x) for x in p]  # type: ignore[arg-type]
+    for ids in lists:
+        _check_ids(engine, ids)
+    return [(engine.detokenize(ids), ids) for ids in lists]
+
+
+def _check_ids(engine: Engine, ids: list[int]) -> None:
+    if not ids:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", param="prompt")
+
+
+def _completion_logprobs(engine: Engine, prompt: list[int], c: Completion | None, req: CompletionRequest,
+                         ) -> dict[str, Any]:  # fmt: skip
+    top = req.logprobs or 0
+    generated = c.token_ids if c is not None else []
+    tokens: list[int] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    if req.echo:
+        tokens += prompt
+        lps.append(None)
+        tops.append(None)
+        for t in score_tokens(engine, prompt[:1], prompt[1:], top):
+            lps.append(_finite(t.logprob))
+            tops.append({engine.token_text(i): _finite(lp) for i, lp in t.top})
+    for t in score_tokens(engine, prompt, generated, top):
+        tokens.append(t.token)
+        lps.append(_finite(t.logprob))
+        tops.append({engine.token_text(i): _finite(lp) for i, lp in t.top})
+    texts = [engine.token_text(t) for t in tokens]
+    offsets = [0]
+    for s in texts[:-1]:
+        offsets.append(offsets[-1] + len(s))
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets[: len(texts)]}
+
+
+async def completions(state: ServerState, request: Request) -> Any:
+    req = await _read_json(request, CompletionRequest)
+    _check_model(state, req.model)
+    state.admit()
+    if req.suffix:
+        raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
+    if req.best_of not in (None, req.n):
+        raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
+    if req.stream and req.logprobs is not None:
+        raise APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
+    engine = state.engine
+    prompts = await _in_thread(lambda: _prompts(engine, req))
+    for _, ids in prompts:
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        try:
+            engine.check_fits(len(ids) if req.max_tokens > 0 else len(ids) - 1)
+        except ContextLengthError as e:
+            raise _context_error(e, "prompt") from None
+    params = [req.sampling(req.max_tokens, i) for i in range(req.n)]
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "created": created, "model": state.model_id, "system_fingerprint": f"distill4all-{__version__}"}
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _stream_response(state, _completion_chunks(state, head, prompts, params, req.echo, include_usage))
+
+    def run() -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        used = 0
+        for text, ids in prompts:
+            for p in params:
+                c = engine.generate_ids(ids, p) if req.max_tokens > 0 else None
+                used += c.completion_tokens if c else 0
+                out = (text if req.echo else "") + (c.text if c else "")
+                logprobs = _completion_logprobs(engine, ids, c, req) if req.logprobs is not None else None
+                choices.append({"index": len(choices), "text": out, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason if c else "length"})  # fmt: skip
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(prompt_tokens, used)}
+
+    async with state.turn():
+        return await _in_thread(run)
+
+
+def _completion_chunks(state: ServerState, head: dict[str, Any], prompts: list[tuple[str, list[int]]],
+                       params: list[SamplingParams], echo: bool, include_usage: bool) -> Iterator[str]:  # fmt: skip
+    chunk = {**head, "object": "text_completion"}
+
+    def event(i: int, text: str, finish: str | None) -> str:
+        return _sse({**chunk, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]})
+
+    used, index = 0, 0
+    for text, ids in prompts:
+        for p in params:
+            if echo:
+                yield event(index, text, None)
+            finish = "length"
+            if p.max_tokens > 0:
+                stream = state.engine.stream_ids(ids, p)
+                try:
+                    for piece in stream:
+                        yield event(index, piece, None)
+                finally:
+                    stream.close()
+                assert stream.completion is not None
+                used += stream.completion.completion_tokens
+                finish = stream.completion.finish_reason
+            yield event(index, "", finish)
+            index += 1
+    if include_usage:
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        yield _sse({**chunk, "choices": [], "usage": _usage(prompt_tokens, used)})
+    yield "data: [DONE]\n\n"
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | None = None,
+               max_queue: int = 64) -> FastAPI:  # fmt: skip
+    state = ServerState(engine, model_id or engine.name, api_key or None, max_queue)
+    app = FastAPI(title="distill4all", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.distill4all = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
+        return APIError(exc.status_code, str(message), code="not_found" if exc.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": state.model_id, "backend": engine.backend, "n_ctx": engine.n_ctx,
+                "busy": state.lock.locked(), "waiting": state.waiting}  # fmt: skip
+
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "distill4all"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        _authorize(state, request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        _authorize(state, request)
+        _check_model(state, model)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        _authorize(state, request)
+        return await chat_completions(state, request)
+
+    @app.post("/v1/completions")
+    async def complete(request: Request) -> Any:
+        _authorize(state, request)
+        return await completions(state, request)
+
+    return app
+
+
+def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 4891, api_key: str | None = None,
+          model_id: str | None = None, max_queue: int = 64, quiet: bool = False) -> None:  # fmt: skip
+    """Serve until interrupted (Ctrl-C or SIGTERM)."""
+    import uvicorn
+
+    app = create_app(engine, model_id=model_id, api_key=api_key, max_queue=max_queue)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info",
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    uvicorn.Server(config).run()
