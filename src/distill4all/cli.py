@@ -323,6 +323,58 @@ def _counts_text(counts: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, int | float))
 
 
+# --- eval --------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[Path, typer.Option(help="Self-Instruct JSONL (or instruction/input/output lines).")],
+    models: Annotated[list[str], typer.Option("--model", help="LABEL=MODEL (name or path); repeat to compare.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for per-item results, summary and figures.")],
+    baseline: Annotated[str | None, typer.Option(help="The label the others are tested against.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="A seeded subset of the items.")] = None,
+    seed: int = 0,
+    metrics: Annotated[str, typer.Option(help="faithful, conditioned, or both (comma-separated).")] = (
+        "faithful,conditioned"
+    ),
+    stride: Annotated[int, typer.Option(min=1)] = 512,
+    clip: Annotated[float, typer.Option(min=0.0)] = 100.0,
+) -> None:
+    """The paper's Self-Instruct ground-truth perplexity (and its corrected form) for several models,
+    side by side: per-item JSONL, summary with paired tests, Figure-3 plots. Resumes where it stopped."""
+    from distill4all.evaluate.data import load_items, pick
+    from distill4all.evaluate.runner import METRICS, ModelSpec, compare, score_model, write_summary
+
+    specs = []
+    for m in models:
+        label, sep, spec = m.partition("=")
+        if not sep or not label or not spec:
+            raise UserError(f"--model {m!r}: write LABEL=MODEL, e.g. base=smollm2-135m-instruct")
+        specs.append(ModelSpec(label, spec))
+    chosen = tuple(x.strip() for x in metrics.split(",") if x.strip())
+    if not chosen or any(x not in METRICS for x in chosen):
+        raise UserError(f"--metrics must name {' and/or '.join(METRICS)}, not {metrics!r}")
+    if baseline is not None and baseline not in {s.label for s in specs}:
+        raise UserError(f"--baseline {baseline!r} is none of the --model labels")
+    items = pick(load_items(data), limit, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for s in specs:
+        err.print(f"eval · {s.label}: {len(items)} items", markup=False)
+        results[s.label] = score_model(s, items, out_dir, metrics=chosen, stride=stride)
+    comparison = compare(results, baseline=baseline, metrics=chosen, clip=clip, out=out_dir)
+    write_summary(comparison, {"items": len(items), "data": str(data)}, out_dir / "summary.json")
+    for metric, per_model in comparison.summaries.items():
+        table = Table("model", "median", "mean", "clipped", "NaN", title=f"{metric} perplexity (clip {clip:g})")
+        for label, summ in per_model.items():
+            table.add_row(label, f"{summ.median:.2f}", f"{summ.mean:.2f}", f"{summ.share_clipped:.1%}", str(summ.n_nan))
+        out.print(table)
+        for p in comparison.paired.get(metric, []):
+            share = f"{p.share_lower:.0%} of {p.n} items"
+            out.print(f"  {p.model} < {p.baseline} on {share} (Wilcoxon one-sided p={p.p_lower:.3g})")
+    out.print(f"results: {out_dir}")
+
+
 # --- reproducibility ---------------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ STAGE_MODULES: dict[str, str] = {
     "collect": "distill4all.collect.stage",
     "curate": "distill4all.curate.stage",
     "export": "distill4all.export.stage",
+    "eval": "distill4all.evaluate.stage",
 }
 """Where each implemented stage lives. Each module follows the `StageModule` protocol."""
 
