@@ -602,9 +602,6 @@ def export_cmd(
         raise UserError(f"{out_dir} already holds GGUF files; choose another --out (nothing was overwritten)")
     atomic.write_json(record, settings)
     outcome = export_model(model, out_dir, cfg, console=err, quiet=_state["quiet"])
-    if outcome.report:
-        atomic.write_json(out_dir / "quant_report.json", {"reference": outcome.files[0].name,
-                                                          "rows": [r.as_dict() for r in outcome.report]})  # fmt: skip
     for f in outcome.files:
         out.print(str(f))
 

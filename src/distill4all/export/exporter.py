@@ -34,6 +34,9 @@ class ExportOutcome:
     compat_checked_tokens: int = 0  # tokens of the probe text both pre-tokenizer names split alike
 
 
+REPORT_FILE = "quant_report.json"
+
+
 def gguf_name(kind: str) -> str:
     return f"model-{kind}.gguf"
 
@@ -101,6 +104,8 @@ def export_model(
         if cfg.report:
             bar.update(task, step="measuring the quantization report")
             outcome.report = quant_report(base, outcome.files, on_text=lambda: bar.advance(task))
+            rows = [r.as_dict() for r in outcome.report]
+            atomic.write_json(out_dir / REPORT_FILE, {"reference": base.name, "rows": rows})
     if outcome.report and not quiet:
         console.print(report_table(outcome.report, title=f"quantization report (vs {base.name})"))
     return outcome

@@ -6,10 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from distill4all import atomic
 from distill4all.config import RunConfig
 from distill4all.errors import StageError
-from distill4all.export.exporter import export_model
+from distill4all.export.exporter import REPORT_FILE, export_model
 from distill4all.models import BUILTINS
 from distill4all.run import StageContext, StageResult
 
@@ -41,9 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     assert cfg is not None
     outcome = export_model(source(ctx.config), ctx.dir, cfg, console=ctx.console, quiet=ctx.quiet)
     report = [r.as_dict() for r in outcome.report]
-    report_path = ctx.dir / "quant_report.json"
-    atomic.write_json(report_path, {"reference": outcome.files[0].name, "rows": report})
-    artifacts = [*outcome.files, report_path]
+    artifacts = [*outcome.files, *([ctx.dir / REPORT_FILE] if report else [])]
     if outcome.merged is not None:
         artifacts.append(outcome.merged)
     counts = {
