@@ -45,6 +45,7 @@ from distill4all.store import SCHEMA_VERSION, StageRow, Store
 
 STAGE_MODULES: dict[str, str] = {
     "collect": "distill4all.collect.stage",
+    "train": "distill4all.train.stage",
 }
 """Where each implemented stage lives. Each module follows the `StageModule` protocol."""
 
