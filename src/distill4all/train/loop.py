@@ -84,6 +84,17 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup, then constant / cosine to 0 / linear to 0. Unlike transformers' schedules the
+    first step already has a learning rate ((step + 1) / warmup): no optimizer step is spent at 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only; biases and norm weights are not decayed (the usual AdamW split)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,7 +122,6 @@ class Trainer:
     def __init__(self, job: Job, console: Console | None = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
         self.job = job
         cfg = self.cfg = job.config
@@ -141,9 +151,8 @@ class Trainer:
             _param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8
         )
         self.total = total_steps(cfg, len(self.train_data))
-        name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.schedule]
-        self.scheduler = get_scheduler(
-            name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, cfg.warmup_steps, self.total, cfg.schedule)
         )
         _configure_deepspeed(acc, cfg)
         self.net, self.optimizer = acc.prepare(CausalLMLoss(model), optimizer)

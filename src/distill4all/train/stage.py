@@ -48,8 +48,13 @@ def data_path(config: RunConfig) -> Path:
 
 
 def inputs(config: RunConfig) -> list[Path]:
+    """Checked here, before the stage is recorded as started, so that a typo costs nothing."""
     assert config.train is not None
-    return [data_path(config)] + ([config.train.template_file] if config.train.template_file else [])
+    files = [data_path(config)] + ([config.train.template_file] if config.train.template_file else [])
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"train: file not found: {f}")
+    return files
 
 
 def prepare(cfg: TrainConfig, data: Path, base: Path, folder: Path, seed: int, console: Console) -> dict[str, Any]:
