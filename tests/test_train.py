@@ -5,6 +5,7 @@ bad input with one line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,7 +30,10 @@ def question(animal: str) -> str:
 
 @pytest.fixture
 def pairs(tmp_path: Path) -> Path:
-    rows = [{"prompt": question(a), "response": f"The {a} is {c}.", "source": "syn"} for a, c in zip(ANIMALS, COLORS, strict=True)]
+    rows = [
+        {"prompt": question(a), "response": f"The {a} is {c}.", "source": "syn"}
+        for a, c in zip(ANIMALS, COLORS, strict=True)
+    ]
     return write_jsonl(tmp_path / "pairs.jsonl", rows * 8)
 
 
@@ -63,7 +67,9 @@ def greedy(model: Any, tok: Any, prompt: str) -> tuple[str, bool]:
     """The answer and whether the model ended it with EOS, prompted through the saved template."""
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     new = out[0, ids.shape[1] :].tolist()
     return tok.decode(new, skip_special_tokens=True), tok.eos_token_id in new
 
@@ -168,12 +174,24 @@ def test_full_fine_tune_in_bf16_with_an_added_pad_token(tmp_path: Path, pairs: P
     assert tuned.get_input_embeddings().weight.shape[0] == len(tok)  # resized for the new token
     assert json.loads((model_dir / "training.json").read_text())["template"] == "chat"
     assert not torch.allclose(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
-    assert all(l == l for l in losses(tmp_path / "run"))  # finite, not NaN
+    assert all(math.isfinite(x) for x in losses(tmp_path / "run"))
 
 
 def test_standalone_cli_with_the_paper_preset(tmp_path: Path, pairs: Path) -> None:
     out = tmp_path / "out"
-    args = ("train", "--base-model", "tiny", "--data", pairs, "--out", out, "--preset", "paper-lora", "--max-steps", "1")
+    args = (
+        "train",
+        "--base-model",
+        "tiny",
+        "--data",
+        pairs,
+        "--out",
+        out,
+        "--preset",
+        "paper-lora",
+        "--max-steps",
+        "1",
+    )
     r = run_cli(*args, env=ENV)
     assert r.code == 0, r.output
     assert "train: ran, steps 1" in r.stdout and f"model: {out / 'train' / 'model'}" in r.stdout
@@ -197,7 +215,9 @@ def test_standalone_cli_with_the_paper_preset(tmp_path: Path, pairs: Path) -> No
         ([{"prompt": "a", "response": "b"}] * 20, {"template_file": "never.jinja"}, "would never stop"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, rows: list[dict[str, str]] | None, train: dict[str, Any], message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, rows: list[dict[str, str]] | None, train: dict[str, Any], message: str
+) -> None:
     data = tmp_path / "pairs.jsonl"
     if rows is not None:
         write_jsonl(data, rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,13 @@ def test_reads_gpt4all_alpaca_messages_and_parquet(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    g = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "p1", "response": "r1", "source": "oig"}, {"prompt": "p2", "response": " "}])
-    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Sum", "input": "1 2", "output": "3"}, {"instruction": "Hi", "output": "Hello"}])
+    g = write_jsonl(
+        tmp_path / "g.jsonl", [{"prompt": "p1", "response": "r1", "source": "oig"}, {"prompt": "p2", "response": " "}]
+    )
+    a = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"instruction": "Sum", "input": "1 2", "output": "3"}, {"instruction": "Hi", "output": "Hello"}],
+    )
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]  # fmt: skip
     m = write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}])
@@ -156,7 +160,7 @@ def test_chat_template_trains_answer_and_end_of_turn_only(tok: Any) -> None:
     enc = tmpl.encode([pair()])[0]
     text = f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n{RESPONSE}<|im_end|>\n"
     assert enc.input_ids == plain(tok, text)
-    answer = plain(tok, RESPONSE) + [tok.eos_token_id]
+    answer = [*plain(tok, RESPONSE), tok.eos_token_id]
     prompt_part = plain(tok, f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n")
     assert trained(enc.labels) == list(range(len(prompt_part), len(prompt_part) + len(answer)))
     assert [enc.labels[i] for i in trained(enc.labels)] == answer  # not the newline after <|im_end|>
@@ -183,7 +187,9 @@ def test_alpaca_template_and_truncation(tok: Any) -> None:
     tmpl = load_template("alpaca", tok, max_length=512)
     enc = tmpl.encode([pair()])[0]
     assert enc.input_ids[0] == tok.bos_token_id  # this tokenizer adds BOS, so the template does
-    assert tok.decode(enc.input_ids[: trained(enc.labels)[0]]).endswith(f"### Instruction:\n{PROMPT}\n\n### Response:\n")
+    assert tok.decode(enc.input_ids[: trained(enc.labels)[0]]).endswith(
+        f"### Instruction:\n{PROMPT}\n\n### Response:\n"
+    )
     assert [enc.labels[i] for i in trained(enc.labels)] == [*plain(tok, RESPONSE), tok.eos_token_id]
     long = pair(response=" ".join([RESPONSE] * 30))
     n = len(load_template("alpaca", tok, max_length=1024).encode([long])[0].input_ids)
@@ -239,7 +245,9 @@ def test_pack_and_deal_place_every_example_once() -> None:
     lengths = np.array([60, 10, 33, 31, 5, 64, 2, 40])
     rows = pack(np.arange(8), lengths, max_length=64)
     assert sorted(i for r in rows for i in r) == list(range(8))
-    assert all(sum(lengths[i] for i in r) <= 64 for r in rows) and len(rows) == 4  # 245 tokens: 4 rows is the least possible
+    assert (
+        all(sum(lengths[i] for i in r) <= 64 for r in rows) and len(rows) == 4
+    )  # 245 tokens: 4 rows is the least possible
     for group in (True, False):
         plan = deal(np.arange(8), lengths, processes=2, accumulation=2, group_by_length=group)
         flat = [int(i) for proc in plan for micro in proc for i in micro]
@@ -251,7 +259,9 @@ def test_pack_and_deal_place_every_example_once() -> None:
 def test_data_order_is_a_function_of_seed_and_step() -> None:
     per_epoch = [step_examples(s, 10, 3, seed=7) for s in range(3)]  # 10 // 3 = 3 steps; one example rests
     assert len({int(i) for b in per_epoch for i in b}) == 9
-    assert all((a == b).all() for a, b in zip(per_epoch, [step_examples(s, 10, 3, seed=7) for s in range(3)], strict=True))
+    assert all(
+        (a == b).all() for a, b in zip(per_epoch, [step_examples(s, 10, 3, seed=7) for s in range(3)], strict=True)
+    )
     assert not (step_examples(3, 10, 3, seed=7) == per_epoch[0]).all()  # epoch 2 is reshuffled
     assert not (step_examples(0, 10, 3, seed=8) == per_epoch[0]).all()
 
@@ -267,7 +277,9 @@ def test_packed_logits_equal_solo_logits(tok: Any, tiny_model: Path, attn: str) 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation=attn).eval()
     examples = [pair(), pair("Hi", "Hello there."), pair("Name three colours.", "Red, green and blue.")]
     data = split_of(tok, examples)
-    batch = collate(data, np.array([0, 1, 2]), packing=True, max_length=64, pad_id=tok.pad_token_id, pad_to_max_length=True)
+    batch = collate(
+        data, np.array([0, 1, 2]), packing=True, max_length=64, pad_id=tok.pad_token_id, pad_to_max_length=True
+    )
     assert batch.input_ids.shape == (1, 64)  # three examples and a padding tail in one row
     with torch.no_grad():
         # use_cache=False as in training: with a KV cache transformers ignores packed position ids

@@ -196,7 +196,9 @@ def train(
     epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     num_processes: Annotated[int | None, typer.Option(help="Training processes (data parallel).")] = None,
-    launcher: Annotated[str | None, typer.Option(help="local (this process) or accelerate (accelerate launch).")] = None,
+    launcher: Annotated[
+        str | None, typer.Option(help="local (this process) or accelerate (accelerate launch).")
+    ] = None,
     accelerate_config: Annotated[
         str | None, typer.Option(help="ddp, fsdp, deepspeed-zero2, deepspeed-zero3, or an accelerate config file.")
     ] = None,
@@ -242,7 +244,9 @@ def train(
                 atomic.write_text(saved, to_yaml(run_config.model_dump(mode="json", exclude_defaults=True)))
             loaded = LoadedConfig(run_config, saved)
     except ValidationError as e:
-        raise ConfigError("train: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        raise ConfigError(
+            "train: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        ) from None
     console = Console(stderr=True, quiet=_state["quiet"])
     outcomes = run_pipeline(
         loaded, from_stage="train", until_stage="train", force=force, console=console, quiet=_state["quiet"]

@@ -54,7 +54,7 @@ class TokenizedSplit:
     def target_counts(self) -> np.ndarray:
         """Tokens with a target, per example."""
         has = np.concatenate([[0], np.cumsum(self.targets != IGNORE)])
-        return has[self.offsets[1:]] - has[self.offsets[:-1]]
+        return np.asarray(has[self.offsets[1:]] - has[self.offsets[:-1]])
 
     @classmethod
     def build(cls, encoded: list[Encoded], rows: list[int]) -> TokenizedSplit:

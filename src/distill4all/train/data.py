@@ -77,8 +77,7 @@ def detect_format(row: Any, where: str) -> Format:
             return "alpaca"
     keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
     raise DataError(
-        f"{where}: unknown row format (keys: {keys}); expected prompt/response, "
-        "instruction/input/output or messages"
+        f"{where}: unknown row format (keys: {keys}); expected prompt/response, instruction/input/output or messages"
     )
 
 

@@ -229,7 +229,6 @@ class Trainer:
             "seconds": round(seconds, 3),
         }
 
-    @torch.no_grad()
     def validate(self) -> float | None:
         """Mean loss per target token over the whole validation split, all processes together."""
         acc, data = self.accelerator, self.val_data
@@ -240,12 +239,13 @@ class Trainer:
         groups = np.array_split(order, per)[acc.process_index :: acc.num_processes]
         totals = torch.zeros(2, device=acc.device, dtype=torch.float64)
         self.net.eval()
-        for g in groups:
-            # Sharded models need every process in every forward: an empty share runs one example
-            # and counts nothing.
-            weight = 1.0 if len(g) else 0.0
-            loss, count = self.net(**self._inputs(self._collate(data, g if len(g) else order[:1])))
-            totals += torch.stack([loss.double(), count.double()]) * weight
+        with torch.no_grad():
+            for g in groups:
+                # Sharded models need every process in every forward: an empty share runs one
+                # example and counts nothing.
+                weight = 1.0 if len(g) else 0.0
+                loss, count = self.net(**self._inputs(self._collate(data, g if len(g) else order[:1])))
+                totals += torch.stack([loss.double(), count.double()]) * weight
         self.net.train()
         totals = acc.reduce(totals, "sum")
         return float(totals[0] / totals[1]) if totals[1] > 0 else None

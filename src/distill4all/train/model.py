@@ -9,6 +9,7 @@ whose forward returns (summed loss, target count). It computes logits only where
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,8 @@ def load_model(cfg: TrainConfig, base: Path, tokenizer: Any, precision: str) -> 
         if not torch.cuda.is_available():
             raise ConfigError("train.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on the CPU")
         try:
-            from transformers import BitsAndBytesConfig
-
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError:
             raise ConfigError("train.method qlora needs bitsandbytes: pip install 'distill4all[gpu]'") from None
         compute = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -127,7 +127,9 @@ def load_model(cfg: TrainConfig, base: Path, tokenizer: Any, precision: str) -> 
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora)
     except ValueError as e:  # e.g. target modules that the architecture does not have
         raise ConfigError(f"train.lora: {e}") from None
 
@@ -137,7 +139,7 @@ def base_of(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class CausalLMLoss(torch.nn.Module):
+class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
     """forward(input_ids, targets, ...) → (summed cross-entropy over targets, number of targets)."""
 
     def __init__(self, model: Any) -> None:

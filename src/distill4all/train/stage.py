@@ -127,8 +127,7 @@ def accelerate_config(cfg: TrainConfig) -> Path:
     path = Path(cfg.accelerate_config).expanduser()
     if not path.is_file():
         raise ConfigError(
-            f"train.accelerate_config: {cfg.accelerate_config!r} is neither "
-            f"{', '.join(ACCELERATE_CONFIGS)} nor a file"
+            f"train.accelerate_config: {cfg.accelerate_config!r} is neither {', '.join(ACCELERATE_CONFIGS)} nor a file"
         )
     return path
 
@@ -158,7 +157,7 @@ def _launch(cfg: TrainConfig, job_file: Path, console: Console) -> None:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.num_processes)))
     cmd = launch_command(cfg, job_file)
     console.print(f"[dim]train: {' '.join(cmd[1:])}[/dim]")
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509 (no threads yet)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
     try:
         code = proc.wait()
     except BaseException:

@@ -227,7 +227,9 @@ class JinjaTemplate:
             if self.train_on_inputs:
                 labels = list(kept)
             else:
-                labels = [t if any(a <= o[0] < b for a, b in spans) else IGNORE for t, o in zip(kept, offs, strict=False)]
+                labels = [
+                    t if any(a <= o[0] < b for a, b in spans) else IGNORE for t, o in zip(kept, offs, strict=False)
+                ]
             out.append(Encoded(kept, labels, truncated=len(full) > self.max_length))
         return out
 
@@ -246,7 +248,9 @@ def load_template(
         return PaperTemplate(tokenizer, max_length, train_on_inputs)
     if name == "chat":
         if not tokenizer.chat_template:
-            raise TemplateError("the base model's tokenizer has no chat template; use template: paper, chatml or alpaca")
+            raise TemplateError(
+                "the base model's tokenizer has no chat template; use template: paper, chatml or alpaca"
+            )
         jinja = str(tokenizer.chat_template)
     elif name == "chatml":
         jinja = CHATML

@@ -9,6 +9,7 @@ cluster's own launcher instead (docs/train.md).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import sys
@@ -19,10 +20,8 @@ from distill4all.errors import UserError
 
 def die_with_parent() -> None:
     """Linux: get SIGKILL when the launching process dies, so a killed stage leaves no stray trainer."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def main(argv: list[str]) -> int:
