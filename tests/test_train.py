@@ -226,3 +226,20 @@ def test_bad_input_is_one_line_and_exit_2(
     assert r.code == 2, r.output
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_trains_on_what_collect_gathered(make_run: Any, tmp_path: Path) -> None:
+    """Without train.data or a curate stage, train reads collect/pairs.jsonl; status shows the run."""
+    train = {"base_model": "tiny", "global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4,
+             "max_length": 64, "val_fraction": 0.2, "eval_every": 2, "precision": "fp32"}  # fmt: skip
+    cfg = make_run(n=24, max_tokens=6, train=train)
+    r = run_cli("run", cfg, env=ENV)
+    assert r.code == 0, r.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    stage = manifest["stages"]["train"]
+    assert stage["status"] == "done" and stage["upstream"] == {"collect": manifest["stages"]["collect"]["run_id"]}
+    assert stage["counts"]["train_examples"] == 19 and stage["counts"]["steps"] == 4  # 24 pairs, 5 held out
+    assert str(tmp_path / "run" / "collect" / "pairs.jsonl") in manifest["inputs"]
+    r = run_cli("status", tmp_path / "run")
+    assert "train" in r.stdout and "done" in r.stdout

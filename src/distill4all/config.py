@@ -117,7 +117,7 @@ class TrainConfig(Section):
     preset: Literal["paper-lora", "paper-full"] | None = None
     base_model: str = Field(min_length=1, description="model name (see `distill4all models`) or local path")
     data: Path | None = Field(
-        None, description="JSONL/Parquet pairs; when unset, the curate stage's curate/train.jsonl"
+        None, description="JSONL/Parquet pairs; unset: the run's curate/train.jsonl (or collect/pairs.jsonl)"
     )
     data_format: Literal["auto", "gpt4all", "alpaca", "messages"] = "auto"
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held out by seed, as the paper (5%)")

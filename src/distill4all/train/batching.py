@@ -60,11 +60,10 @@ class TokenizedSplit:
     def build(cls, encoded: list[Encoded], rows: list[int]) -> TokenizedSplit:
         lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        input_ids = np.fromiter((t for e in encoded for t in e.input_ids), dtype=np.int32, count=int(offsets[-1]))
+        empty = np.zeros(0, dtype=np.int32)
+        input_ids = np.concatenate([empty, *(np.asarray(e.input_ids, dtype=np.int32) for e in encoded)])
         # next-token targets, per example: the last token of each example predicts nothing
-        targets = np.fromiter(
-            (t for e in encoded for t in [*e.labels[1:], IGNORE]), dtype=np.int32, count=int(offsets[-1])
-        )
+        targets = np.concatenate([empty, *(np.asarray([*e.labels[1:], IGNORE], dtype=np.int32) for e in encoded)])
         return cls(input_ids, targets, offsets, np.asarray(rows, dtype=np.int64))
 
     def save(self, folder: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,13 +287,16 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """The loop; `on_log` sees every metrics row (the stage shows progress in `status` with it)."""
         cfg, out = self.cfg, self.job.out_dir
         metrics = MetricsLog(out / "metrics.jsonl", self.start) if self.main else None
 
         def log(row: dict[str, Any]) -> None:
             if metrics is not None:
                 metrics.write(row)
+                if on_log is not None:
+                    on_log({**row, "total_steps": self.total})
 
         if self.start == 0:
             log({"step": 0, "val_loss": self.validate()})
@@ -364,25 +368,25 @@ def _fmt(x: float | None) -> str:
 
 
 def check_saved_model(folder: Path, method: str) -> None:
-    """Refuse to hand on an empty or untrained adapter (a classic silent failure of LoRA saving)."""
+    """Refuse to hand on empty weights or an untrained adapter (a classic silent failure of LoRA saving)."""
     from safetensors import safe_open
 
     name = "adapter_model.safetensors" if method != "full" else "model.safetensors"
     files = [folder / name] if (folder / name).is_file() else sorted(folder.glob("model-*.safetensors"))
     if not files:
         raise StageError(f"training wrote no weights to {folder} ({name} is missing)")
-    tensors: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            tensors.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118 (safe_open is not a dict)
-    if not tensors:
-        raise StageError(f"the saved weights in {files[0]} are empty")
-    if method != "full":
-        lora_b = [t for k, t in tensors.items() if "lora_B" in k]
-        if not lora_b or all(float(t.abs().max()) == 0.0 for t in lora_b):
+            names = list(st.keys())
+            if not names:
+                raise StageError(f"the saved weights in {f} are empty")
+            lora_b = [st.get_tensor(k) for k in names if "lora_B" in k]
+        if method != "full" and (not lora_b or all(float(t.abs().max()) == 0.0 for t in lora_b)):
             raise StageError(f"the adapter in {folder} has no trained LoRA weights (all lora_B are zero)")
 
 
-def train(job: Job, console: Console | None = None) -> dict[str, Any]:
+def train(
+    job: Job, console: Console | None = None, on_log: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Train, resuming from the latest checkpoint if there is one; returns the summary."""
-    return Trainer(job, console).run()
+    return Trainer(job, console).run(on_log)

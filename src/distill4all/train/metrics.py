@@ -31,7 +31,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int) -> None:
-        kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
+        # Rows up to the checkpoint's step were logged before it was written; later ones are redone.
+        kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step > 0 else []
         atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         self.path = path
         self._f: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())

@@ -20,6 +20,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,19 +34,21 @@ from distill4all.config import ACCELERATE_CONFIGS, RunConfig, TrainConfig
 from distill4all.errors import ConfigError, DataError, StageError
 from distill4all.run import StageContext, StageResult
 
-UPSTREAM: tuple[str, ...] = ("curate",)
+UPSTREAM: tuple[str, ...] = ("collect", "curate")
 CHUNK = 512  # examples tokenized per batch call
 
 
 def data_path(config: RunConfig) -> Path:
-    """train.data when set, else the curate stage's output."""
+    """train.data when set, else what the run's curate stage kept, else what its collect stage got."""
     cfg = config.train
     assert cfg is not None
     if cfg.data is not None:
         return cfg.data
     if config.curate is not None:
         return config.run_dir / "curate" / "train.jsonl"
-    raise ConfigError("train has no data: set train.data to a pairs file, or configure a curate stage")
+    if config.collect is not None:
+        return config.run_dir / "collect" / "pairs.jsonl"
+    raise ConfigError("train has no data: set train.data to a pairs file, or configure a collect/curate stage")
 
 
 def inputs(config: RunConfig) -> list[Path]:
@@ -143,9 +147,25 @@ def launch_command(cfg: TrainConfig, job_file: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _launch(cfg: TrainConfig, job_file: Path, console: Console) -> None:
+def _progress(ctx: StageContext) -> Callable[[dict[str, Any]], None]:
+    """Record the step and latest losses in the store, so that `distill4all status` shows them."""
+    shown: dict[str, Any] = {}
+
+    def update(row: dict[str, Any]) -> None:
+        shown["step"], shown["of"] = row["step"], row["total_steps"]
+        for key in ("loss", "val_loss"):
+            if row.get(key) is not None:
+                shown[key] = round(row[key], 4)
+        ctx.set_counts(**shown)
+
+    return update
+
+
+def _launch(cfg: TrainConfig, job_file: Path, ctx: StageContext) -> None:
     import torch
 
+    from distill4all.train.loop import total_steps
+    from distill4all.train.metrics import read_metrics
     from distill4all.train.worker import die_with_parent
 
     env = dict(os.environ)
@@ -156,10 +176,15 @@ def _launch(cfg: TrainConfig, job_file: Path, console: Console) -> None:
     # torch would give every process all cores; share them out instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.num_processes)))
     cmd = launch_command(cfg, job_file)
-    console.print(f"[dim]train: {' '.join(cmd[1:])}[/dim]")
+    ctx.console.print(f"[dim]train: {' '.join(cmd[1:])}[/dim]")
     proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+    update, metrics = _progress(ctx), ctx.dir / "metrics.jsonl"
+    steps = total_steps(cfg, json.loads((ctx.dir / "data" / "meta.json").read_text())["train_examples"])
     try:
-        code = proc.wait()
+        while (code := proc.poll()) is None:  # the workers write metrics; show the latest in `status`
+            time.sleep(2)
+            if rows := read_metrics(metrics):
+                update({**rows[-1], "total_steps": steps})
     except BaseException:
         proc.terminate()
         proc.wait()
@@ -170,12 +195,12 @@ def _launch(cfg: TrainConfig, job_file: Path, console: Console) -> None:
 
 def run(ctx: StageContext) -> StageResult:
     from distill4all.models import resolve_model
-    from distill4all.train.loop import SUMMARY, Job, train
+    from distill4all.train.loop import Job, train
 
     cfg = ctx.config.train
     assert cfg is not None
     out = ctx.dir
-    summary_file = out / SUMMARY
+    summary_file = out / "summary.json"
     if not summary_file.is_file():  # else it finished before a kill kept the runner from recording it
         base = resolve_model(cfg.base_model, want="hf").path
         prepare(cfg, data_path(ctx.config), base, out / "data", ctx.config.seed, ctx.console)
@@ -184,18 +209,18 @@ def run(ctx: StageContext) -> StageResult:
         if launched:
             job_file = out / "job.json"
             atomic.write_text(job_file, job.to_json())
-            _launch(cfg, job_file, ctx.console)
+            _launch(cfg, job_file, ctx)
         else:
             if cfg.num_processes > 1:
                 raise ConfigError("train.launcher local runs one process; use launcher accelerate for more")
-            train(job, ctx.console)
+            train(job, ctx.console, _progress(ctx))
         if not summary_file.is_file():
             raise StageError(f"training ended without writing {summary_file}")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the model is saved; they were for resuming
     summary = json.loads(summary_file.read_text())
     meta = json.loads((out / "data" / "meta.json").read_text())
     counts = {k: summary[k] for k in ("steps", "train_examples", "val_examples", "tokens", "tokens_per_s")}
-    counts |= {k: summary[k] for k in ("first_val_loss", "last_val_loss") if summary[k] is not None}
+    counts |= {k: round(summary[k], 4) for k in ("first_val_loss", "last_val_loss") if summary[k] is not None}
     counts |= {"truncated": meta["truncated"], "dropped": meta["dropped_no_target"] + meta["blank"]}
     return StageResult(counts=counts, artifacts=[out / "model", out / "metrics.jsonl", out / "loss.png"])
 

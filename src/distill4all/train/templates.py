@@ -186,7 +186,7 @@ class JinjaTemplate:
             if m["role"] != "assistant":
                 continue
             before = self._apply(messages[:i], True, where)
-            upto = self._apply(messages[: i + 1], False, where)
+            upto = full if i == len(messages) - 1 else self._apply(messages[: i + 1], False, where)
             if not (upto.startswith(before) and full.startswith(upto)):
                 raise TemplateError(
                     f"{where}: template {self.name!r} renders earlier turns differently once later ones are "
