@@ -109,7 +109,7 @@ def run_trl(work: Path, rows: list[dict[str, str]], model_path: str, packing: bo
     t0 = time.perf_counter()
     trainer.train()
     return {"tokens": tokens, "seconds": time.perf_counter() - t0, "steps": trainer.state.global_step,
-            "precision": "bf16" if bf16 else "no"}  # fmt: skip
+            "precision": "bf16" if bf16 else "fp32"}  # fmt: skip
 
 
 def variant(name: str, n: int) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def main() -> None:
     rate = {k: v["tokens"] / v["seconds"] for k, v in results.items()}
     rows = [
         [k, str(v["steps"]), f"{v['tokens']:,}", f"{v['seconds']:.1f}", f"{rate[k]:,.1f}",
-         "bf16" if v["precision"] == "bf16" else "fp32", f"{rate['ours, packed'] / rate[k]:.2f}"]
+         v["precision"], f"{rate['ours, packed'] / rate[k]:.2f}"]
         for k, v in results.items()
     ]  # fmt: skip
     source = "Self-Instruct user-oriented pairs" if EVAL_SET.is_file() else "synthetic pairs"

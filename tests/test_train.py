@@ -158,12 +158,12 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path, pairs: Path) -> Non
 
 
 @pytest.mark.slow
-def test_full_fine_tune_in_bf16_with_an_added_pad_token(tmp_path: Path, pairs: Path, tiny_model: Path) -> None:
+def test_full_fine_tune_bf16_checkpointed_with_an_added_pad_token(tmp_path: Path, pairs: Path, tiny_model: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = config(tmp_path, pairs, method="full", max_steps=3, precision="bf16", pad_token="<pad2>",
-                 packing=False, pad_to_max_length=True, template="chat")  # fmt: skip
+    cfg = config(tmp_path, pairs, method="full", max_steps=3, precision="bf16", pad_token="<pad2>", packing=False,
+                 pad_to_max_length=True, template="chat", gradient_checkpointing=True, schedule="cosine")  # fmt: skip
     r = run_cli("run", cfg, env=ENV)
     assert r.code == 0, r.output
     model_dir = tmp_path / "run" / "train" / "model"

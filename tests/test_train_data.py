@@ -296,3 +296,12 @@ def test_packed_logits_equal_solo_logits(tok: Any, tiny_model: Path, attn: str) 
             differs.append(not torch.allclose(crossed[at : at + k], solo, atol=1e-3))
             at += k
     assert differs == [False, True, True]  # without the reset, later examples would see earlier ones
+
+
+def test_learning_rate_schedules() -> None:
+    from distill4all.train.loop import lr_factor
+
+    assert [lr_factor(s, 4, 10, "constant") for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]  # no step at 0
+    assert lr_factor(4, 4, 10, "cosine") == 1.0 and lr_factor(7, 4, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(10, 4, 10, "cosine") == pytest.approx(0.0) and lr_factor(7, 4, 10, "linear") == 0.5
+    assert lr_factor(0, 0, 10, "constant") == 1.0

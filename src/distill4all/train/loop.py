@@ -135,6 +135,7 @@ class Trainer:
                 "the global batch is split by the configured number"
             )
         self.main = acc.is_main_process
+        self.precision = "fp32" if acc.mixed_precision == "no" else acc.mixed_precision
         quiet = job.quiet or not self.main
         self.console = console if (console is not None and self.main) else Console(stderr=True, quiet=quiet)
         set_seed(job.seed)
@@ -304,7 +305,7 @@ class Trainer:
             f"train: {self.cfg.method} on {self.job.base_model.name}, {self.trainable:,} trainable parameters, "
             f"{len(self.train_data)} train / {len(self.val_data)} val examples, {self.total} steps of "
             f"{cfg.global_batch_size} ({self.accelerator.num_processes} process(es) × {cfg.accumulation_steps} × "
-            f"{cfg.micro_batch_size}), precision {self.accelerator.mixed_precision}, "
+            f"{cfg.micro_batch_size}), precision {self.precision}, "
             f"{'packed' if cfg.packing else 'padded'} rows of ≤{cfg.max_length} tokens"
         )
         columns = (
@@ -358,7 +359,7 @@ class Trainer:
             "best_val_loss": min(val) if val else None,
             "last_train_loss": train[-1] if train else None,
             "trainable_parameters": self.trainable,
-            "precision": self.accelerator.mixed_precision,
+            "precision": self.precision,
             "processes": self.accelerator.num_processes,
         }
 

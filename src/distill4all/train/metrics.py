@@ -14,12 +14,17 @@ from typing import Any, TextIO
 from distill4all import atomic
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every complete row (a kill mid-write can leave a partial last line: it is skipped)."""
+def read_metrics(path: Path, tail_bytes: int | None = None) -> list[dict[str, Any]]:
+    """Every complete row, or those in the last `tail_bytes` (a kill mid-write can leave a partial
+    line: it is skipped)."""
     if not path.is_file():
         return []
+    with open(path, "rb") as f:
+        if tail_bytes is not None:
+            f.seek(max(0, path.stat().st_size - tail_bytes))
+        text = f.read().decode("utf-8", errors="replace")
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

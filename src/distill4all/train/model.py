@@ -147,6 +147,8 @@ class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
         self.model = model
         base = base_of(model)
         self.selective = base.config.model_type in PLAIN_HEAD and hasattr(base, "get_decoder")
+        # FSDP's transformer auto-wrap reads the layer classes to shard by from the root module.
+        self._no_split_modules = getattr(base, "_no_split_modules", None)
 
     def forward(
         self,

@@ -183,7 +183,7 @@ def _launch(cfg: TrainConfig, job_file: Path, ctx: StageContext) -> None:
     try:
         while (code := proc.poll()) is None:  # the workers write metrics; show the latest in `status`
             time.sleep(2)
-            if rows := read_metrics(metrics):
+            if rows := read_metrics(metrics, tail_bytes=4096):
                 update({**rows[-1], "total_steps": steps})
     except BaseException:
         proc.terminate()
