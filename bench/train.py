@@ -138,7 +138,9 @@ def main() -> None:
         return
 
     results: dict[str, dict[str, Any]] = {}
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    # Every trainer gets the same environment. PASSIVE: OpenMP threads sleep instead of spinning
+    # while they wait, which on a shared, busy machine keeps any of them from slowing down many times.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     for name in VARIANTS:
         print(f"running: {name}", file=sys.stderr, flush=True)
         p = subprocess.run([sys.executable, __file__, "--variant", name, "--examples", str(args.examples)],
