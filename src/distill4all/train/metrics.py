@@ -63,11 +63,11 @@ def plot_loss(metrics: Path, png: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
         steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        window = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                  for i in range(len(losses))]  # fmt: skip
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss (mean of {window})")
+        window = max(1, len(losses) // 10)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3 if window > 1 else 1.0, linewidth=1, label="train loss")
+        if window > 1:
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(losses))]
+            ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {window} steps")
     if val:
         steps, losses = zip(*val, strict=True)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation loss")
