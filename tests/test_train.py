@@ -158,7 +158,9 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path, pairs: Path) -> Non
 
 
 @pytest.mark.slow
-def test_full_fine_tune_bf16_checkpointed_with_an_added_pad_token(tmp_path: Path, pairs: Path, tiny_model: Path) -> None:
+def test_full_fine_tune_bf16_checkpointed_with_an_added_pad_token(
+    tmp_path: Path, pairs: Path, tiny_model: Path
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
