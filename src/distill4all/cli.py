@@ -505,6 +505,84 @@ def _pairs_file_config(pairs: Path, out_dir: Path | None, config: Path | None) -
     return load_config(generated)
 
 
+# --- train -------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None, typer.Argument(help="A run config with a train section; or give --base-model/--data/--out.")
+    ] = None,
+    base_model: Annotated[str | None, typer.Option(help="Model name or path (without a config).")] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL/Parquet pairs or conversations (without a config).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (without a config).")] = None,
+    preset: Annotated[str | None, typer.Option(help="paper-lora or paper-full.")] = None,
+    template: Annotated[str | None, typer.Option(help="paper, chat, chatml or alpaca.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    num_processes: Annotated[int | None, typer.Option(help="Training processes (data parallel).")] = None,
+    launcher: Annotated[
+        str | None, typer.Option(help="local (this process) or accelerate (accelerate launch).")
+    ] = None,
+    accelerate_config: Annotated[
+        str | None, typer.Option(help="ddp, fsdp, deepspeed-zero2, deepspeed-zero3, or an accelerate config file.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over instead of resuming.")] = False,
+) -> None:
+    """Fine-tune a model (LoRA or full). Rerunning after an interruption resumes from the last checkpoint."""
+    from pydantic import ValidationError
+
+    from distill4all import atomic
+    from distill4all.config import LoadedConfig, RunConfig, TrainConfig, load_config, to_yaml
+    from distill4all.errors import ConfigError
+    from distill4all.run import run_pipeline
+
+    overrides = {
+        k: v
+        for k, v in {
+            "template": template, "epochs": epochs, "max_steps": max_steps, "num_processes": num_processes,
+            "launcher": launcher, "accelerate_config": accelerate_config,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    try:
+        if config is not None:
+            if base_model or data or out_dir or preset:
+                raise UserError("with a config file, set base_model, data and preset in its train section")
+            loaded = load_config(config)
+            if loaded.config.train is None:
+                raise ConfigError(f"{config}: no train section")
+            if overrides:
+                loaded.config.train = TrainConfig.model_validate(loaded.config.train.model_dump() | overrides)
+        else:
+            if not (base_model and data and out_dir):
+                raise UserError("without a config file, --base-model, --data and --out are all needed")
+            spec = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
+            train_section = {"base_model": spec, "data": str(data.resolve()), **overrides}
+            if preset:
+                train_section["preset"] = preset
+            run_config = RunConfig.model_validate(
+                {"name": "train", "run_dir": str(out_dir.resolve()), "train": train_section}
+            )
+            saved = run_config.run_dir / "train.yaml"  # the settings of this run, for the record
+            if force or not saved.exists():
+                atomic.write_text(saved, to_yaml(run_config.model_dump(mode="json", exclude_defaults=True)))
+            loaded = LoadedConfig(run_config, saved)
+    except ValidationError as e:
+        raise ConfigError(
+            "train: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        ) from None
+    console = Console(stderr=True, quiet=_state["quiet"])
+    outcomes = run_pipeline(
+        loaded, from_stage="train", until_stage="train", force=force, console=console, quiet=_state["quiet"]
+    )
+    row = outcomes[0].row
+    out.print(f"train: {outcomes[0].action}, {_counts_text(row.counts)}")
+    run_dir = loaded.config.run_dir
+    out.print(f"model: {run_dir / 'train' / 'model'}")
+    out.print(f"loss curve: {run_dir / 'train' / 'loss.png'}")
+
+
 # --- models ------------------------------------------------------------------------------------
 
 

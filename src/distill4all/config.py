@@ -249,22 +249,98 @@ class LoraConfig(Section):
     r: int = Field(8, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # gpt4all-lora as released (TRAINING_LOG.md of nomic-ai/gpt4all, March 2023): 8 GPUs x 4.
+    "paper-lora": {
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+        "learning_rate": 5e-5, "global_batch_size": 32, "micro_batch_size": 4, "epochs": 4,
+        "max_length": 1024, "warmup_steps": 100, "schedule": "constant", "weight_decay": 0.0,
+    },
+    # The full fine-tune of the same log: 8 GPUs x 32, gradient checkpointing on.
+    "paper-full": {
+        "method": "full",
+        "learning_rate": 5e-5, "global_batch_size": 256, "micro_batch_size": 32, "epochs": 2,
+        "max_length": 1024, "warmup_steps": 100, "schedule": "constant", "weight_decay": 0.0,
+        "gradient_checkpointing": True,
+    },
+}  # fmt: skip
+"""Named bundles of train settings; keys written next to `preset` override the preset's."""
+
+ACCELERATE_CONFIGS = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 
 
 class TrainConfig(Section):
-    """Defaults are the paper's gpt4all-lora settings."""
+    """Defaults are the paper's gpt4all-lora settings (the `paper-lora` preset)."""
 
-    base_model: str = Field(min_length=1)
-    method: Literal["lora", "full"] = "lora"
+    preset: Literal["paper-lora", "paper-full"] | None = None
+    base_model: str = Field(min_length=1, description="model name (see `distill4all models`) or local path")
+    data: Path | None = Field(
+        None, description="JSONL/Parquet pairs; unset: the run's curate/train.jsonl (or collect/pairs.jsonl)"
+    )
+    data_format: Literal["auto", "gpt4all", "alpaca", "messages"] = "auto"
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held out by seed, as the paper (5%)")
+    method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    template: str = "paper"
-    epochs: float = Field(4, gt=0)
-    learning_rate: float = Field(5e-5, gt=0)
-    global_batch_size: int = Field(32, ge=1)
+    template: Literal["paper", "chat", "chatml", "alpaca"] = Field(
+        "paper", description="paper: <s>prompt\\nresponse</s> as the original; chat: the tokenizer's own template"
+    )
+    template_file: Path | None = Field(None, description="a Jinja chat template file; overrides template")
+    train_on_inputs: bool = Field(False, description="also train on prompt tokens (default: response + EOS only)")
+    pad_token: str | None = Field(
+        None, description="pad token to use, added (embeddings resized) if new; unset: the tokenizer's, else EOS"
+    )
     max_length: int = Field(1024, ge=8)
+    packing: bool = Field(True, description="lay several examples end to end in each row, attention kept apart")
+    pad_to_max_length: bool = Field(False, description="pad every row to max_length (the paper's batching)")
+    group_by_length: bool = Field(True, description="put examples of similar length in the same micro-batch")
+    epochs: float = Field(4, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(5e-5, gt=0)
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="after the warmup")
     warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    global_batch_size: int = Field(32, ge=1, description="examples per optimizer step, over all processes")
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward pass on one process")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware supports it, else fp32"
+    )
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(500, ge=1, description="validation loss every N steps (and at the start and end)")
+    checkpoint_every: int = Field(500, ge=1, description="resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1)
     num_processes: int = Field(1, ge=1)
+    launcher: Literal["auto", "local", "accelerate"] = Field(
+        "auto", description="auto: accelerate launch when num_processes > 1, else in this process"
+    )
+    accelerate_config: str = Field(
+        "ddp", min_length=1, description=f"{' | '.join(ACCELERATE_CONFIGS)} | an accelerate config file"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in TRAIN_PRESETS:
+            return {**TRAIN_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        per_step = self.micro_batch_size * self.num_processes
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size x "
+                f"num_processes ({self.micro_batch_size} x {self.num_processes})"
+            )
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_processes)
 
 
 # --- export / eval / serve ---------------------------------------------------------------------

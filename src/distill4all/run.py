@@ -46,6 +46,7 @@ from distill4all.store import SCHEMA_VERSION, StageRow, Store
 STAGE_MODULES: dict[str, str] = {
     "collect": "distill4all.collect.stage",
     "curate": "distill4all.curate.stage",
+    "train": "distill4all.train.stage",
     "export": "distill4all.export.stage",
     "eval": "distill4all.evaluate.stage",
 }

@@ -1,0 +1,1 @@
+"""Stage `train`: LoRA or full fine-tuning of a causal LM on prompt/response pairs (see stage.py)."""

@@ -1,0 +1,141 @@
+"""Training examples: read pairs or conversations from JSONL/Parquet, split off validation by seed.
+
+Three row formats are understood, detected from the first row (or named in `train.data_format`):
+
+    gpt4all   {"prompt": ..., "response": ..., "source": ...}   (what collect and curate write)
+    alpaca    {"instruction": ..., "input": ..., "output": ...}
+    messages  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+
+Every row becomes a conversation that ends with an assistant turn; the template decides how it is
+rendered and which tokens carry loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from distill4all.errors import DataError
+
+Format = Literal["gpt4all", "alpaca", "messages"]
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: tuple[dict[str, str], ...]
+    source: str
+    row: int  # 0-based row in the input file, to trace an example back
+
+    @property
+    def single_turn(self) -> bool:
+        roles = [m["role"] for m in self.messages]
+        return roles in (["user", "assistant"], ["system", "user", "assistant"])
+
+
+@dataclass
+class ReadStats:
+    rows: int = 0
+    empty: int = 0  # rows whose prompt or answer is blank: skipped, as the paper's cleaning would
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, row) for each row of a JSONL or Parquet file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several unrelated types for a bad file
+            raise DataError(f"{path}: cannot read as Parquet ({e})") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path} row {i + 1}", row
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def detect_format(row: Any, where: str) -> Format:
+    if isinstance(row, dict):
+        if "messages" in row:
+            return "messages"
+        if "prompt" in row and "response" in row:
+            return "gpt4all"
+        if "instruction" in row and "output" in row:
+            return "alpaca"
+    keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+    raise DataError(
+        f"{where}: unknown row format (keys: {keys}); expected prompt/response, instruction/input/output or messages"
+    )
+
+
+def _text(row: dict[str, Any], key: str, where: str, *, optional: bool = False) -> str:
+    value = row.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string")
+    return value
+
+
+def _to_messages(row: Any, fmt: Format, where: str) -> tuple[dict[str, str], ...]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each row must be a JSON object")
+    if fmt == "gpt4all":
+        prompt, response = _text(row, "prompt", where), _text(row, "response", where)
+        return ({"role": "user", "content": prompt}, {"role": "assistant", "content": response})
+    if fmt == "alpaca":
+        instruction, extra = _text(row, "instruction", where), _text(row, "input", where, optional=True)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return ({"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output", where)})
+    raw = row.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] needs a role ({'/'.join(ROLES)}) and a string content")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's (there is nothing to learn otherwise)")
+    return tuple(messages)
+
+
+def read_examples(path: Path, fmt: Literal["auto"] | Format = "auto") -> tuple[list[Example], ReadStats]:
+    """Every usable row of a data file, in file order; a malformed row is an error with its location."""
+    if not path.is_file():
+        raise DataError(f"training data not found: {path}")
+    examples: list[Example] = []
+    stats = ReadStats()
+    detected: Format | None = None if fmt == "auto" else fmt
+    for where, row in _rows(path):
+        detected = detected or detect_format(row, where)
+        messages = _to_messages(row, detected, where)
+        stats.rows += 1
+        if any(not m["content"].strip() for m in messages if m["role"] != "system"):
+            stats.empty += 1
+            continue
+        source = row.get("source") if isinstance(row.get("source"), str) else ""
+        examples.append(Example(messages, source, stats.rows - 1))
+    if not examples:
+        raise DataError(f"{path}: no usable examples ({stats.rows} rows, {stats.empty} with a blank turn)")
+    return examples, stats
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle by seed and hold out ceil(n × fraction) rows for validation (the paper's 5%)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(math.ceil(n * val_fraction), n - 1) if val_fraction > 0 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -1,0 +1,169 @@
+"""The model being trained: base weights, LoRA/QLoRA/full, pad token, and the loss module.
+
+`CausalLMLoss` wraps the model together with its loss, so that DDP/FSDP/DeepSpeed wrap one module
+whose forward returns (summed loss, target count). It computes logits only where a target exists
+(prompt tokens carry no loss, so their vocabulary projection is skipped): for a 135M model with a
+49k vocabulary that projection is a fifth of the forward cost.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from distill4all.config import TrainConfig
+from distill4all.errors import ConfigError, ModelError
+from distill4all.models.registry import quiet_hf
+from distill4all.train.templates import IGNORE
+
+# Architectures whose causal-LM head is exactly `lm_head(decoder(x))`, with no scaling or soft-capping
+# of the logits afterwards; others go through the model's own forward (all logits, then select).
+PLAIN_HEAD = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo", "olmo2",
+     "smollm3", "gpt_neox", "starcoder2", "stablelm", "gemma"}
+)  # fmt: skip
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matmuls run natively (AVX512-BF16 or AMX); without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def mixed_precision(precision: str) -> str:
+    """The config's precision as accelerate's mixed_precision ("no", "bf16", "fp16")."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if cpu_has_bf16() else "no"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def load_tokenizer(path: Path | str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_hf():
+            tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {path}: {e}") from None
+    tok.truncation_side = "right"  # the paper's truncation: keep the start, cut the end
+    return tok
+
+
+def set_pad_token(tokenizer: Any, pad_token: str | None) -> bool:
+    """Give the tokenizer a pad token; True when a new token was added (embeddings must grow).
+
+    Padding never decides what is masked here (attention masks and labels do), so reusing EOS as
+    pad, as SmolLM2 ships, is safe: EOS stays a trained target.
+    """
+    if pad_token is None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return False
+    added = tokenizer.add_special_tokens({"pad_token": pad_token})
+    return bool(added)
+
+
+def load_model(cfg: TrainConfig, base: Path, tokenizer: Any, precision: str) -> Any:
+    """The base model with LoRA/QLoRA adapters attached, or whole for full fine-tuning."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if cfg.method == "qlora":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on the CPU")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise ConfigError("train.method qlora needs bitsandbytes: pip install 'distill4all[gpu]'") from None
+        compute = torch.bfloat16 if precision == "bf16" else torch.float16
+        kwargs = {
+            "dtype": compute,
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                bnb_4bit_use_double_quant=True,
+            ),
+            "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))},
+        }  # fmt: skip
+    elif cfg.method == "lora" and precision in ("bf16", "fp16"):
+        # Frozen base weights are only ever used in the autocast dtype: keep them in it (half the
+        # memory, no per-step cast). Adapters stay fp32 (peft upcasts them), so updates are exact.
+        kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float16
+    try:
+        with quiet_hf():
+            model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load {base} as a causal language model: {e}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora)
+    except ValueError as e:  # e.g. target modules that the architecture does not have
+        raise ConfigError(f"train.lora: {e}") from None
+
+
+def base_of(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (adapters injected), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
+    """forward(input_ids, targets, ...) → (summed cross-entropy over targets, number of targets)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        base = base_of(model)
+        self.selective = base.config.model_type in PLAIN_HEAD and hasattr(base, "get_decoder")
+        # FSDP's transformer auto-wrap reads the layer classes to shard by from the root module.
+        self._no_split_modules = getattr(base, "_no_split_modules", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = targets != IGNORE
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
+        if self.selective:
+            base = base_of(self.model)
+            hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            logits = base.get_output_embeddings()(hidden[keep])
+        else:
+            logits = self.model(**inputs, use_cache=False).logits[keep]
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()

@@ -1,0 +1,261 @@
+"""Templates: how a conversation becomes token ids, and which of those tokens carry loss.
+
+`paper` reproduces the original GPT4All data.py (nomic-ai/gpt4all, April 2023) exactly:
+
+    ids    = tokenize(prompt + "\\n" + response + eos_token), truncated to max_length, BOS as the
+             tokenizer adds it: EOS survives only when nothing was cut, so a truncated answer does
+             not teach the model to stop mid-code
+    labels = ids with the first len(tokenize(prompt)) + len(tokenize("\\n") without BOS) masked
+    a prompt of ≥ max_length // 2 tokens is first cut to min(max_length // 2, len(prompt) // 2)
+    characters, and its length recounted with truncation at max_length // 2
+
+Every other template is a Jinja chat template (the tokenizer's own as `chat`, a named one, or a
+file): the rendered conversation is tokenized once with character offsets, and tokens that start
+inside an assistant turn, up to and including its EOS, carry loss.
+
+Whichever is used is saved as the tokenizer's `chat_template` next to the trained model, so that
+export, chat, serve and eval render prompts exactly as training did. For `paper` that template
+renders `bos + prompt + "\\n"` for generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from distill4all.errors import DataError, UserError
+from distill4all.train.data import Example
+
+IGNORE = -100
+"""Label of a token that carries no loss (the value transformers and PyTorch use)."""
+
+
+class TemplateError(UserError):
+    """A template cannot be used with this tokenizer or these examples."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids; IGNORE where no loss
+    truncated: bool  # max_length cut the sequence (so no EOS was learned from it)
+
+    @property
+    def trainable(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+class Template(Protocol):
+    name: str
+    jinja: str  # saved as the tokenizer's chat_template
+
+    def encode(self, examples: Sequence[Example]) -> list[Encoded]: ...
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a BOS token in front of plain text by itself."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def _bos(tokenizer: Any) -> str:
+    return "{{ bos_token }}" if adds_bos(tokenizer) else ""
+
+
+def paper_jinja(tokenizer: Any) -> str:
+    """The `paper` layout as a chat template: user (and system) turns end in a newline, answers in EOS."""
+    return (
+        _bos(tokenizer) + "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+        "{% else %}{{ message['content'] + '\n' }}{% endif %}"
+        "{% endfor %}"
+    )
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
+def alpaca_jinja(tokenizer: Any) -> str:
+    return (
+        _bos(tokenizer) + "{% if messages[0]['role'] == 'system' %}"
+        "{{ messages[0]['content'] + '\n\n' }}{% set turns = messages[1:] %}"
+        "{% else %}{{ '" + ALPACA_SYSTEM + "\n\n' }}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}"
+        "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}"
+        "{% else %}{{ message['content'] + eos_token }}{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endif %}"
+        "{% endfor %}"
+    )
+
+
+NAMED = ("paper", "chat", "chatml", "alpaca")
+
+
+def _cut_prompt(text: str, max_length: int) -> str:
+    """The original's rule for a prompt of half the context or more: keep a prefix of its characters."""
+    return text[: min(max_length // 2, len(text) // 2)]
+
+
+class PaperTemplate:
+    name = "paper"
+
+    def __init__(self, tokenizer: Any, max_length: int, train_on_inputs: bool = False) -> None:
+        if tokenizer.eos_token is None:
+            raise TemplateError("the tokenizer has no EOS token: a model trained without one could never stop")
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.train_on_inputs = train_on_inputs
+        self.jinja = paper_jinja(tokenizer)
+        newline = tokenizer("\n")["input_ids"]
+        if newline[:1] == [tokenizer.bos_token_id]:  # "ignore bos", as the original
+            newline = newline[1:]
+        self.newline_len = len(newline)
+
+    def encode(self, examples: Sequence[Example]) -> list[Encoded]:
+        prompts, responses = [], []
+        for ex in examples:
+            if [m["role"] for m in ex.messages] != ["user", "assistant"]:
+                raise DataError(
+                    f"row {ex.row + 1}: template 'paper' takes prompt/response pairs; "
+                    "use template: chat for conversations or system prompts"
+                )
+            prompts.append(ex.messages[0]["content"])
+            responses.append(ex.messages[1]["content"])
+        half = self.max_length // 2
+        prompt_lens = [len(ids) for ids in self.tok(prompts)["input_ids"]]
+        for i, n in enumerate(prompt_lens):
+            if n >= half:
+                prompts[i] = _cut_prompt(prompts[i], self.max_length)
+                prompt_lens[i] = len(self.tok(prompts[i], truncation=True, max_length=half)["input_ids"])
+        eos = self.tok.eos_token
+        texts = [p + "\n" + r + eos for p, r in zip(prompts, responses, strict=True)]
+        full = self.tok(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        out = []
+        for ids, prompt_len in zip(full, prompt_lens, strict=True):
+            masked = 0 if self.train_on_inputs else min(prompt_len + self.newline_len, len(ids))
+            labels = [IGNORE] * masked + ids[masked:]
+            out.append(Encoded(list(ids), labels, truncated=ids[-1] != self.tok.eos_token_id))
+        return out
+
+
+class JinjaTemplate:
+    """A chat template; loss on the assistant turns (to their EOS), or on everything with train_on_inputs."""
+
+    def __init__(self, name: str, jinja: str, tokenizer: Any, max_length: int, train_on_inputs: bool = False) -> None:
+        if tokenizer.eos_token is None:
+            raise TemplateError("the tokenizer has no EOS token: a model trained without one could never stop")
+        self.name, self.jinja, self.tok = name, jinja, tokenizer
+        self.max_length = max_length
+        self.train_on_inputs = train_on_inputs
+        probe = (
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+        )
+        text, spans = self._render(probe, "the template check")
+        if not any(tokenizer.eos_token in text[a:b] for a, b in spans):
+            raise TemplateError(
+                f"template {name!r} does not end an answer with the tokenizer's EOS token "
+                f"{tokenizer.eos_token!r}: a model trained with it would never stop; use template: paper, "
+                "or a template whose assistant turns end in that token"
+            )
+
+    def _apply(self, messages: Sequence[dict[str, str]], generation_prompt: bool, where: str) -> str:
+        try:
+            text = self.tok.apply_chat_template(
+                list(messages), chat_template=self.jinja, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as e:  # jinja2 raises TemplateError/UndefinedError, templates raise their own
+            raise TemplateError(f"{where}: template {self.name!r} cannot render it: {e}") from None
+        return str(text)
+
+    def _render(self, messages: Sequence[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+        """The full text and the character span of each assistant turn, up to and including its EOS."""
+        full = self._apply(messages, False, where)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._apply(messages[:i], True, where)
+            upto = full if i == len(messages) - 1 else self._apply(messages[: i + 1], False, where)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise TemplateError(
+                    f"{where}: template {self.name!r} renders earlier turns differently once later ones are "
+                    "added, so answer tokens cannot be told apart; use another template"
+                )
+            start, end = len(before), len(upto)
+            eos_at = upto.rfind(self.tok.eos_token, start)
+            if eos_at >= 0:  # what follows EOS (a newline, say) is never generated: no loss there
+                end = eos_at + len(self.tok.eos_token)
+            spans.append((start, end))
+        return full, spans
+
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [list(ids) for ids in enc["input_ids"]], [list(o) for o in enc["offset_mapping"]]
+
+    def encode(self, examples: Sequence[Example]) -> list[Encoded]:
+        rendered = [self._render(ex.messages, f"row {ex.row + 1}") for ex in examples]
+        ids, offsets = self._tokenize([text for text, _ in rendered])
+        # The paper's rule for long prompts, for single-turn examples: the prompt's share is the
+        # tokens before the answer starts (template scaffolding included).
+        long = [
+            i
+            for i, ex in enumerate(examples)
+            if ex.single_turn and sum(1 for o in offsets[i] if o[0] < rendered[i][1][0][0]) >= self.max_length // 2
+        ]
+        for i in long:
+            messages = examples[i].messages
+            cut = {"role": "user", "content": _cut_prompt(messages[-2]["content"], self.max_length)}
+            rendered[i] = self._render((*messages[:-2], cut, messages[-1]), f"row {examples[i].row + 1}")
+        if long:
+            redone = self._tokenize([rendered[i][0] for i in long])
+            for k, i in enumerate(long):
+                ids[i], offsets[i] = redone[0][k], redone[1][k]
+        out = []
+        for full, offs, (_, spans) in zip(ids, offsets, rendered, strict=True):
+            kept = full[: self.max_length]
+            if self.train_on_inputs:
+                labels = list(kept)
+            else:
+                labels = [
+                    t if any(a <= o[0] < b for a, b in spans) else IGNORE for t, o in zip(kept, offs, strict=False)
+                ]
+            out.append(Encoded(kept, labels, truncated=len(full) > self.max_length))
+        return out
+
+
+def load_template(
+    name: str, tokenizer: Any, max_length: int, train_on_inputs: bool = False, file: Path | None = None
+) -> Template:
+    """`paper`, `chat` (the tokenizer's own chat template), `chatml`, `alpaca`, or a Jinja file."""
+    if file is not None:
+        try:
+            jinja = file.read_text(encoding="utf-8")
+        except OSError as e:
+            raise TemplateError(f"cannot read template file {file}: {e.strerror}") from None
+        return JinjaTemplate(file.name, jinja, tokenizer, max_length, train_on_inputs)
+    if name == "paper":
+        return PaperTemplate(tokenizer, max_length, train_on_inputs)
+    if name == "chat":
+        if not tokenizer.chat_template:
+            raise TemplateError(
+                "the base model's tokenizer has no chat template; use template: paper, chatml or alpaca"
+            )
+        jinja = str(tokenizer.chat_template)
+    elif name == "chatml":
+        jinja = CHATML
+    elif name == "alpaca":
+        jinja = alpaca_jinja(tokenizer)
+    else:
+        raise TemplateError(f"unknown template {name!r}; use one of {', '.join(NAMED)} or template_file")
+    return JinjaTemplate(name, jinja, tokenizer, max_length, train_on_inputs)
