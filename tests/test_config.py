@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,16 +151,33 @@ def test_init_writes_a_starter_that_validates_and_never_overwrites(tmp_path: Pat
 
 
 def test_shipped_example_configs_validate() -> None:
+    env = {"OPENAI_API_KEY": "sk-example"}
     for name in ("demo.yaml", "gpt4all-paper.yaml"):
-        r = run_cli("config", "check", REPO / "examples" / name)
+        r = run_cli("config", "check", REPO / "examples" / name, env=env)
         assert r.code == 0, r.output
-    paper = load_config(REPO / "examples" / "gpt4all-paper.yaml", env={}).config
-    assert paper.train is not None and paper.curate is not None
+    paper = load_config(REPO / "examples" / "gpt4all-paper.yaml", env=env).config
+    assert paper.collect is not None and paper.train is not None and paper.curate is not None
+    assert [(s.name, s.format) for s in paper.collect.sources] == [
+        ("unified_chip2", "oig_chip2"), ("stackoverflow", "stackoverflow"), ("p3", "p3")
+    ]  # fmt: skip
+    teacher = paper.collect.teachers[0]
+    assert teacher.model == "gpt-3.5-turbo" and teacher.base_url == "https://api.openai.com/v1"
+    assert teacher.api_key is not None and teacher.api_key.get_secret_value() == "sk-example"
     assert (paper.train.lora.r, paper.train.lora.alpha, paper.train.lora.dropout) == (8, 32, 0.1)
     assert paper.train.lora.target_modules == ["q_proj", "v_proj"]
     assert (paper.train.learning_rate, paper.train.global_batch_size, paper.train.epochs) == (5e-5, 32, 4)
-    assert (paper.train.max_length, paper.train.warmup_steps) == (1024, 100)
+    assert (paper.train.max_length, paper.train.warmup_steps, paper.train.num_processes) == (1024, 100, 8)
     assert paper.curate.exclude_sources == ["p3"]
+    assert paper.export is not None and paper.export.quantizations == ["q4_0"]
+    assert paper.eval is not None and paper.eval.baseline == "alpaca-lora" and paper.eval.clip == 100
+    r = run_cli("config", "check", REPO / "examples" / "gpt4all-paper.yaml", env={"OPENAI_API_KEY": ""})
+    assert r.code == 0  # set but empty is the user's business; unset is an error:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    p = subprocess.run([sys.executable, "-m", "distill4all", "config", "check", str(REPO / "examples" / "gpt4all-paper.yaml")],
+                       capture_output=True, text=True, env=clean)  # fmt: skip
+    assert p.returncode == 2 and "environment variable OPENAI_API_KEY is not set" in p.stderr
 
 
 def test_version_and_usage_errors() -> None:
