@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a local CPU build. Unpinned, pip would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint typecheck unit bench install install-dev clean
+.PHONY: demo demo-full-eval test lint typecheck unit bench install install-dev install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,17 +16,30 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH) -e .
 	@touch $@
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH) -e ".[bench]"
+	@touch $@ $(VENV)/.installed
+
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH) -e ".[dev]"
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-bench: $(VENV)/.installed-bench
 
 demo: install
 	$(BIN)/distill4all run examples/demo.yaml
 	echo "In one sentence, why can a 4-bit model run on a laptop CPU?" | \
 		$(BIN)/distill4all chat runs/demo/export/model-q4_0.gguf --temperature 0 --max-tokens 96
+
+# The demo's eval scores a seeded 60 of the 252 Self-Instruct items; this redoes eval with all.
+demo-full-eval: install
+	$(BIN)/distill4all run examples/demo.yaml --from eval --force --set eval.limit=null
+
+# Every benchmark, each beside its peer, into bench/RESULTS.md (tens of minutes on 2 cores).
+bench: install-bench
+	@for b in bench/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b --write || exit 1; done
 
 lint: install-dev
 	$(BIN)/ruff check src tests

@@ -224,14 +224,15 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:  # one section per size, so the 100k and 1M runs sit side by side
-        start, end = f"<!-- bench:curate:{args.n}:start -->", f"<!-- bench:curate:{args.n}:end -->"
-        section = f"{start}\n{text}\n{end}"
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        if start in old:
-            new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: section, old, flags=re.S)
-        else:
-            new = old.rstrip() + "\n\n" + section + "\n"
-        RESULTS.write_text(new)
+        from _results import write_section
+
+        ratio = t_ds / t_one
+        write_section(f"curate {len(rows):,} pairs", text.split("\n", 2)[2], headlines=[
+            {"figure": f"filters + exact + MinHash, pairs/s ({len(rows):,} pairs)", "ours": f"{len(base) / t_one:,.0f}",
+             "peer": f"datasketch {len(base) / t_ds:,.0f}", "ratio": f"{ratio:.1f}×", "target": "20,000 pairs/s"},
+            {"figure": f"whole curation of {len(rows):,} pairs", "ours": f"{total:.0f} s", "peer": "-", "ratio": "-",
+             "target": "100k in <10 min" if len(rows) <= 100_000 else ""},
+        ])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -314,18 +314,20 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(text)
+        from _results import write_section
 
-
-def write_section(body: str) -> None:
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    block = f"{start}\n## Runtime (`bench/runtime.py`)\n\n{body}\n{end}"
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(new, encoding="utf-8")
+        q4 = next(r for r in rows if r.type == "Q4_0")
+        write_section("runtime", text, headlines=[
+            {"figure": "decode tokens/s, Q4_0", "ours": f"{ours['decode_tps']:.1f}",
+             "peer": f"raw llama-cpp-python {raw['decode_tps']:.1f}", "ratio": f"{ratio_raw:.2f}×", "target": "≥0.95×"},
+            {"figure": "decode tokens/s, Q4_0 vs fp32", "ours": f"{ours['decode_tps']:.1f}",
+             "peer": f"transformers fp32 {tf['decode_tps']:.1f}", "ratio": f"{ratio_tf:.2f}×", "target": "≥3×"},
+            {"figure": "chat latency through `serve`", "ours": f"{srv['http_s'] * 1000:.0f} ms",
+             "peer": f"direct engine call {srv['direct_s'] * 1000:.0f} ms",
+             "ratio": f"{srv['http_s'] / srv['direct_s']:.2f}×", "target": "≈1×"},
+            {"figure": "Q4_0 top-1 agreement / KL vs f16", "ours": f"{q4.top1_agreement:.1%} / {q4.kl_divergence:.3f}",
+             "peer": "f16 100% / 0", "ratio": "-", "target": ""},
+        ])  # fmt: skip
 
 
 if __name__ == "__main__":

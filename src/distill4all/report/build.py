@@ -131,6 +131,7 @@ def build_report(run_dir: Path, *, chats: bool = True) -> Path:
     env.filters["num"] = lambda v, d=3: (
         f"{v:,.{d}f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else v)
     )
+    env.globals["pct"] = lambda v: f"{v:.0%}" if isinstance(v, (int, float)) else "-"
     template = env.from_string(resources.files("distill4all.report").joinpath("template.html").read_text())
     html = template.render(**gather(run_dir, chats=chats))
     out = run_dir / "report" / "index.html"
