@@ -235,7 +235,7 @@ def test_pipeline_trains_on_what_collect_gathered(make_run: Any, tmp_path: Path)
     """Without train.data or a curate stage, train reads collect/pairs.jsonl; status shows the run."""
     train = {"base_model": "tiny", "global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4,
              "max_length": 64, "val_fraction": 0.2, "eval_every": 2, "precision": "fp32"}  # fmt: skip
-    cfg = make_run(n=24, max_tokens=6, train=train)
+    cfg = make_run(n=24, train=train)
     r = run_cli("run", cfg, env=ENV)
     assert r.code == 0, r.output
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
