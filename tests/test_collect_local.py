@@ -74,3 +74,27 @@ def test_collect_from_the_real_smollm2_gives_what_the_model_gives(tmp_path: Path
     assert run_cli("collect", "export", config, out).code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(row["prompt"] for row in rows) == sorted(prompts) and {row["source"] for row in rows} == {"qs"}
+
+
+def test_faults_in_front_of_a_served_tiny_model_are_survived_exactly_once(tmp_path: Path, tiny_model: Path) -> None:
+    """The tiny model's own `serve`, behind the fault-injecting proxy: 429s with Retry-After, 5xx,
+    answers slower than the timeout, dropped connections and malformed JSON, and still every
+    prompt is answered exactly once, by the model."""
+    from distill4all.collect.local import local_teacher
+    from servers import Background, FaultProxy
+
+    prompts = [f"Say something about number {i}." for i in range(24)]
+    with local_teacher(str(tiny_model), log_path=tmp_path / "serve.log") as (url, model_id):
+        proxy = FaultProxy(url.removesuffix("/v1"), rate=0.4, seed=5, slow_s=3.0)
+        front = Background(proxy.handle)
+        try:
+            config = local_config(tmp_path, model_id, prompts, base_url=front.url, concurrency=4,
+                                  timeout_s=1.5, max_retries=20)  # fmt: skip
+            r = run_cli("run", config, "--no-report")
+        finally:
+            front.stop()
+    assert r.code == 0, r.output
+    assert {"429", "500", "503", "drop", "malformed"} <= set(proxy.injected)
+    got = answers(tmp_path / "run")
+    assert [g[0] for g in got] == sorted(prompts)
+    assert all(0 < g[3] <= 12 for g in got)

@@ -157,8 +157,11 @@ def check_report_page(page_path: Path, tmp_path: Path) -> None:
         for section in ("funnel", "data", "train", "export", "eval", "chats"):
             assert page.locator(f"section#{section}").count() == 1, section
         assert page.locator("section#data").inner_text().count("yes") >= 1  # the homogeneous flag
-        frame = page.frame_locator("iframe")
-        frame.locator("canvas").first.wait_for(timeout=30_000)
+        page.frame_locator("iframe").locator("canvas").first.wait_for(timeout=30_000)
+        map_frame = next(f for f in page.frames if f.url.endswith("curate/map.html"))
+        map_frame.wait_for_function("window.__datamap !== undefined")
+        drawn = map_frame.evaluate("window.__datamap")
+        assert drawn["drawn"] == drawn["points"] > 0
         images = page.locator("img")
         assert images.count() >= 2
         assert all(images.nth(i).evaluate("i => i.naturalWidth > 0") for i in range(images.count()))

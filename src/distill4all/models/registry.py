@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -147,14 +148,17 @@ def _restore_pre_tokenizer(gguf: Path, tokenizer: object) -> None:
 
 @contextlib.contextmanager
 def quiet_hf() -> Iterator[None]:
-    """Silence transformers' own progress bars (ours are rich), e.g. its GGUF tensor loop."""
+    """Silence transformers' own progress bars (ours are rich), e.g. its GGUF tensor loop, and the
+    deprecation warning peft's PeftModel triggers in transformers 5 (not ours to fix)."""
     from transformers.utils import logging as hf_logging
 
     before = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
     finally:
         if before is None:
             os.environ.pop("TQDM_DISABLE", None)

@@ -117,6 +117,8 @@ def funnel(ctx: dict[str, Any]) -> list[tuple[str, int]]:
         steps.append(("answers collected", int(c["answered"])))
     cur = ctx.get("curate") or {}
     for f in cur.get("funnel", []):
+        if f["step"] == "pairs":  # curate's starting count: the answers above
+            continue
         steps.append((f"after {f['step']}", int(f["remaining"])))
     t = ctx.get("train") or {}
     if "train_examples" in t:
@@ -131,7 +133,7 @@ def build_report(run_dir: Path, *, chats: bool = True) -> Path:
     env.filters["num"] = lambda v, d=3: (
         f"{v:,.{d}f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else v)
     )
-    env.globals["pct"] = lambda v: f"{v:.0%}" if isinstance(v, (int, float)) else "-"
+    env.globals["pct"] = lambda v: f"{v:.1%}" if isinstance(v, (int, float)) else "-"
     template = env.from_string(resources.files("distill4all.report").joinpath("template.html").read_text())
     html = template.render(**gather(run_dir, chats=chats))
     out = run_dir / "report" / "index.html"
