@@ -230,6 +230,34 @@ def test_eval_stage_in_a_run_with_a_judge_over_http(model_dir: Path, tmp_path: P
     assert db.execute("SELECT COUNT(DISTINCT teacher) FROM responses").fetchone()[0] == 3  # 2 answerers + judge
 
 
+@pytest.mark.slow
+def test_judge_is_the_real_smollm2_served_locally(model_dir: Path, tmp_path: Path) -> None:
+    """A judge with no base_url is `distill4all serve` on 127.0.0.1, started for the stage: every
+    pair is judged in both orders, and each verdict (or its absence) is counted once."""
+    data = write_jsonl(tmp_path / "items.jsonl", [
+        {"id": f"i{k}", "instruction": q, "input": "", "output": a}
+        for k, (q, a) in enumerate([("What is the capital of France?", "Paris."), ("Name a colour.", "Blue.")])
+    ])  # fmt: skip
+    config = write_config(tmp_path / "run.yaml", {
+        "name": "ev", "run_dir": "run",
+        "eval": {"data": str(data), "include": [], "baseline": "base", "metrics": ["conditioned"],
+                 "models": [{"name": "base", "model": "tiny"}, {"name": "trained", "model": str(model_dir)}],
+                 "judge": {"judge": {"name": "smol", "model": "smollm2-135m-instruct", "max_tokens": 32},
+                           "answer_max_tokens": 8}},
+    })  # fmt: skip
+    r = run_cli("run", config)
+    assert r.code == 0, r.output
+    out = tmp_path / "run" / "eval"
+    (j,) = json.loads((out / "summary.json").read_text())["judge"]
+    assert j["n"] == 2 and j["wins"] + j["losses"] + j["ties"] == 2 and j["invalid"] <= 2
+    import sqlite3
+
+    db = sqlite3.connect(out / "judge.sqlite")
+    judged = db.execute("SELECT text, finish_reason FROM responses WHERE teacher = 'smol'").fetchall()
+    assert len(judged) == 4 and all(text for text, _ in judged)  # both orders, real answers
+    assert list((out).rglob("teacher-smol.log")), "the local judge server's log is kept"
+
+
 def test_conditioned_context_uses_the_models_template(model_dir: Path) -> None:
     engine = load_engine(str(model_dir))
     rendered = engine.render_chat([{"role": "user", "content": ITEMS[1].instruction}])

@@ -237,3 +237,61 @@ def test_lora_adapter_is_merged_then_exported(trained: Path, tmp_path: Path) -> 
     key = "model.layers.0.self_attn.q_proj.weight"
     delta = load_file(merged / "model.safetensors")[key] - load_file(trained / "model.safetensors")[key]
     assert delta.abs().max() > 1e-3  # the adapter is in the merged weights
+
+
+def sentencepiece_llama(dest: Path) -> Path:
+    """A random-weight LLaMA with a LLaMA-1/2-style tokenizer: SentencePiece BPE with byte
+    fallback, trained here on the demo prompts, loaded through transformers' own conversion."""
+    import sentencepiece as spm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
+    corpus = dest / "corpus.txt"
+    dest.mkdir(parents=True)
+    corpus.write_text((demo / "chip2.jsonl").read_text() + (demo / "stackoverflow.csv").read_text())
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(dest / "sp"), vocab_size=800, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, split_digits=True, num_threads=1,
+        minloglevel=2,
+    )  # fmt: skip
+    src = dest / "spm"
+    src.mkdir()
+    (dest / "sp.model").rename(src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    }))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2)  # fmt: skip
+    model_dir = dest / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    shutil.copy(src / "tokenizer.model", model_dir / "tokenizer.model")  # as LLaMA checkpoints ship it
+    return model_dir
+
+
+@pytest.mark.parametrize("keep_model_file", [True, False])
+def test_sentencepiece_llama_tokenizer_exports_and_matches(tmp_path: Path, keep_model_file: bool) -> None:
+    """LLaMA-7B's tokenizer family (the paper's base model): llama.cpp's SentencePiece tokenizer
+    must split multilingual text, code and digits exactly as transformers does, with the piece
+    scores from tokenizer.model or, without it, from the vocabulary order; and greedy generation
+    must agree token for token."""
+    model_dir = sentencepiece_llama(tmp_path / "sp")
+    if not keep_model_file:
+        (model_dir / "tokenizer.model").unlink()
+    r = run_cli("export", model_dir, "-o", tmp_path / "out", "--base-type", "f32", "--quant", "q8_0", "--no-report")
+    assert r.code == 0, r.output
+    gguf_file = tmp_path / "out" / "model-f32.gguf"
+    reader = gguf.GGUFReader(gguf_file)
+    assert reader.get_field("tokenizer.ggml.model").contents() == "llama"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [PROBE_TEXT, "Ünïcödé, 日本語, emoji 🙂 and   three spaces", "x = 1234567 + 89\n\tprint(x)"]
+    for text in texts:
+        assert llama_tokenize(gguf_file, text) == tok(text)["input_ids"], text
+    prompt = "How do I sort a list in Python?"
+    want = hf_greedy(model_dir, [prompt], max_new=16)[prompt]
+    engine = load_engine(str(gguf_file))
+    got = engine.generate_ids(engine.tokenize(prompt), SamplingParams(max_tokens=16))
+    assert got.token_ids == want and len(want) > 3

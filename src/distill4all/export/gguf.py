@@ -6,7 +6,9 @@ built on, provides the file writer, the HF→GGUF tensor-name map and the tokeni
 (merges, special ids), so a LLaMA conversion is the short mapping below. Every file is checked
 after writing: llama.cpp must tokenize a probe text exactly as the HF tokenizer does.
 
-The pre-tokenizer name tells llama.cpp which split regex to use before BPE. Older runtimes (the
+Two tokenizer families: byte-level BPE (SmolLM2, Llama 3, Qwen: llama.cpp's `gpt2` model) and
+SentencePiece BPE with byte fallback (LLaMA-1/2, the paper's base model: llama.cpp's `llama` model).
+The pre-tokenizer name tells llama.cpp which split regex to use before byte-level BPE. Older runtimes (the
 GPT4All app and its `gpt4all` 2.8 Python bindings) predate some names and refuse such files;
 `compat=True` writes an older name with the identical regex (see COMPAT_PRE_TOKENIZERS).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,27 +102,115 @@ class Vocab:
     add_eos: bool
     chat_template: str | None
     pre: str
+    model: str = "gpt2"  # llama.cpp's tokenizer model: gpt2 (byte-level BPE) or llama (SentencePiece)
+    scores: list[float] | None = None  # SentencePiece merge priorities
+    add_space_prefix: bool = False
 
 
 def read_vocab(hf_dir: Path, n_vocab: int, pre: str | None = None) -> Vocab:
-    """The byte-level BPE vocabulary of an HF tokenizer, as llama.cpp's `gpt2` tokenizer model."""
-    import gguf
+    """The vocabulary of an HF tokenizer: byte-level BPE as llama.cpp's `gpt2` tokenizer model, or
+    a SentencePiece BPE with byte fallback (LLaMA-1/2, Mistral, TinyLlama) as its `llama` model."""
     from transformers import AutoTokenizer
 
     from distill4all.models.registry import quiet_hf
 
     tokenizer_json = hf_dir / "tokenizer.json"
     if not tokenizer_json.is_file():
-        raise ExportError(f"{hf_dir} has no tokenizer.json (a fast byte-level BPE tokenizer is needed)")
+        raise ExportError(f"{hf_dir} has no tokenizer.json (a fast tokenizer is needed)")
     tj = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     model = tj.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") != "BPE":
         raise ExportError(
-            f"{hf_dir}: only byte-level BPE tokenizers (GPT-2 style, as SmolLM2, Llama 3, Qwen use) "
-            f"are supported, not {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
+            f"{hf_dir}: only BPE tokenizers are supported (byte-level, as SmolLM2, Llama 3 and Qwen use, "
+            f"or SentencePiece with byte fallback, as LLaMA-1/2), not {model.get('type')}"
         )
     with quiet_hf():
         tok = AutoTokenizer.from_pretrained(hf_dir)
+    if model.get("byte_fallback"):
+        return _sentencepiece_vocab(hf_dir, tok, tj, n_vocab)
+    return _byte_level_vocab(hf_dir, tok, tj, n_vocab, pre)
+
+
+def _special_vocab(hf_dir: Path, n_vocab: int, *, merges: bool) -> Any:
+    import gguf
+
+    # gguf warns about pair templates (two-sequence inputs), which a causal LM never uses.
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
+    return gguf.SpecialVocab(hf_dir, load_merges=merges, n_vocab=n_vocab)
+
+
+def _adds(tok: Any) -> tuple[bool, bool]:
+    """Whether the tokenizer adds BOS / EOS, as it really does (configs can disagree with it)."""
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
+    return bos, tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id]
+
+
+def _sentencepiece_vocab(hf_dir: Path, tok: Any, tj: dict[str, Any], n_vocab: int) -> Vocab:
+    """LLaMA-1/2-style tokenizers (`tokenizer.json` converted from SentencePiece: BPE over pieces
+    with `▁` for spaces and `<0xNN>` byte fallback), for llama.cpp's SentencePiece tokenizer. That
+    merges the highest-scoring pair first; the original `tokenizer.model` has the scores, and where
+    it is gone (transformers 5 saves only tokenizer.json) a piece's score is minus its id: the
+    converter orders pieces, and so merges, by score. The tokenization check after writing
+    proves the result."""
+    import gguf
+
+    scores_of: dict[int, float] = {}
+    spm_file = hf_dir / "tokenizer.model"
+    if spm_file.is_file():
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
+        scores_of = {i: float(sp.GetScore(i)) for i in range(sp.GetPieceSize())}
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder
+    special_ids = set(tok.all_special_ids)
+    tokens: list[str] = []
+    types: list[int] = []
+    scores: list[float] = []
+    for i in range(n_vocab):
+        text = reverse.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i == tok.unk_token_id:
+            tokens.append(text)
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in special_ids or (i in added and added[i].special):
+            tokens.append(text)
+            types.append(gguf.TokenType.CONTROL)
+        elif i in added:
+            tokens.append(text)
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            tokens.append(text)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            tokens.append(text)
+            types.append(gguf.TokenType.NORMAL)
+        scores.append(scores_of.get(i, 0.0 if types[-1] != gguf.TokenType.NORMAL else -float(i)))
+    pre = tj.get("pre_tokenizer") or {}
+    normalizer = json.dumps(tj.get("normalizer") or {})
+    space_prefix = pre.get("prepend_scheme") in ("first", "always") or '"Prepend"' in normalizer
+    bos, eos = _adds(tok)
+    return Vocab(
+        tokens=tokens,
+        token_types=[int(t) for t in types],
+        merges=[],
+        special_ids=dict(_special_vocab(hf_dir, n_vocab, merges=False).special_token_ids),
+        add_bos=bos,
+        add_eos=eos,
+        chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
+        pre="default",
+        model="llama",
+        scores=scores,
+        add_space_prefix=space_prefix,
+    )
+
+
+def _byte_level_vocab(hf_dir: Path, tok: Any, tj: dict[str, Any], n_vocab: int, pre: str | None) -> Vocab:
+    import gguf
+
     reverse = {i: t for t, i in tok.get_vocab().items()}
     added = tok.added_tokens_decoder
     tokens: list[str] = []
@@ -134,29 +225,31 @@ def read_vocab(hf_dir: Path, n_vocab: int, pre: str | None = None) -> Vocab:
         else:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
-    # gguf warns about pair templates (two-sequence inputs), which a causal LM never uses.
-    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
-    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=n_vocab)
-    probe = tok("a", add_special_tokens=True)["input_ids"]
-    template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    special = _special_vocab(hf_dir, n_vocab, merges=True)
+    bos, eos = _adds(tok)
     return Vocab(
         tokens=tokens,
         token_types=[int(t) for t in types],
         merges=list(special.merges),
         special_ids=dict(special.special_token_ids),
-        add_bos=tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id],
-        add_eos=tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id],
-        chat_template=template,
+        add_bos=bos,
+        add_eos=eos,
+        chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
         pre=pre or detect_pre_tokenizer(tj),
     )
 
 
 def _add_vocab(writer: Any, vocab: Vocab, pre: str) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    if vocab.model == "llama":
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     for kind, tid in vocab.special_ids.items():
         add = getattr(writer, f"add_{kind}_token_id", None)
         if add is not None:
