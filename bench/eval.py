@@ -87,6 +87,11 @@ class Ours:
         return self.fn(self.engine, item)
 
 
+def max_log_gap(xs: list[float], ys: list[float]) -> float:
+    """The largest |log a - log b| over items: the mean per-token NLL gap, whatever the scale."""
+    return max(abs(math.log(a) - math.log(b)) for a, b in zip(xs, ys, strict=True) if math.isfinite(a + b))
+
+
 def clipped_median(values: list[float]) -> float:
     return statistics.median([100.0 if math.isinf(v) or v > 100 else v for v in values if not math.isnan(v)])
 
@@ -132,21 +137,21 @@ def main() -> None:
     peer = "original loop (transformers fp32)"
     rows = []
     for name in contenders:
-        diff = max(abs(a - b) for a, b in zip(values[name], values[peer], strict=True) if not math.isnan(a + b))
+        diff = max_log_gap(values[name], values[peer])
         rows.append([name, f"{len(chosen) / best[name]:.2f}", f"{best[peer] / best[name]:.2f}×",
                      f"{clipped_median(values[name]):.2f}", f"{diff:.2g}"])  # fmt: skip
-    body = table(["contender", "items/s", "vs original loop", "median ppl (clipped)", "max |Δppl| vs loop"], rows)
+    body = table(["contender", "items/s", "vs original loop", "median ppl (clipped)", "max |Δ log ppl| vs loop"], rows)
     ref = "ours, transformers fp32 (conditioned)"
     crows = []
     for name in conditioned:
-        diff = max(abs(a - b) for a, b in zip(values[name], values[ref], strict=True) if not math.isnan(a + b))
+        diff = max_log_gap(values[name], values[ref])
         crows.append([name, f"{len(chosen) / best[name]:.2f}", f"{best[ref] / best[name]:.2f}×",
                       f"{clipped_median(values[name]):.2f}", f"{diff:.2g}"])  # fmt: skip
     body += "\n\nThe corrected (conditioned) metric, HF vs GGUF:\n\n" + table(
-        ["contender", "items/s", "vs transformers", "median ppl (clipped)", "max |Δppl| vs transformers"], crows
+        ["contender", "items/s", "vs transformers", "median ppl (clipped)", "max |Δ log ppl| vs transformers"], crows
     )
     body += (
-        f"\n\n{len(chosen)} items of `{path.name}` (seed 0), SmolLM2-135M-Instruct, faithful metric; best of "
+        f"\n\n{len(chosen)} items of `{path.name}` (seed 0), SmolLM2-135M-Instruct; first table the paper's (faithful) metric; best of "
         f"{args.rounds} rounds in rotated order. {machine()}."
     )
     print(body)
@@ -156,8 +161,9 @@ def main() -> None:
             {"figure": "Self-Instruct perplexity, items/s", "ours": f"{len(chosen) / best[q4]:.2f} (Q4_0)",
              "peer": f"original loop {len(chosen) / best[peer]:.2f}", "ratio": f"{best[peer] / best[q4]:.2f}×",
              "target": ""},
-            {"figure": "same metric, same model: agreement", "ours": f"median {clipped_median(values[ours]):.2f}",
-             "peer": f"median {clipped_median(values[peer]):.2f}", "ratio": "-", "target": "≤1e-4 apart"},
+            {"figure": "faithful ppl, ours vs the original loop", "ours": f"median {clipped_median(values[ours]):.2f}",
+             "peer": f"median {clipped_median(values[peer]):.2f}",
+             "ratio": f"max Δ log ppl {max_log_gap(values[ours], values[peer]):.1g}", "target": "1e-4"},
         ])  # fmt: skip
 
 

@@ -527,6 +527,19 @@ class TransformersEngine(Engine):
             out = self.model(torch.tensor([ids], device=self.device)).logits[0]
         return np.asarray(out.float().cpu().numpy(), dtype=np.float32)
 
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        # In torch, by cross-entropy: no [len, vocab] log-softmax copied out to numpy.
+        import torch
+
+        if len(ids) < 2:
+            return []
+        self.check_fits(len(ids) - 1)
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=self.device)
+            logits = self.model(x[:, :-1]).logits[0].float()
+            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+        return [-float(v) for v in nll.cpu().tolist()]
+
     def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         """A plain KV-cached decoding loop with transformers' own logits processors.
 
