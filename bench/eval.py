@@ -151,8 +151,8 @@ def main() -> None:
         ["contender", "items/s", "vs transformers", "median ppl (clipped)", "max |Δ log ppl| vs transformers"], crows
     )
     body += (
-        f"\n\n{len(chosen)} items of `{path.name}` (seed 0), SmolLM2-135M-Instruct; first table the paper's (faithful) metric; best of "
-        f"{args.rounds} rounds in rotated order. {machine()}."
+        f"\n\n{len(chosen)} items of `{path.name}` (seed 0), SmolLM2-135M-Instruct; first table the paper's "
+        f"(faithful) metric; best of {args.rounds} rounds in rotated order. {machine()}."
     )
     print(body)
     if args.write:
