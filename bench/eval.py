@@ -8,11 +8,13 @@ in examples/data). Contenders, all on the same items, in turns (the machine is s
 - peer: the loop of nomic-ai/gpt4all's `eval_self_instruct.py` (March 2023), transformers fp32,
   written out here as it was (model(input_ids, labels=target_ids) per 512-token window);
 - ours, transformers engine (the HF form), the faithful metric;
-- ours, llama.cpp engine on our f16 and Q4_0 exports, the faithful metric.
+- ours, llama.cpp engine on our f16 and Q4_0 exports, the faithful metric;
+- and the corrected (conditioned) metric on each of our engines, HF vs GGUF (it has no peer).
 
-Beside the speed it reports each one's median perplexity (clipped at 100, as the figure script):
-ours on transformers must equal the peer's to 1e-4 (the tests assert that on the tiny model), and
-the GGUF files show what quantization does to the paper's metric.
+Beside the speed it reports each one's median perplexity (clipped at 100, as the figure script)
+and the largest per-item gap in log-perplexity: ours on transformers must equal the peer to 1e-4
+(the tests assert that on the tiny model), and the GGUF files show what quantization does to the
+paper's metric.
 """
 
 from __future__ import annotations
