@@ -226,10 +226,11 @@ def main() -> None:
     if args.write:  # one section per size, so the 100k and 1M runs sit side by side
         from _results import write_section
 
-        ratio = t_ds / t_one
+        best = min(t_one, t_two)  # on the same base rows as datasketch
         write_section(f"curate {len(rows):,} pairs", text.split("\n", 2)[2], headlines=[
-            {"figure": f"filters + exact + MinHash, pairs/s ({len(rows):,} pairs)", "ours": f"{len(base) / t_one:,.0f}",
-             "peer": f"datasketch {len(base) / t_ds:,.0f}", "ratio": f"{ratio:.1f}×", "target": "20,000 pairs/s"},
+            {"figure": f"filters + exact + MinHash, pairs/s ({os.cpu_count()} cores)",
+             "ours": f"{len(rows) / t_all:,.0f}", "peer": f"datasketch {len(base) / t_ds:,.0f} (1 core)",
+             "ratio": f"{t_ds / best:.1f}× on the same {len(base):,}", "target": "20,000 pairs/s"},
             {"figure": f"whole curation of {len(rows):,} pairs", "ours": f"{total:.0f} s", "peer": "-", "ratio": "-",
              "target": "100k in <10 min" if len(rows) <= 100_000 else ""},
         ])  # fmt: skip

@@ -150,3 +150,20 @@ def test_semantic_duplicates_by_cosine() -> None:
     edges = dedup.semantic_duplicate_edges(emb, 0.98)
     assert {tuple(e) for e in edges.tolist()} == {(10, 150), (10, 151), (150, 151)}
     assert dedup.clusters(200, edges)[[10, 150, 151]].tolist() == [10, 10, 10]
+
+
+def test_pair_keys_from_normalized_halves_equal_the_whole_pairs_key() -> None:
+    from distill4all.curate import pipeline
+    from distill4all.curate.pairs import Rows
+
+    prompts = ["Hello,  World!", "", "Q?", "  spaced\tout  "]
+    answers = ["Hi there.", "only an answer", None, "A\nB"]
+    rows = Rows(ids=list(range(4)), prompt_ids=["p"] * 4, sources=["s"] * 4, prompts=prompts, responses=answers,
+                finish_reasons=[None] * 4, teachers=["t"] * 4)  # fmt: skip
+    pipeline._STATE["rows"] = rows
+    try:
+        prompt_keys, pair_keys = pipeline._keys_range(0, 4)
+    finally:
+        pipeline._STATE.clear()
+    assert prompt_keys == [dedup.exact_key(p) for p in prompts]
+    assert pair_keys == [dedup.exact_key(pipeline.pair_text(p, a)) for p, a in zip(prompts, answers, strict=True)]

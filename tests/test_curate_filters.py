@@ -151,3 +151,21 @@ def test_every_hit_names_a_known_rule_and_a_detail() -> None:
     for _, bad, _ in CASES:
         for name, detail in filters.check(bad):
             assert name in FILTER_RULES and detail
+
+
+def test_factored_refusal_pattern_matches_as_the_flat_alternation() -> None:
+    import random
+    import re
+
+    from distill4all.curate.filters import REFUSAL_PHRASES, _trie_pattern
+
+    phrases = [p.lower() for p in REFUSAL_PHRASES]
+    flat = re.compile("|".join(rf"\b{re.escape(p)}" for p in sorted(phrases, key=len, reverse=True)))
+    factored = re.compile(r"\b" + _trie_pattern(phrases))
+    rng = random.Random(0)
+    words = [*" ".join(phrases).split(), "the", "a", "model", "aide", "sorry", "i", "as", "x"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(3000)]
+    texts += [f"so {p} then" for p in phrases] + [p[:-1] for p in phrases]
+    for text in texts:
+        a, b = flat.search(text), factored.search(text)
+        assert (a and (a.start(), a.group(0))) == (b and (b.start(), b.group(0))), text

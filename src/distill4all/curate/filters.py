@@ -18,6 +18,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from distill4all.config import FILTER_RULES, CurateFiltersConfig
 from distill4all.curate.dedup import normalize
@@ -76,7 +77,7 @@ class Filters:
         if not cfg.languages:
             self.enabled.discard("language")
         phrases = [_straight(p).lower() for p in (*REFUSAL_PHRASES, *cfg.refusal_phrases)]
-        self._refusal = re.compile("|".join(rf"\b{re.escape(p)}" for p in sorted(set(phrases), key=len, reverse=True)))
+        self._refusal = re.compile(r"\b" + _trie_pattern(phrases))
         self._rules: list[tuple[str, Callable[[Pair, str, list[str]], str | None]]] = [
             ("refusal", self.refusal),
             ("truncated.length", self.truncated_length),
@@ -150,6 +151,8 @@ class Filters:
         return bad
 
     def malformed_json(self, pair: Pair, text: str, words: list[str]) -> str | None:
+        if "json" not in pair.prompt.lower():  # every way of asking names it: skip the regex
+            return None
         if not _ASKS_JSON.search(pair.prompt) or _PROGRAMMING_QUESTION.search(pair.prompt):
             return None
         for candidate in _json_candidates(text):
@@ -228,6 +231,27 @@ class Filters:
             return None
         lang, _ = py3langid.classify(prose)
         return None if lang in self.cfg.languages else f"language {lang}"
+
+
+def _trie_pattern(phrases: list[str]) -> str:
+    """One regex for many literal phrases, factored by common prefixes ("i(?:'m (?:sorry|…)|…)").
+    Python's re tries a flat alternation's branches one by one at every position; the factored
+    form decides after a character or two, ~2× faster on answers, with the same matches."""
+    trie: dict[str, Any] = {}
+    for phrase in phrases:
+        node = trie
+        for ch in phrase:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a phrase ends here
+
+    def build(node: dict[str, Any]) -> str:
+        branches = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body  # greedy: the longest phrase wins
+
+    return build(trie)
 
 
 def _fence_state(text: str) -> tuple[bool, str | None]:

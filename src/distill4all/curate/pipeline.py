@@ -84,8 +84,14 @@ def _filter_range(lo: int, hi: int) -> list[list[filters.Hit]]:
 
 def _keys_range(lo: int, hi: int) -> tuple[list[bytes], list[bytes]]:
     rows: Rows = _STATE["rows"]
-    prompt_keys = [dedup.exact_key(rows.prompts[i]) for i in range(lo, hi)]
-    pair_keys = [dedup.exact_key(pair_text(rows.prompts[i], rows.responses[i])) for i in range(lo, hi)]
+    prompt_keys, pair_keys = [], []
+    for i in range(lo, hi):
+        # normalize() joins words with one space, so the pair's normal form is the prompt's and
+        # the answer's joined: the prompt is normalized once (== exact_key(pair_text(...)))
+        prompt = dedup.normalize(rows.prompts[i])
+        answer = dedup.normalize(rows.responses[i] or "")
+        prompt_keys.append(dedup.normalized_key(prompt))
+        pair_keys.append(dedup.normalized_key(f"{prompt} {answer}" if prompt and answer else prompt or answer))
     return prompt_keys, pair_keys
 
 
