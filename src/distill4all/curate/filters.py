@@ -92,6 +92,7 @@ class Filters:
             ("length.long", self.length_long),
             ("language", self.language),
         ]
+        self._active = [(name, rule) for name, rule in self._rules if name in self.enabled]
 
     def check(self, pair: Pair) -> list[Hit]:
         """Every enabled rule that fires on `pair`, in rule order."""
@@ -101,8 +102,8 @@ class Filters:
         text = pair.response or ""
         words = text.split()
         hits = []
-        for name, rule in self._rules:
-            if name in self.enabled and (detail := rule(pair, text, words)) is not None:
+        for name, rule in self._active:
+            if (detail := rule(pair, text, words)) is not None:
                 hits.append((name, detail))
         return hits
 
