@@ -24,6 +24,7 @@ from typing import Any
 
 from distill4all.config import SourceConfig
 from distill4all.errors import DataError
+from distill4all.records import parquet_rows
 
 
 @dataclass(frozen=True)
@@ -115,20 +116,6 @@ def _csv_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
             yield where, dict(row)
 
 
-def _parquet_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    n = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield f"{path}:row {n}", row
-            n += 1
-
-
 def _hf_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
     if os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False"):
         raise DataError(
@@ -168,7 +155,7 @@ def _file_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
         "jsonl": _jsonl_rows,
         "json": _json_rows,
         "csv": _csv_rows,
-        "parquet": _parquet_rows,
+        "parquet": parquet_rows,
     }
     return readers[kind](cfg.path)
 

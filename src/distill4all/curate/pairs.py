@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distill4all.errors import DataError
+from distill4all.records import read_records
 from distill4all.store import Store
 
 _SOURCE_OK = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -60,29 +61,11 @@ def prompt_id(source: str, text: str) -> str:
     return hashlib.sha256(f"{source}\0{text}".encode()).hexdigest()[:20]
 
 
-def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) for each record of a JSONL or Parquet file."""
+def _records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each record of a JSONL or Parquet pairs file."""
     if not path.is_file():
         raise DataError(f"pairs file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises several unrelated types for a bad file
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{path}: row {i}", row
-        return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            yield f"{path}:{lineno}", row
+    return read_records(path)
 
 
 def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000) -> int:

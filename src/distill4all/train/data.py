@@ -12,9 +12,7 @@ rendered and which tokens carry loss.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from distill4all.errors import DataError
+from distill4all.records import read_records
 
 Format = Literal["gpt4all", "alpaca", "messages"]
 ROLES = ("system", "user", "assistant")
@@ -43,28 +42,6 @@ class Example:
 class ReadStats:
     rows: int = 0
     empty: int = 0  # rows whose prompt or answer is blank: skipped, as the paper's cleaning would
-
-
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, row) for each row of a JSONL or Parquet file."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises several unrelated types for a bad file
-            raise DataError(f"{path}: cannot read as Parquet ({e})") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{path} row {i + 1}", row
-        return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def detect_format(row: Any, where: str) -> Format:
@@ -120,7 +97,7 @@ def read_examples(path: Path, fmt: Literal["auto"] | Format = "auto") -> tuple[l
     examples: list[Example] = []
     stats = ReadStats()
     detected: Format | None = None if fmt == "auto" else fmt
-    for where, row in _rows(path):
+    for where, row in read_records(path):
         detected = detected or detect_format(row, where)
         messages = _to_messages(row, detected, where)
         stats.rows += 1
