@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -106,3 +108,44 @@ def make_run(tmp_path: Path, stub_teacher: str) -> Callable[..., Path]:
         return write_config(tmp_path / "run.yaml", data)
 
     return make
+
+
+def store_query(run_dir: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Read a run's store as another process would while a run writes it: read-only, and empty
+    before the store exists or while it is locked."""
+    path = run_dir / "store.sqlite"
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return []
+
+
+def count_responses(run_dir: Path) -> int:
+    rows = store_query(run_dir, "SELECT COUNT(*) FROM responses")
+    return int(rows[0][0]) if rows else 0
+
+
+@contextlib.contextmanager
+def chromium_page(height: int, allowed: tuple[str, ...] = ("file:",)) -> Iterator[tuple[Any, list[str]]]:
+    """A page in Debian's headless Chromium, and the list its console errors, page errors and any
+    request outside `allowed` URL schemes are collected into."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": height})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda q: errors.append(f"network: {q.url}") if not q.url.startswith(allowed) else None)
+        yield page, errors
+        browser.close()

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import cli_command, run_cli, write_config, write_jsonl
+from conftest import cli_command, count_responses, run_cli, write_config, write_jsonl
 from distill4all.collect import ledger
 from distill4all.collect.collector import collect
 from distill4all.collect.cost import Budget
@@ -241,17 +241,6 @@ def api_config(tmp_path: Path, url: str, n: int, **teacher: Any) -> Path:
         },
     }
     return write_config(tmp_path / "run.yaml", data)
-
-
-def count_responses(run_dir: Path) -> int:
-    try:
-        db = sqlite3.connect(f"file:{run_dir / 'store.sqlite'}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.OperationalError:
-        return 0
 
 
 def server_answers(url: str) -> dict[str, int]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_command, run_cli, write_config, write_jsonl
+from conftest import REPO, chromium_page, cli_command, run_cli, write_config, write_jsonl
 
 DEMO = REPO / "examples" / "data" / "demo"
 LONG = (
@@ -324,22 +324,10 @@ def test_run_collect_then_curate(make_run: Callable[..., Path], tmp_path: Path) 
 
 def test_map_in_headless_chromium(curated: Path, tmp_path: Path) -> None:
     from PIL import Image
-    from playwright.sync_api import sync_playwright
 
     html = curated / "curate" / "map.html"
     with_text = sum(1 for r in pairs_rows() if r["response"].strip())
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1200, "height": 800})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on(
-            "request", lambda req: errors.append(f"network: {req.url}") if not req.url.startswith("file:") else None
-        )
+    with chromium_page(800) as (page, errors):
         page.goto(html.as_uri())
         page.wait_for_function("window.__datamap !== undefined")
         state = page.evaluate("window.__datamap")
@@ -368,7 +356,6 @@ def test_map_in_headless_chromium(curated: Path, tmp_path: Path) -> None:
             if shown:
                 break
         assert shown and "prompt" in page.locator("#tip").inner_text()
-        browser.close()
     assert errors == []
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     coloured = (np.abs(img - img[..., :1]).sum(axis=2) > 60).mean()  # saturated pixels: points, not grey UI

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import EVAL_SET, REPO, cli_command, run_cli, write_config
+from conftest import EVAL_SET, REPO, chromium_page, cli_command, run_cli, store_query, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +41,8 @@ def demo_config(tmp_path: Path, tiny_model: Path) -> Path:
     return write_config(tmp_path / "demo.yaml", data)
 
 
-def query(run_dir: Path, sql: str) -> list[tuple[Any, ...]]:
-    path = run_dir / "store.sqlite"
-    if not path.exists():
-        return []
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            return db.execute(sql).fetchall()
-        finally:
-            db.close()
-    except sqlite3.OperationalError:
-        return []
-
-
 def stage_running(run_dir: Path, stage: str) -> bool:
-    return query(run_dir, f"SELECT status FROM stages WHERE name = '{stage}'") == [("running",)]
+    return store_query(run_dir, f"SELECT status FROM stages WHERE name = '{stage}'") == [("running",)]
 
 
 def run_and_kill(config: Path, when: Callable[[], bool], what: str) -> None:
@@ -84,7 +69,7 @@ def test_demo_killed_in_every_stage_finishes_with_everything_counted(tmp_path: P
     run_dir = tmp_path / "run"
     n_prompts = 3 * PER_SOURCE
 
-    run_and_kill(config, lambda: len(query(run_dir, "SELECT id FROM responses")) >= 30, "30 answers")
+    run_and_kill(config, lambda: len(store_query(run_dir, "SELECT id FROM responses")) >= 30, "30 answers")
     run_and_kill(config, lambda: stage_running(run_dir, "curate"), "curate to start")
     run_and_kill(config, lambda: bool(list((run_dir / "train" / "checkpoints").glob("step-*"))), "a checkpoint")
     run_and_kill(config, lambda: stage_running(run_dir, "export"), "export to start")
@@ -95,15 +80,15 @@ def test_demo_killed_in_every_stage_finishes_with_everything_counted(tmp_path: P
     assert "resumed" in r.stdout
 
     # collect: every prompt answered exactly once, nothing left in flight
-    per_prompt = query(run_dir, "SELECT prompt_id, COUNT(*) FROM responses GROUP BY prompt_id")
+    per_prompt = store_query(run_dir, "SELECT prompt_id, COUNT(*) FROM responses GROUP BY prompt_id")
     assert len(per_prompt) == n_prompts and all(c == 1 for _, c in per_prompt)
-    assert query(run_dir, "SELECT COUNT(*) FROM tasks WHERE state != 'done'") == [(0,)]
+    assert store_query(run_dir, "SELECT COUNT(*) FROM tasks WHERE state != 'done'") == [(0,)]
     # curate: one decision per answer; the templated source flagged and dropped
-    assert query(run_dir, "SELECT COUNT(*) FROM decisions") == [(n_prompts,)]
+    assert store_query(run_dir, "SELECT COUNT(*) FROM decisions") == [(n_prompts,)]
     report = json.loads((run_dir / "curate" / "report.json").read_text())
     flagged = {s["source"] for s in report["sources"] if s["homogeneous"]}
     assert flagged == {"p3"}
-    kept = query(run_dir, "SELECT COUNT(*) FROM decisions WHERE kept = 1")[0][0]
+    kept = store_query(run_dir, "SELECT COUNT(*) FROM decisions WHERE kept = 1")[0][0]
     train_rows = [json.loads(line) for line in (run_dir / "curate" / "train.jsonl").read_text().splitlines()]
     assert 0 < len(train_rows) <= kept and all(row["source"] != "p3" for row in train_rows)
     # train: the adapter was saved, non-empty, after the steps one epoch takes
@@ -137,21 +122,8 @@ def check_report_page(page_path: Path, tmp_path: Path) -> None:
     """The report renders in headless Chromium with no console errors, every section present, the
     data map's frame loaded, and a screenshot that is not blank."""
     from PIL import Image, ImageStat
-    from playwright.sync_api import sync_playwright
 
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on(
-            "request",
-            lambda q: errors.append(f"network: {q.url}") if not q.url.startswith(("file:", "data:")) else None,
-        )
+    with chromium_page(900, allowed=("file:", "data:")) as (page, errors):
         page.goto(page_path.as_uri())
         page.wait_for_load_state("load")
         for section in ("funnel", "data", "train", "export", "eval", "chats"):
@@ -167,7 +139,6 @@ def check_report_page(page_path: Path, tmp_path: Path) -> None:
         assert all(images.nth(i).evaluate("i => i.naturalWidth > 0") for i in range(images.count()))
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
     assert errors == []
     stat = ImageStat.Stat(Image.open(shot).convert("L"))
     assert stat.stddev[0] > 10, "the screenshot is blank"

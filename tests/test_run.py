@@ -13,21 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import cli_command, run_cli
-
-
-def answered(run_dir: Path) -> int:
-    path = run_dir / "store.sqlite"
-    if not path.exists():
-        return 0
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.OperationalError:
-        return 0
+from conftest import cli_command, count_responses, run_cli
 
 
 def test_run_then_skip_then_force(make_run: Callable[..., Path], tmp_path: Path) -> None:
@@ -57,7 +43,7 @@ def test_run_then_skip_then_force(make_run: Callable[..., Path], tmp_path: Path)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["collect"]["run_id"] != first_run_id
     assert manifest["stages"]["collect"]["counts"]["answered"] == 5
-    assert answered(run_dir) == 5  # redone, not duplicated
+    assert count_responses(run_dir) == 5  # redone, not duplicated
 
 
 def test_changed_config_or_input_needs_force(make_run: Callable[..., Path], tmp_path: Path) -> None:
@@ -76,7 +62,7 @@ def test_changed_config_or_input_needs_force(make_run: Callable[..., Path], tmp_
         f.write(json.dumps({"prompt": "a new one"}) + "\n")
     r = run_cli("run", config)
     assert r.code == 2 and "input files changed" in r.stderr
-    assert answered(tmp_path / "run") == 3  # nothing lost
+    assert count_responses(tmp_path / "run") == 3  # nothing lost
 
 
 def test_sigkill_mid_stage_then_rerun_resumes_exactly_once(make_run: Callable[..., Path], tmp_path: Path) -> None:
@@ -87,14 +73,14 @@ def test_sigkill_mid_stage_then_rerun_resumes_exactly_once(make_run: Callable[..
     for threshold in (6, 20):
         p = subprocess.Popen(cli_command("--quiet", "run", config), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.time() + 240
-        while answered(run_dir) < threshold and p.poll() is None and time.time() < deadline:
+        while count_responses(run_dir) < threshold and p.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             kills += 1
         p.wait()
     assert kills == 2, "the stage finished before it could be killed; make it slower"
-    assert 0 < answered(run_dir) < n
+    assert 0 < count_responses(run_dir) < n
 
     r = run_cli("status", run_dir)
     assert r.code == 0 and "interrupted" in r.stdout
@@ -150,7 +136,7 @@ def test_one_runner_per_run_dir(make_run: Callable[..., Path], tmp_path: Path) -
     p = subprocess.Popen(cli_command("--quiet", "run", config), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
-        while answered(run_dir) < 1 and time.time() < deadline:
+        while count_responses(run_dir) < 1 and time.time() < deadline:
             time.sleep(0.05)
         r = run_cli("run", config)
         assert r.code == 2 and "in use by pid" in r.stderr
