@@ -90,6 +90,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict[str, str | None]]:
 
 
 def run_ours(rows: list[dict[str, str | None]], workers: int) -> float:
+    """The stage's own scan (filters, keys, signatures) and duplicate-edge search, as curate runs them."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -98,22 +99,11 @@ def run_ours(rows: list[dict[str, str | None]], workers: int) -> float:
             data = pairs.load_rows(store)
             cfg = CurateConfig(workers=workers)
             t0 = time.perf_counter()
-            pipeline._STATE.update(
-                rows=data, filters=filters.Filters(cfg.filters), hasher=dedup.MinHasher(cfg.dedup.num_perm)
-            )
-            scanner = pipeline.Scanner(len(data), workers)
-            try:
-                hits = [h for part in scanner.map(pipeline._filter_range, lambda k: None) for h in part]
-                keys = scanner.map(pipeline._keys_range, lambda k: None)
-                sigs = scanner.map(pipeline._minhash_range, lambda k: None)
-            finally:
-                scanner.close()
-                pipeline._STATE.clear()
-            ok = np.flatnonzero([not h for h in hits])
-            dedup.exact_duplicate_edges([k for p, _ in keys for k in p])
-            dedup.exact_duplicate_edges([k for _, q in keys for k in q])
-            for sig in (np.concatenate([p for p, _ in sigs]), np.concatenate([q for _, q in sigs])):
-                dedup.near_duplicate_edges(sig[ok], cfg.dedup.threshold)
+            found = pipeline.scan(data, cfg, workers)
+            ok = np.flatnonzero([not h for h in found.hits])
+            for what in ("prompt", "pair"):
+                dedup.exact_duplicate_edges(found.keys[what])
+                dedup.near_duplicate_edges(found.sigs[what][ok], cfg.dedup.threshold)
             return time.perf_counter() - t0
 
 

@@ -177,7 +177,7 @@ def test_exports_and_report(curated: Path) -> None:
     assert report["rules"]["refusal"]["examples"][0]["prompt"] == PLANTED["refusal"]["prompt"]
     assert report["rules"]["source.homogeneous"]["count"] == 80
     assert len(report["topics"]) >= 2 and all(t["subtopics"] for t in report["topics"])
-    for step in ("filters", "exact keys", "minhash", "embed (minilm)", "project (tsne)"):
+    for step in ("filters + keys + minhash", "embed (minilm)", "project (tsne)"):
         assert report["steps"][step]["rows"] > 0
     md = (folder / "report.md").read_text()
     assert "## Funnel" in md and "source.homogeneous" in md

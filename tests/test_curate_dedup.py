@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from distill4all.curate import dedup
+from distill4all.config import CurateConfig
+from distill4all.curate import dedup, pipeline
+from distill4all.curate.pairs import Rows
 
 WORDS = [
     "river",
@@ -152,18 +154,45 @@ def test_semantic_duplicates_by_cosine() -> None:
     assert dedup.clusters(200, edges)[[10, 150, 151]].tolist() == [10, 10, 10]
 
 
-def test_pair_keys_from_normalized_halves_equal_the_whole_pairs_key() -> None:
-    from distill4all.curate import pipeline
-    from distill4all.curate.pairs import Rows
+def rows_of(prompts: list[str], answers: list[str | None]) -> Rows:
+    n = len(prompts)
+    return Rows(ids=list(range(n)), prompt_ids=["p"] * n, sources=["s"] * n, prompts=prompts, responses=answers,
+                finish_reasons=[None] * n, teachers=["t"] * n)  # fmt: skip
 
+
+def test_scan_keys_are_the_whole_pairs_and_signatures_the_halves_union() -> None:
     prompts = ["Hello,  World!", "", "Q?", "  spaced\tout  "]
     answers = ["Hi there.", "only an answer", None, "A\nB"]
-    rows = Rows(ids=list(range(4)), prompt_ids=["p"] * 4, sources=["s"] * 4, prompts=prompts, responses=answers,
-                finish_reasons=[None] * 4, teachers=["t"] * 4)  # fmt: skip
-    pipeline._STATE["rows"] = rows
-    try:
-        prompt_keys, pair_keys = pipeline._keys_range(0, 4)
-    finally:
-        pipeline._STATE.clear()
-    assert prompt_keys == [dedup.exact_key(p) for p in prompts]
-    assert pair_keys == [dedup.exact_key(pipeline.pair_text(p, a)) for p, a in zip(prompts, answers, strict=True)]
+    found = pipeline.scan(rows_of(prompts, answers), CurateConfig(), workers=1)
+    assert found.keys["prompt"] == [dedup.exact_key(p) for p in prompts]
+    pairs = [pipeline.pair_text(p, a) for p, a in zip(prompts, answers, strict=True)]
+    assert found.keys["pair"] == [dedup.exact_key(t) for t in pairs]
+    # a pair's shingles are its prompt's and its answer's (none spans the two)
+    hasher = dedup.MinHasher()
+    assert (found.sigs["prompt"] == hasher.signatures(prompts)).all()
+    both = np.minimum(hasher.signatures(prompts), hasher.signatures([a or "" for a in answers]))
+    assert (found.sigs["pair"] == both).all()
+
+
+def test_scan_in_worker_processes_equals_one_process() -> None:
+    texts = corpus(9000, length=20)
+    prompts = [t[:40] + "?" for t in texts]
+    answers: list[str | None] = [
+        None if i % 997 == 0 else "As an AI language model, " + t if i % 501 == 0 else t for i, t in enumerate(texts)
+    ]
+    answers[7] = answers[3]  # an exact duplicate
+    rows = rows_of(prompts, answers)
+    one = pipeline.scan(rows, CurateConfig(), workers=1)
+    two = pipeline.scan(rows, CurateConfig(), workers=2)  # forked workers, shared signature memory
+    assert len(one.hits) == 9000 and sum(map(bool, one.hits)) >= 18
+    assert one.hits == two.hits and one.keys == two.keys
+    for what in ("prompt", "pair"):
+        assert (one.sigs[what] == two.sigs[what]).all()
+        assert (one.sigs[what] != 0).all()  # every row was written
+
+
+def test_forgetting_word_hashes_changes_no_signature() -> None:
+    texts = corpus(50, length=30, seed=4)
+    small = dedup.MinHasher()
+    small._MAX_WORDS = 10  # the remembered word hashes are dropped between every batch
+    assert (small.signatures(texts, batch=8) == dedup.MinHasher().signatures(texts)).all()

@@ -159,13 +159,42 @@ def test_factored_refusal_pattern_matches_as_the_flat_alternation() -> None:
 
     from distill4all.curate.filters import REFUSAL_PHRASES, _trie_pattern
 
-    phrases = [p.lower() for p in REFUSAL_PHRASES]
+    # built-in phrases, and custom ones that open with a non-word character, where \b means
+    # "after a word character"
+    phrases = [p.lower() for p in REFUSAL_PHRASES] + ["*sigh* i can't", "(as an ai)", "-- no"]
     flat = re.compile("|".join(rf"\b{re.escape(p)}" for p in sorted(phrases, key=len, reverse=True)))
-    factored = re.compile(r"\b" + _trie_pattern(phrases))
+    factored = re.compile(_trie_pattern(phrases))
     rng = random.Random(0)
-    words = [*" ".join(phrases).split(), "the", "a", "model", "aide", "sorry", "i", "as", "x"]
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(3000)]
-    texts += [f"so {p} then" for p in phrases] + [p[:-1] for p in phrases]
+    words = [*" ".join(phrases).split(), "the", "a", "model", "aide", "sorry", "i", "as", "x", "(", "--"]
+    texts = [
+        rng.choice([" ", "", "-", "\n"]).join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(3000)
+    ]
+    texts += [f"so {p} then" for p in phrases] + [f"so{p}" for p in phrases] + [p[:-1] for p in phrases]
     for text in texts:
         a, b = flat.search(text), factored.search(text)
         assert (a and (a.start(), a.group(0))) == (b and (b.start(), b.group(0))), text
+
+
+def test_empty_refusal_phrase_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="refusal phrase is empty"):
+        CurateFiltersConfig(refusal_phrases=["I would rather not", " "])
+
+
+def test_given_normal_forms_change_nothing() -> None:
+    from distill4all.curate.dedup import normalize
+
+    filters = Filters(CurateFiltersConfig(min_response_words=2, languages=["en"]))
+    prompt = "Name three fruits that are red, please"
+    echoes = [  # the echo rule reads the answer's start; the whole answer's normal form only skips
+        Pair(prompt, f"{prompt}!  Apples, cherries and strawberries."),
+        Pair(prompt, f"{prompt[:-3]}...{prompt[-3:]} — apples"),
+        Pair(prompt, " ".join(prompt) + " apples"),  # spread out past the part that is read
+        Pair(prompt, prompt.upper()),
+        Pair(prompt, "Name three fruits that are redder"),
+    ]
+    for _, bad, good in [*CASES, *((None, e, e) for e in echoes)]:
+        for pair in (bad, good):
+            expected = filters.check(pair)
+            assert filters.check(pair, normalize(pair.prompt), normalize(pair.response or "")) == expected

@@ -174,6 +174,13 @@ class CurateFiltersConfig(Section):
             raise ValueError(f"unknown rule {unknown[0]!r}; rules: {', '.join(FILTER_RULES)}")
         return items
 
+    @field_validator("refusal_phrases")
+    @classmethod
+    def _words_in_phrases(cls, items: list[str]) -> list[str]:
+        if any(not p.strip() for p in items):
+            raise ValueError("a refusal phrase is empty: it would match every answer")
+        return items
+
 
 DedupScope = Literal["prompt", "pair"]
 

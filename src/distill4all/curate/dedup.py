@@ -10,8 +10,10 @@ here (bench/curate.py measures both side by side; a test checks both find the pl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import string
+import sys
 import zlib
 from collections.abc import Sequence
 
@@ -25,6 +27,7 @@ from scipy.sparse.csgraph import connected_components
 # punctuation → space with str.translate: ~18× faster than a [\W_]+ regex on a million characters
 _PUNCT = str.maketrans(dict.fromkeys(string.punctuation + "“”‘’«»—–…¿¡·•", " "))
 _MAX_HASH = np.uint64((1 << 32) - 1)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _SEP = " qqdocsepqq "  # word characters only, so it survives normalization as one word
 
 
@@ -44,38 +47,47 @@ def normalized_key(normalized: str) -> bytes:
 class MinHasher:
     """Batched MinHash signatures over word n-gram shingles."""
 
+    _BOUNDARY = 1 << 32  # no crc32 is this large: the hash that marks the separator between texts
+    _MAX_WORDS = 1_000_000  # word hashes remembered (a forked worker's vocabulary), then forgotten
+
     def __init__(self, num_perm: int = 128, shingle_words: int = 5, seed: int = 1) -> None:
         self.num_perm, self.n = num_perm, shingle_words
         gen = np.random.RandomState(seed)
         self.a = gen.randint(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
         self.b = gen.randint(0, 2**63, size=num_perm, dtype=np.uint64)
+        self._words = _WordHashes({_SEP.strip(): self._BOUNDARY})
 
     def signatures(self, texts: Sequence[str], batch: int = 128) -> NDArray[np.uint32]:
+        """One row per text."""
         # 128 texts a batch keeps the (num_perm × shingles) hash matrix in cache: ~25% faster than 256
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
         for lo in range(0, len(texts), batch):
-            out[lo : lo + batch] = self._batch(texts[lo : lo + batch])
+            part = texts[lo : lo + batch]
+            out[lo : lo + batch] = self._batch(_SEP.join(part).casefold().translate(_PUNCT).split(), len(part))
         return out
 
-    def _batch(self, texts: Sequence[str]) -> NDArray[np.uint32]:
-        words = _SEP.join(texts).casefold().translate(_PUNCT).split()
-        codes, uniques = pd.factorize(np.asarray(words, dtype=object))
-        # 32-bit word hashes, stable across processes and runs (Python's hash() is salted)
-        word_hash = np.fromiter((zlib.crc32(w.encode()) for w in uniques), dtype=np.uint64, count=len(uniques))
-        sep = _SEP.strip()
-        sep_code = int(np.flatnonzero(uniques == sep)[0]) if len(texts) > 1 else -1
-        h = word_hash[codes]
-        doc = np.cumsum(codes == sep_code)  # doc index of each word (separators belong to the next)
-        keep = codes != sep_code
-        h, doc = h[keep], doc[keep]
-        n_docs = len(texts)
+    def _word_hashes(self, words: list[str]) -> NDArray[np.uint64]:
+        """32-bit hashes of the words, stable across processes and runs (Python's hash() is salted),
+        `_BOUNDARY` for the separator. A dict remembers each word's hash: the lookups run at C
+        speed, where hashing every word (or factorizing the batch) costs ~2× more."""
+        if len(self._words) > self._MAX_WORDS:
+            self._words = _WordHashes({_SEP.strip(): self._BOUNDARY})
+        return np.fromiter(map(self._words.__getitem__, words), dtype=np.uint64, count=len(words))
+
+    def _batch(self, words: list[str], n_docs: int) -> NDArray[np.uint32]:
+        """Signatures of `n_docs` texts given as their words, with the separator word between texts."""
+        h = self._word_hashes(words)
+        boundary = h == np.uint64(self._BOUNDARY)
+        doc = np.cumsum(boundary)  # doc index of each word (separators belong to the next)
+        h, doc = h[~boundary], doc[~boundary]
         n = self.n
         # polynomial hash of each window of n words; windows that cross a document are masked
         m = len(h) - n + 1
         if m > 0:
-            sh = np.zeros(m, dtype=np.uint64)
-            for j in range(n):
-                sh = sh * np.uint64(1_000_003) + h[j : j + m]
+            sh = h[:m].copy()
+            for j in range(1, n):
+                sh *= np.uint64(1_000_003)
+                sh += h[j : j + m]
             valid = doc[:m] == doc[n - 1 :]
             sh, sh_doc = sh[valid], doc[:m][valid]
         else:
@@ -92,19 +104,31 @@ class MinHasher:
                     acc = (acc * 1_000_003 + v) & 0xFFFF_FFFF_FFFF_FFFF  # the same wrap as uint64 above
                 extra[k] = acc
             sh, sh_doc = np.concatenate([sh, extra]), np.concatenate([sh_doc, short])
-        order = np.argsort(sh_doc, kind="stable")
-        sh, sh_doc = (sh[order] ^ (sh[order] >> np.uint64(29))) & _MAX_HASH, sh_doc[order]
+            order = np.argsort(sh_doc, kind="stable")
+            sh, sh_doc = sh[order], sh_doc[order]
+        sh = (sh ^ (sh >> np.uint64(29))) & _MAX_HASH
         with np.errstate(over="ignore"):  # (a·x + b) mod 2^64, top 32 bits: Dietzfelbinger's multiply-shift
-            # (num_perm, shingles): each permutation's row is contiguous for the segment minima
-            perm = ((self.a[:, None] * sh[None, :] + self.b[:, None]) >> np.uint64(32)).astype(np.uint32)
+            # (num_perm, shingles): each permutation's row is contiguous for the segment minima;
+            # in place, and the top halves read through a view rather than shifted and copied
+            perm = np.multiply(self.a[:, None], sh[None, :])
+            perm += self.b[:, None]
+        top = perm.view(np.uint32)[:, 1::2] if _LITTLE_ENDIAN else (perm >> np.uint64(32)).astype(np.uint32)
         sig = np.full((n_docs, self.num_perm), _MAX_HASH, dtype=np.uint32)
-        present = np.unique(sh_doc)
-        if len(present):
-            starts = np.searchsorted(sh_doc, present)
-            sig[present] = np.minimum.reduceat(perm, starts, axis=1).T
+        if len(sh_doc):  # sh_doc is sorted: each document's shingles are one run
+            first = np.flatnonzero(np.r_[True, sh_doc[1:] != sh_doc[:-1]])
+            sig[sh_doc[first]] = np.minimum.reduceat(top, first, axis=1).T
         return sig
 
 
+class _WordHashes(dict[str, int]):
+    """word → crc32 of its UTF-8, computed on first sight."""
+
+    def __missing__(self, word: str) -> int:
+        value = self[word] = zlib.crc32(word.encode())
+        return value
+
+
+@functools.lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) as datasketch's MinHashLSH picks them for this threshold."""
     b, r = _optimal_param(threshold, num_perm, 0.5, 0.5)
@@ -124,18 +148,21 @@ def near_duplicate_edges(sig: NDArray[np.uint32], threshold: float) -> NDArray[n
         part = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
         with np.errstate(over="ignore"):
             key = (part * coeff).sum(axis=1, dtype=np.uint64)
-        order = np.argsort(key, kind="stable")
+        # only keys seen twice can link anything: a hash pass finds them (most keys are unique),
+        # then a stable sort of those alone gives their runs in row order
+        cand = np.flatnonzero(pd.Series(key).duplicated(keep=False).to_numpy())
+        if not len(cand):
+            continue
+        order = cand[np.argsort(key[cand], kind="stable")]
         k = key[order]
         same = np.flatnonzero(k[1:] == k[:-1]) + 1  # positions equal to their predecessor
-        if not len(same):
-            continue
         # link each member of a run of equal keys to the run's first member
-        run_start = np.maximum.accumulate(np.where(np.r_[True, k[1:] != k[:-1]], np.arange(n), 0))
-        pairs = np.stack([order[run_start[same]], order[same]], axis=1)
-        found.append(pairs)
+        run_start = np.maximum.accumulate(np.where(np.r_[True, k[1:] != k[:-1]], np.arange(len(k)), 0))
+        found.append(order[run_start[same]] * n + order[same])  # (i, j) as one number, i < j
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
-    edges = np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
+    packed = np.unique(np.concatenate(found))
+    edges = np.stack([packed // n, packed % n], axis=1)
     edges = edges[~empty[edges[:, 0]] & ~empty[edges[:, 1]]]
     similar = (sig[edges[:, 0]] == sig[edges[:, 1]]).mean(axis=1) >= threshold
     return np.asarray(edges[similar], dtype=np.int64)

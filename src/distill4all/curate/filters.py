@@ -33,6 +33,21 @@ class Pair:
 
 Hit = tuple[str, str]  # (rule, detail)
 
+
+class Answer:
+    """A pair's answer in the forms the rules read, each made once per pair rather than per rule."""
+
+    __slots__ = ("fences", "normal", "prompt_normal", "text", "words")
+
+    def __init__(self, pair: Pair, prompt_normal: str | None, normal: str | None) -> None:
+        self.text = pair.response or ""
+        # lower-cased: the repetition rule compares them so; the other rules only count them
+        self.words = self.text.lower().split()
+        self.fences = _fence_state(self.text)
+        self.prompt_normal = normalize(pair.prompt) if prompt_normal is None else prompt_normal
+        self.normal = normal  # the whole answer normalize()d, when the caller has it
+
+
 REFUSAL_PHRASES: tuple[str, ...] = (
     "as an ai language model", "as a language model", "as an ai model", "as an ai assistant",
     "as an artificial intelligence", "i'm just an ai", "i am just an ai", "i'm only an ai",
@@ -77,8 +92,8 @@ class Filters:
         if not cfg.languages:
             self.enabled.discard("language")
         phrases = [_straight(p).lower() for p in (*REFUSAL_PHRASES, *cfg.refusal_phrases)]
-        self._refusal = re.compile(r"\b" + _trie_pattern(phrases))
-        self._rules: list[tuple[str, Callable[[Pair, str, list[str]], str | None]]] = [
+        self._refusal = re.compile(_trie_pattern(phrases))
+        self._rules: list[tuple[str, Callable[[Pair, Answer], str | None]]] = [
             ("refusal", self.refusal),
             ("truncated.length", self.truncated_length),
             ("truncated.mid-sentence", self.truncated_mid_sentence),
@@ -94,16 +109,17 @@ class Filters:
         ]
         self._active = [(name, rule) for name, rule in self._rules if name in self.enabled]
 
-    def check(self, pair: Pair) -> list[Hit]:
-        """Every enabled rule that fires on `pair`, in rule order."""
+    def check(self, pair: Pair, prompt_normal: str | None = None, answer_normal: str | None = None) -> list[Hit]:
+        """Every enabled rule that fires on `pair`, in rule order. `prompt_normal` and
+        `answer_normal` are the prompt's and the answer's `normalize()`d forms, when the caller has
+        them already (the results are the same)."""
         failure = self.failure(pair)
         if failure is not None:
             return [failure] if failure[0] in self.enabled else []
-        text = pair.response or ""
-        words = text.split()
+        answer = Answer(pair, prompt_normal, answer_normal)
         hits = []
         for name, rule in self._active:
-            if (detail := rule(pair, text, words)) is not None:
+            if (detail := rule(pair, answer)) is not None:
                 hits.append((name, detail))
         return hits
 
@@ -121,42 +137,40 @@ class Filters:
 
     # --- refusal ------------------------------------------------------------------------------
 
-    def refusal(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        m = self._refusal.search(_straight(text).lower())
+    def refusal(self, pair: Pair, a: Answer) -> str | None:
+        m = self._refusal.search(_straight(a.text).lower())
         return f'"{m.group(0)}"' if m else None
 
     # --- truncation ---------------------------------------------------------------------------
 
-    def truncated_length(self, pair: Pair, text: str, words: list[str]) -> str | None:
+    def truncated_length(self, pair: Pair, a: Answer) -> str | None:
         return "finish_reason=length" if pair.finish_reason == "length" else None
 
-    def truncated_mid_sentence(self, pair: Pair, text: str, words: list[str]) -> str | None:
+    def truncated_mid_sentence(self, pair: Pair, a: Answer) -> str | None:
         """A prose answer whose last line stops without closing punctuation."""
-        if len(words) < self.cfg.truncation_min_words or _fence_state(text)[0]:
+        if len(a.words) < self.cfg.truncation_min_words or a.fences[0]:
             return None  # short answers (labels, names) need no full stop; open fences are another rule
-        last = text.rstrip().rsplit("\n", 1)[-1].strip()
-        if len(last.split()) < 3 or _LIST_OR_MARKUP.match(last) or last[-1] in _TERMINAL:
+        last = a.text.rstrip().rsplit("\n", 1)[-1].strip()
+        if len(last.split(None, 2)) < 3 or _LIST_OR_MARKUP.match(last) or last[-1] in _TERMINAL:
             return None
         if last[-1].isdigit():
             return None  # "… is 42" ends a sentence as often as not
         return f"ends with {last[-30:]!r}"
 
-    def truncated_code_fence(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        open_block, _ = _fence_state(text)
-        return "code block never closed" if open_block else None
+    def truncated_code_fence(self, pair: Pair, a: Answer) -> str | None:
+        return "code block never closed" if a.fences[0] else None
 
     # --- malformed ----------------------------------------------------------------------------
 
-    def malformed_fence(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        _, bad = _fence_state(text)
-        return bad
+    def malformed_fence(self, pair: Pair, a: Answer) -> str | None:
+        return a.fences[1]
 
-    def malformed_json(self, pair: Pair, text: str, words: list[str]) -> str | None:
+    def malformed_json(self, pair: Pair, a: Answer) -> str | None:
         if "json" not in pair.prompt.lower():  # every way of asking names it: skip the regex
             return None
         if not _ASKS_JSON.search(pair.prompt) or _PROGRAMMING_QUESTION.search(pair.prompt):
             return None
-        for candidate in _json_candidates(text):
+        for candidate in _json_candidates(a.text):
             try:
                 json.loads(candidate)
                 return None
@@ -164,28 +178,31 @@ class Filters:
                 continue
         return "JSON was asked for; none parses"
 
-    def malformed_mojibake(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        if text.isascii():  # mojibake is made of non-ASCII characters; most answers have none
+    def malformed_mojibake(self, pair: Pair, a: Answer) -> str | None:
+        if a.text.isascii():  # mojibake is made of non-ASCII characters; most answers have none
             return None
-        if "\ufffd" in text:
+        if "\ufffd" in a.text:
             return "U+FFFD replacement character"
         from ftfy.badness import is_bad
 
-        return "mojibake (mis-decoded text)" if is_bad(text) else None
+        return "mojibake (mis-decoded text)" if is_bad(a.text) else None
 
-    def malformed_echo(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        prompt = normalize(pair.prompt)
+    def malformed_echo(self, pair: Pair, a: Answer) -> str | None:
+        prompt = a.prompt_normal
         if not prompt or prompt.count(" ") + 1 < self.cfg.echo_min_words:
             return None
-        answer = normalize(text[: 2 * len(pair.prompt) + 64])  # only its start can echo the prompt
-        if answer == prompt and len(text) <= 2 * len(pair.prompt) + 64:
+        if a.normal is not None and not a.normal.startswith(prompt):
+            return None  # the start's normal form is the whole's up to a cut last word: no echo either
+        answer = normalize(a.text[: 2 * len(pair.prompt) + 64])  # only its start can echo the prompt
+        if answer == prompt and len(a.text) <= 2 * len(pair.prompt) + 64:
             return "the answer is the prompt"
         return "the answer starts by repeating the whole prompt" if answer.startswith(prompt + " ") else None
 
-    def malformed_repetition(self, pair: Pair, text: str, words: list[str]) -> str | None:
+    def malformed_repetition(self, pair: Pair, a: Answer) -> str | None:
         """Repetition loops, by the Gopher rules: chars in repeated lines, top 2-gram, repeated 5-grams."""
-        if len(words) < self.cfg.repetition_min_words:
+        if len(a.words) < self.cfg.repetition_min_words:
             return None
+        text = a.text
         data = text.encode()
         if len(zlib.compress(data, 1)) > 0.5 * len(data):
             return None  # fast path: text that repeats itself enough to trip a rule compresses below half
@@ -200,7 +217,7 @@ class Filters:
                 seen.add(ln)
             if dup / total > self.cfg.max_dup_line_chars:
                 return f"{dup / total:.0%} of the text is repeated lines"
-        lower = text.lower().split()
+        lower = a.words
         chars = sum(map(len, lower))
         top_gram, top_count = Counter(itertools.pairwise(lower)).most_common(1)[0]
         share = top_count * (len(top_gram[0]) + len(top_gram[1])) / chars
@@ -213,21 +230,21 @@ class Filters:
 
     # --- length and language ------------------------------------------------------------------
 
-    def length_short(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        n = len(words)
+    def length_short(self, pair: Pair, a: Answer) -> str | None:
+        n = len(a.words)
         return f"{n} words < {self.cfg.min_response_words}" if n < self.cfg.min_response_words else None
 
-    def length_long(self, pair: Pair, text: str, words: list[str]) -> str | None:
-        if len(text) > self.cfg.max_response_chars:
-            return f"answer of {len(text)} chars > {self.cfg.max_response_chars}"
+    def length_long(self, pair: Pair, a: Answer) -> str | None:
+        if len(a.text) > self.cfg.max_response_chars:
+            return f"answer of {len(a.text)} chars > {self.cfg.max_response_chars}"
         if len(pair.prompt) > self.cfg.max_prompt_chars:
             return f"prompt of {len(pair.prompt)} chars > {self.cfg.max_prompt_chars}"
         return None
 
-    def language(self, pair: Pair, text: str, words: list[str]) -> str | None:
+    def language(self, pair: Pair, a: Answer) -> str | None:
         import py3langid
 
-        prose = _CODE_BLOCK.sub(" ", text)[:2000]
+        prose = _CODE_BLOCK.sub(" ", a.text)[:2000]
         if len(prose.strip()) < self.cfg.language_min_chars:
             return None
         lang, _ = py3langid.classify(prose)
@@ -235,9 +252,12 @@ class Filters:
 
 
 def _trie_pattern(phrases: list[str]) -> str:
-    """One regex for many literal phrases, factored by common prefixes ("i(?:'m (?:sorry|…)|…)").
-    Python's re tries a flat alternation's branches one by one at every position; the factored
-    form decides after a character or two, ~2× faster on answers, with the same matches."""
+    """One regex for many literal phrases, each starting at a word boundary, factored by common
+    prefixes ("i(?:'m (?:sorry|…)|…)"). Python's re tries a flat alternation's branches one by one
+    at every position; the factored form decides after a character or two, ~2× faster on answers,
+    with the same matches. The boundary is asserted after the first character (`a(?<=\ba)…`), not
+    before it: a pattern that opens with a character set lets re skip ahead to candidate
+    characters (another ~15%)."""
     trie: dict[str, Any] = {}
     for phrase in phrases:
         node = trie
@@ -252,7 +272,8 @@ def _trie_pattern(phrases: list[str]) -> str:
         body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
         return f"(?:{body})?" if "" in node else body  # greedy: the longest phrase wins
 
-    return build(trie)
+    first = sorted(ch for ch in trie if ch)
+    return "(?:" + "|".join(rf"{re.escape(ch)}(?<=\b{re.escape(ch)})" + build(trie[ch]) for ch in first) + ")"
 
 
 def _fence_state(text: str) -> tuple[bool, str | None]:

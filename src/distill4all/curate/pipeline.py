@@ -1,8 +1,9 @@
 """The curation, step by step, over every response in a run store.
 
-  filters     failure / refusal / truncation / malformed / length / language rules (filters.py)
-  keys        normalized hashes of each prompt and pair (exact duplicates)
-  minhash     MinHash signatures of each prompt and pair, LSH near-duplicate links
+  filters + keys + minhash
+              one pass over the pairs: the failure / refusal / truncation / malformed / length /
+              language rules (filters.py), normalized hashes of each prompt and pair (exact
+              duplicates) and their MinHash signatures; then the LSH near-duplicate links
   embed       pair embeddings, cached in the store
   topics      two-level k-means topics with c-TF-IDF labels
   diversity   per-source metrics and the homogeneous-source flag; sources excluded
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import time
@@ -42,7 +44,7 @@ from distill4all.store import Store
 
 T = TypeVar("T")
 
-_STATE: dict[str, Any] = {}  # what forked workers read: the rows, the filters, the hasher
+_STATE: dict[str, Any] = {}  # what forked workers see: the rows, filters, hasher, signature arrays
 
 
 @dataclass
@@ -76,33 +78,68 @@ def pair_text(prompt: str, response: str | None) -> str:
 # --- parallel scan ------------------------------------------------------------------------------
 
 
-def _filter_range(lo: int, hi: int) -> list[list[filters.Hit]]:
+@dataclass
+class Scan:
+    """What one pass over the pairs finds: filter hits, exact keys and MinHash signatures."""
+
+    hits: list[list[filters.Hit]]
+    keys: dict[str, list[bytes]]  # "prompt" / "pair" → one key per row
+    sigs: dict[str, NDArray[np.uint32]]  # "prompt" / "pair" → (rows, num_perm)
+
+
+def scan(rows: Rows, cfg: CurateConfig, workers: int, advance: Callable[[int], None] = lambda k: None) -> Scan:
+    """Filters, exact keys and MinHash signatures of every row, in `workers` processes."""
+    n = len(rows)
+    # the workers write signatures straight into shared memory: nothing big is pickled back
+    sigs = {what: _shared_array((n, cfg.dedup.num_perm), np.uint32) for what in ("prompt", "pair")}
+    _STATE.update(
+        rows=rows,
+        filters=filters.Filters(cfg.filters),
+        hasher=dedup.MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_words),
+        sigs=sigs,
+    )
+    scanner = Scanner(n, workers)
+    try:
+        parts = scanner.map(_scan_range, advance)
+    finally:
+        scanner.close()
+        _STATE.clear()
+    return Scan(
+        hits=[h for hits, _, _ in parts for h in hits],
+        keys={"prompt": [k for _, p, _ in parts for k in p], "pair": [k for _, _, q in parts for k in q]},
+        sigs=sigs,
+    )
+
+
+def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[bytes], list[bytes]]:
+    """Rows [lo, hi): each prompt and answer is normalized once, for the echo rule and the exact keys."""
+    rows: Rows = _STATE["rows"]
     f: filters.Filters = _STATE["filters"]
-    rows: Rows = _STATE["rows"]
-    return [f.check(filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i])) for i in range(lo, hi)]
-
-
-def _keys_range(lo: int, hi: int) -> tuple[list[bytes], list[bytes]]:
-    rows: Rows = _STATE["rows"]
-    prompt_keys, pair_keys = [], []
+    hasher: dedup.MinHasher = _STATE["hasher"]
+    hits, prompt_keys, pair_keys = [], [], []
     for i in range(lo, hi):
-        # normalize() joins words with one space, so the pair's normal form is the prompt's and
-        # the answer's joined: the prompt is normalized once (== exact_key(pair_text(...)))
         prompt = dedup.normalize(rows.prompts[i])
         answer = dedup.normalize(rows.responses[i] or "")
+        pair = filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i])
+        hits.append(f.check(pair, prompt, answer))
+        # normalize() joins words with one space, so the pair's normal form is the prompt's and
+        # the answer's joined (== exact_key(pair_text(...)))
         prompt_keys.append(dedup.normalized_key(prompt))
         pair_keys.append(dedup.normalized_key(f"{prompt} {answer}" if prompt and answer else prompt or answer))
-    return prompt_keys, pair_keys
-
-
-def _minhash_range(lo: int, hi: int) -> tuple[NDArray[np.uint32], NDArray[np.uint32]]:
-    """Signatures of the prompts and of the pairs; a pair's shingles are its prompt's and its answer's,
-    so its signature is the element-wise minimum of theirs and the prompt is hashed only once."""
-    rows: Rows = _STATE["rows"]
-    hasher: dedup.MinHasher = _STATE["hasher"]
-    prompts = hasher.signatures(rows.prompts[lo:hi])
+    # a pair's shingles are its prompt's and its answer's, so its signature is the element-wise
+    # minimum of theirs and the prompt is hashed only once
+    sig_prompt = hasher.signatures(rows.prompts[lo:hi])
+    _STATE["sigs"]["prompt"][lo:hi] = sig_prompt
     answers = hasher.signatures([r or "" for r in rows.responses[lo:hi]])
-    return prompts, np.minimum(prompts, answers)
+    np.minimum(sig_prompt, answers, out=_STATE["sigs"]["pair"][lo:hi])
+    return hits, prompt_keys, pair_keys
+
+
+def _shared_array(shape: tuple[int, int], dtype: type[np.uint32]) -> NDArray[np.uint32]:
+    """Zeroed memory shared with the workers forked after it is made (an anonymous shared map)."""
+    count = shape[0] * shape[1]
+    buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 class Scanner:
@@ -163,31 +200,11 @@ def curate(
     if n == 0:
         raise DataError("nothing to curate: the run store has no answers (run collect, or give curate.input)")
     workers = cfg.workers or os.cpu_count() or 1
-    _STATE.update(
-        rows=rows,
-        filters=filters.Filters(cfg.filters),
-        hasher=dedup.MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_words),
-    )
-    scanner = Scanner(n, workers)
-    try:
-        with steps.step("filters", n) as advance:
-            hits = [h for part in scanner.map(_filter_range, advance) for h in part]
-        with steps.step("exact keys", n) as advance:
-            parts = scanner.map(_keys_range, advance)
-            prompt_keys = [k for p, _ in parts for k in p]
-            pair_keys = [k for _, q in parts for k in q]
-        with steps.step("minhash", n) as advance:
-            sig_parts = scanner.map(_minhash_range, advance)
-    finally:
-        scanner.close()
-        _STATE.clear()
+    with steps.step("filters + keys + minhash", n) as advance:
+        scanned = scan(rows, cfg, workers, advance)
+    hits, sigs = scanned.hits, scanned.sigs
     ok = np.asarray([not h for h in hits])
     ok_idx = np.flatnonzero(ok)
-    sigs = {
-        "prompt": np.concatenate([p for p, _ in sig_parts]),
-        "pair": np.concatenate([q for _, q in sig_parts]),
-    }
-    del sig_parts
     with steps.step("near-dup links", len(ok_idx), bar=False):
         # among all pairs that passed the filters: the sources' near-duplicate rates
         in_near = np.zeros(n, dtype=bool)
@@ -248,10 +265,9 @@ def curate(
     ]
     dedup_counts: dict[str, int] = {}
     with steps.step("dedup", after_sources, bar=False):
-        keys = {"prompt": prompt_keys, "pair": pair_keys}
         for kind in _dedup_kinds(cfg):
             before = int(alive.sum())
-            edges = _duplicate_edges(kind, np.flatnonzero(alive), keys, sigs, emb, emb_row, cfg)
+            edges = _duplicate_edges(kind, np.flatnonzero(alive), scanned.keys, sigs, emb, emb_row, cfg)
             _drop_duplicates(kind, edges, alive, rows.ids, rules, details, cluster)
             dedup_counts[kind] = before - int(alive.sum())
             funnel.append({"step": f"{kind} duplicates", "remaining": int(alive.sum()), "dropped": dedup_counts[kind]})
