@@ -141,10 +141,11 @@ def run_full(rows: list[dict[str, str | None]], model: str) -> tuple[list[tuple[
         t0 = time.perf_counter()
         with Store(Path(tmp) / "store.sqlite") as store:
             pairs.import_pairs(store, path, "import")
-            t_import = time.perf_counter() - t0
+            t_import, rss_import = time.perf_counter() - t0, peak_rss_mb()
             result = pipeline.curate(store, cfg, Path(tmp) / "curate", quiet=True)
         total = time.perf_counter() - t0
-        steps = [("import", {"rows": len(rows), "seconds": t_import, "rows_per_s": len(rows) / t_import})]
+        steps = [("import", {"rows": len(rows), "seconds": t_import, "rows_per_s": len(rows) / t_import,
+                             "peak_rss_mb": rss_import})]  # fmt: skip
         steps += [(s.name, s.as_dict()) for s in result.steps.stats if s.name != "load"]
         report = json.loads((Path(tmp) / "curate" / "report.json").read_text())
         steps.append(

@@ -69,7 +69,7 @@ class MinHasher:
     def _word_hashes(self, words: list[str]) -> NDArray[np.uint64]:
         """32-bit hashes of the words, stable across processes and runs (Python's hash() is salted),
         `_BOUNDARY` for the separator. A dict remembers each word's hash: the lookups run at C
-        speed, where hashing every word (or factorizing the batch) costs ~2× more."""
+        speed, where hashing every word (or factorizing the batch) costs ~1.6× more."""
         if len(self._words) > self._MAX_WORDS:
             self._words = _WordHashes({_SEP.strip(): self._BOUNDARY})
         return np.fromiter(map(self._words.__getitem__, words), dtype=np.uint64, count=len(words))
