@@ -252,7 +252,7 @@ class Filters:
 
 
 def _trie_pattern(phrases: list[str]) -> str:
-    """One regex for many literal phrases, each starting at a word boundary, factored by common
+    r"""One regex for many literal phrases, each starting at a word boundary, factored by common
     prefixes ("i(?:'m (?:sorry|…)|…)"). Python's re tries a flat alternation's branches one by one
     at every position; the factored form decides after a character or two, ~2× faster on answers,
     with the same matches. The boundary is asserted after the first character (`a(?<=\ba)…`), not
