@@ -190,7 +190,7 @@ def test_given_normal_forms_change_nothing() -> None:
     echoes = [  # the echo rule reads the answer's start; the whole answer's normal form only skips
         Pair(prompt, f"{prompt}!  Apples, cherries and strawberries."),
         Pair(prompt, f"{prompt[:-3]}...{prompt[-3:]} — apples"),
-        Pair(prompt, " ".join(prompt) + " apples"),  # spread out past the part that is read
+        Pair(prompt, f" {'.' * 20} ".join(prompt.split()) + " apples."),  # spread past the part that is read
         Pair(prompt, prompt.upper()),
         Pair(prompt, "Name three fruits that are redder"),
     ]
@@ -198,3 +198,5 @@ def test_given_normal_forms_change_nothing() -> None:
         for pair in (bad, good):
             expected = filters.check(pair)
             assert filters.check(pair, normalize(pair.prompt), normalize(pair.response or "")) == expected
+    assert [h[0] for h in filters.check(echoes[0])] == ["malformed.echo"]
+    assert not filters.check(echoes[2])  # its whole normal form starts with the prompt; its start's does not
