@@ -103,7 +103,7 @@ def run_ours(rows: list[dict[str, str | None]], workers: int) -> float:
             ok = np.flatnonzero([not h for h in found.hits])
             for what in ("prompt", "pair"):
                 dedup.exact_duplicate_edges(found.keys[what])
-                dedup.near_duplicate_edges(found.sigs[what][ok], cfg.dedup.threshold)
+                dedup.near_duplicate_edges(found.sigs[what], cfg.dedup.threshold, ok)
             return time.perf_counter() - t0
 
 

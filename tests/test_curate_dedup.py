@@ -137,6 +137,16 @@ def test_near_duplicates_found_like_datasketch() -> None:
     ).all()
 
 
+def test_near_duplicates_among_some_rows_equal_those_of_their_copy() -> None:
+    texts = corpus(200, length=60, seed=5)
+    texts += [near_copy(texts[i], 1, seed=i) for i in range(0, 100, 5)]
+    sig = dedup.MinHasher().signatures(texts)
+    rows = np.flatnonzero(np.arange(len(texts)) % 3 != 1)  # some originals and copies left out
+    among = dedup.near_duplicate_edges(sig, 0.7, rows)
+    assert len(among) >= 5
+    assert among.tolist() == dedup.near_duplicate_edges(sig[rows], 0.7).tolist()
+
+
 def test_lsh_params_follow_datasketch() -> None:
     lsh = MinHashLSH(threshold=0.8, num_perm=128)
     assert dedup.lsh_params(0.8, 128) == (lsh.b, lsh.r)

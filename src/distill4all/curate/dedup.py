@@ -135,17 +135,24 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return int(b), int(r)
 
 
-def near_duplicate_edges(sig: NDArray[np.uint32], threshold: float) -> NDArray[np.int64]:
-    """Index pairs (i, j) that share an LSH band and whose estimated Jaccard is ≥ threshold."""
-    n, num_perm = sig.shape
+def near_duplicate_edges(
+    sig: NDArray[np.uint32], threshold: float, rows: NDArray[np.int64] | None = None
+) -> NDArray[np.int64]:
+    """Index pairs (i, j), i < j, that share an LSH band and whose estimated Jaccard is ≥ threshold.
+
+    `rows` picks the rows of `sig` to look among (all by default) and the pairs are then positions
+    in `rows`: a band at a time is gathered, never a copy of the whole (rows × num_perm) matrix."""
+    n, num_perm = sig.shape if rows is None else (len(rows), sig.shape[1])
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    bands, rows = lsh_params(threshold, num_perm)
-    empty = (sig == np.uint32(_MAX_HASH)).all(axis=1)  # texts without words match nothing
-    coeff = np.random.RandomState(7).randint(1, 2**62, size=rows, dtype=np.uint64) | np.uint64(1)
+    pick = slice(None) if rows is None else rows
+    bands, width = lsh_params(threshold, num_perm)
+    empty = (sig[pick, bands * width :] == np.uint32(_MAX_HASH)).all(axis=1)  # texts without words…
+    coeff = np.random.RandomState(7).randint(1, 2**62, size=width, dtype=np.uint64) | np.uint64(1)
     found: list[NDArray[np.int64]] = []
     for band in range(bands):
-        part = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
+        part = sig[pick, band * width : (band + 1) * width].astype(np.uint64)
+        empty &= (part == np.uint64(_MAX_HASH)).all(axis=1)  # …match nothing
         with np.errstate(over="ignore"):
             key = (part * coeff).sum(axis=1, dtype=np.uint64)
         # only keys seen twice can link anything: a hash pass finds them (most keys are unique),
@@ -164,7 +171,8 @@ def near_duplicate_edges(sig: NDArray[np.uint32], threshold: float) -> NDArray[n
     packed = np.unique(np.concatenate(found))
     edges = np.stack([packed // n, packed % n], axis=1)
     edges = edges[~empty[edges[:, 0]] & ~empty[edges[:, 1]]]
-    similar = (sig[edges[:, 0]] == sig[edges[:, 1]]).mean(axis=1) >= threshold
+    at = edges if rows is None else rows[edges]
+    similar = (sig[at[:, 0]] == sig[at[:, 1]]).mean(axis=1) >= threshold
     return np.asarray(edges[similar], dtype=np.int64)
 
 

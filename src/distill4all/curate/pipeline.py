@@ -209,7 +209,7 @@ def curate(
         # among all pairs that passed the filters: the sources' near-duplicate rates
         in_near = np.zeros(n, dtype=bool)
         for sig in sigs.values():
-            in_near[ok_idx[dedup.near_duplicate_edges(sig[ok_idx], cfg.dedup.threshold)].ravel()] = True
+            in_near[ok_idx[dedup.near_duplicate_edges(sig, cfg.dedup.threshold, ok_idx)].ravel()] = True
 
     # embeddings of every pair with an answer: the map shows dropped pairs too
     has_text = [i for i in range(n) if rows.responses[i] and rows.responses[i].strip()]  # type: ignore[union-attr]
@@ -349,7 +349,7 @@ def _duplicate_edges(
     if method == "exact":
         local = dedup.exact_duplicate_edges([keys[what][i] for i in alive])
     elif method == "near":
-        local = dedup.near_duplicate_edges(sigs[what][alive], cfg.dedup.threshold)
+        local = dedup.near_duplicate_edges(sigs[what], cfg.dedup.threshold, alive)
     else:
         alive = alive[emb_row[alive] >= 0]
         if not len(alive):
