@@ -44,8 +44,9 @@ class Answer:
         # lower-cased: the repetition rule compares them so; the other rules only count them
         self.words = self.text.lower().split()
         self.fences = _fence_state(self.text)
-        self.prompt_normal = normalize(pair.prompt) if prompt_normal is None else prompt_normal
-        self.normal = normal  # the whole answer normalize()d, when the caller has it
+        # the prompt's and the whole answer's normalize()d forms, when the caller has them
+        self.prompt_normal = prompt_normal
+        self.normal = normal
 
 
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -188,7 +189,7 @@ class Filters:
         return "mojibake (mis-decoded text)" if is_bad(a.text) else None
 
     def malformed_echo(self, pair: Pair, a: Answer) -> str | None:
-        prompt = a.prompt_normal
+        prompt = normalize(pair.prompt) if a.prompt_normal is None else a.prompt_normal
         if not prompt or prompt.count(" ") + 1 < self.cfg.echo_min_words:
             return None
         if a.normal is not None and not a.normal.startswith(prompt):
