@@ -29,6 +29,8 @@ _PUNCT = str.maketrans(dict.fromkeys(string.punctuation + "“”‘’«»—�
 _MAX_HASH = np.uint64((1 << 32) - 1)
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _SEP = " qqdocsepqq "  # word characters only, so it survives normalization as one word
+_SEP_WORD = _SEP.strip()
+_BOUNDARY = 1 << 32  # no crc32 is this large: the hash that marks the separator between texts
 
 
 def normalize(text: str) -> str:
@@ -47,7 +49,6 @@ def normalized_key(normalized: str) -> bytes:
 class MinHasher:
     """Batched MinHash signatures over word n-gram shingles."""
 
-    _BOUNDARY = 1 << 32  # no crc32 is this large: the hash that marks the separator between texts
     _MAX_WORDS = 1_000_000  # word hashes remembered (a forked worker's vocabulary), then forgotten
 
     def __init__(self, num_perm: int = 128, shingle_words: int = 5, seed: int = 1) -> None:
@@ -55,7 +56,7 @@ class MinHasher:
         gen = np.random.RandomState(seed)
         self.a = gen.randint(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
         self.b = gen.randint(0, 2**63, size=num_perm, dtype=np.uint64)
-        self._words = _WordHashes({_SEP.strip(): self._BOUNDARY})
+        self._words = _WordHashes()
 
     def signatures(self, texts: Sequence[str], batch: int = 128) -> NDArray[np.uint32]:
         """One row per text."""
@@ -71,13 +72,13 @@ class MinHasher:
         `_BOUNDARY` for the separator. A dict remembers each word's hash: the lookups run at C
         speed, where hashing every word (or factorizing the batch) costs ~1.6× more."""
         if len(self._words) > self._MAX_WORDS:
-            self._words = _WordHashes({_SEP.strip(): self._BOUNDARY})
+            self._words.clear()
         return np.fromiter(map(self._words.__getitem__, words), dtype=np.uint64, count=len(words))
 
     def _batch(self, words: list[str], n_docs: int) -> NDArray[np.uint32]:
         """Signatures of `n_docs` texts given as their words, with the separator word between texts."""
         h = self._word_hashes(words)
-        boundary = h == np.uint64(self._BOUNDARY)
+        boundary = h == np.uint64(_BOUNDARY)
         doc = np.cumsum(boundary)  # doc index of each word (separators belong to the next)
         h, doc = h[~boundary], doc[~boundary]
         n = self.n
@@ -121,10 +122,10 @@ class MinHasher:
 
 
 class _WordHashes(dict[str, int]):
-    """word → crc32 of its UTF-8, computed on first sight."""
+    """word → crc32 of its UTF-8, computed on first sight; the separator word → `_BOUNDARY`."""
 
     def __missing__(self, word: str) -> int:
-        value = self[word] = zlib.crc32(word.encode())
+        value = self[word] = _BOUNDARY if word == _SEP_WORD else zlib.crc32(word.encode())
         return value
 
 
