@@ -21,13 +21,13 @@ from _results import table, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from distill4all.collect import ledger
-from distill4all.collect.collector import collect
-from distill4all.collect.cost import Budget
-from distill4all.collect.sources import Prompt, prompt_id
-from distill4all.collect.teacher import RateLimiter, TeacherClient
 from distill4all.config import Price, TeacherConfig
-from distill4all.store import Store
+from distill4all.store import Store, tasks
+from distill4all.store.prompts import Prompt, prompt_id
+from distill4all.teacher.answers import answer_pending
+from distill4all.teacher.client import TeacherClient
+from distill4all.teacher.cost import Budget
+from distill4all.teacher.limiter import RateLimiter
 from servers import start_stub_process
 
 
@@ -36,14 +36,14 @@ def ours(url: str, n: int, in_flight: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as d:
         store = Store(Path(d) / "s.sqlite")
         texts = [f"benchmark prompt {i} about something" for i in range(n)]
-        ledger.add_prompts(store, [Prompt(prompt_id("b", t), "b", t) for t in texts], [("t", 1)])
+        tasks.add_prompts(store, [Prompt(prompt_id("b", t), "b", t) for t in texts], [("t", 1)])
         teacher = TeacherConfig(name="t", model="m", max_tokens=20, concurrency=in_flight)
         client = TeacherClient(url, api_key=None, timeout_s=60, max_retries=3, limiter=RateLimiter(None, None),
                                max_connections=in_flight)  # fmt: skip
 
         async def go() -> None:
             try:
-                await collect(store, teacher, client, Price(input=0, output=0), Budget(None), batch_size=256)
+                await answer_pending(store, teacher, client, Price(input=0, output=0), Budget(None), batch_size=256)
             finally:
                 await client.aclose()
 
@@ -90,13 +90,13 @@ def ledger_rate(n: int = 20_000, batch: int = 64) -> float:
     with tempfile.TemporaryDirectory() as d:
         store = Store(Path(d) / "s.sqlite")
         texts = [f"ledger prompt {i}" for i in range(n)]
-        ledger.add_prompts(store, [Prompt(prompt_id("b", t), "b", t) for t in texts], [("t", 1)])
-        tasks = ledger.claim(store, "t", n)
-        answers = [ledger.Answer(t, "m", "an answer of some length " * 8, "stop", 30, 60, 0.5, 0.0, {"max_tokens": 60})
-                   for t in tasks]  # fmt: skip
+        tasks.add_prompts(store, [Prompt(prompt_id("b", t), "b", t) for t in texts], [("t", 1)])
+        claimed = tasks.claim(store, "t", n)
+        answers = [tasks.Answer(t, "m", "an answer of some length " * 8, "stop", 30, 60, 0.5, 0.0, {"max_tokens": 60})
+                   for t in claimed]  # fmt: skip
         t0 = time.perf_counter()
         for i in range(0, n, batch):
-            ledger.record(store, answers[i : i + batch], [])
+            tasks.record(store, answers[i : i + batch], [])
         rate = n / (time.perf_counter() - t0)
         store.close()
     return rate

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from distill4all.config import CurateConfig, CurateFiltersConfig
-from distill4all.curate import dedup, filters, pairs, pipeline
+from distill4all.curate import curation, dedup, filters, pairs
 from distill4all.curate.steps import peak_rss_mb
 from distill4all.store import Store
 
@@ -99,7 +99,7 @@ def run_ours(rows: list[dict[str, str | None]], workers: int) -> float:
             data = pairs.load_rows(store)
             cfg = CurateConfig(workers=workers)
             t0 = time.perf_counter()
-            found = pipeline.scan(data, cfg, workers)
+            found = curation.scan(data, cfg, workers)
             ok = np.flatnonzero([not h for h in found.hits])
             for what in ("prompt", "pair"):
                 dedup.exact_duplicate_edges(found.keys[what])
@@ -142,7 +142,7 @@ def run_full(rows: list[dict[str, str | None]], model: str) -> tuple[list[tuple[
         with Store(Path(tmp) / "store.sqlite") as store:
             pairs.import_pairs(store, path, "import")
             t_import, rss_import = time.perf_counter() - t0, peak_rss_mb()
-            result = pipeline.curate(store, cfg, Path(tmp) / "curate", quiet=True)
+            result = curation.curate(store, cfg, Path(tmp) / "curate", quiet=True)
         total = time.perf_counter() - t0
         steps = [("import", {"rows": len(rows), "seconds": t_import, "rows_per_s": len(rows) / t_import,
                              "peak_rss_mb": rss_import})]  # fmt: skip
@@ -161,6 +161,9 @@ def run_full(rows: list[dict[str, str | None]], model: str) -> tuple[list[tuple[
 
 
 def main() -> None:
+    from distill4all import offline_defaults
+
+    offline_defaults()  # as the CLI: ours and the peers alike run offline
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--baseline-n", type=int, default=20_000, help="pairs for the slow datasketch baseline")

@@ -99,6 +99,9 @@ def clipped_median(values: list[float]) -> float:
 
 
 def main() -> None:
+    from distill4all import offline_defaults
+
+    offline_defaults()  # as the CLI: ours and the peers alike run offline
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=2)

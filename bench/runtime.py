@@ -244,6 +244,9 @@ def report_texts() -> tuple[str, ...]:
 
 
 def main() -> None:
+    from distill4all import offline_defaults
+
+    offline_defaults()  # as the CLI: ours and the peers alike run offline
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help=f"replace the {SECTION!r} section of {RESULTS}")
     ap.add_argument("--worker", nargs=3, metavar=("NAME", "GGUF", "HF"), help=argparse.SUPPRESS)

@@ -65,7 +65,7 @@ def pairs(n: int) -> list[dict[str, str]]:
 
 def run_ours(work: Path, data: Path, model: str, settings: dict[str, Any]) -> dict[str, Any]:
     from distill4all.config import load_config
-    from distill4all.run import run_pipeline
+    from distill4all.run import run_stages
 
     train = {
         "base_model": model, "data": str(data), "template": "chat", "val_fraction": 0.0, "epochs": 1,
@@ -74,7 +74,7 @@ def run_ours(work: Path, data: Path, model: str, settings: dict[str, Any]) -> di
     }  # fmt: skip
     cfg = work / "run.yaml"
     cfg.write_text(json.dumps({"name": "bench", "run_dir": str(work / "run"), "train": train}))
-    run_pipeline(load_config(cfg), quiet=True)
+    run_stages(load_config(cfg), quiet=True)
     s = json.loads((work / "run" / "train" / "summary.json").read_text())
     return {"tokens": s["tokens"], "seconds": s["train_seconds"], "steps": s["steps"], "precision": s["precision"]}
 
@@ -128,6 +128,9 @@ def variant(name: str, n: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    from distill4all import offline_defaults
+
+    offline_defaults()  # as the CLI: ours and the peers alike run offline
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2, help="run every trainer this many times; keep its fastest")

@@ -20,13 +20,13 @@ import pytest
 import yaml
 
 from conftest import cli_command, count_responses, run_cli, write_config, write_jsonl
-from distill4all.collect import ledger
-from distill4all.collect.collector import collect
-from distill4all.collect.cost import Budget
-from distill4all.collect.sources import Prompt, prompt_id
-from distill4all.collect.teacher import RateLimiter, TeacherClient, Window, parse_duration
 from distill4all.config import Price, TeacherConfig
-from distill4all.store import Store
+from distill4all.store import Store, tasks
+from distill4all.store.prompts import Prompt, prompt_id
+from distill4all.teacher.answers import answer_pending
+from distill4all.teacher.client import TeacherClient
+from distill4all.teacher.cost import Budget
+from distill4all.teacher.limiter import RateLimiter, Window, parse_duration
 from servers import Background, FaultProxy, StubTeacher, start_stub_process
 
 
@@ -39,7 +39,7 @@ def stub() -> Iterator[tuple[StubTeacher, Background]]:
 
 
 def fill(store: Store, texts: list[str], teacher: str = "t", samples: int = 1) -> None:
-    ledger.add_prompts(store, [Prompt(prompt_id("s", t), "s", t) for t in texts], [(teacher, samples)])
+    tasks.add_prompts(store, [Prompt(prompt_id("s", t), "s", t) for t in texts], [(teacher, samples)])
 
 
 def client_for(url: str, **kw: Any) -> TeacherClient:
@@ -54,7 +54,7 @@ def run_collect(store: Store, teacher: TeacherConfig, client: TeacherClient, bud
                 price: Price | None = None) -> Any:  # fmt: skip
     async def go() -> Any:
         try:
-            return await collect(
+            return await answer_pending(
                 store, teacher, client, price or Price(input=0, output=0), budget or Budget(None), batch_size=8
             )
         finally:
@@ -187,7 +187,7 @@ def test_a_4xx_is_not_retried_and_fails_for_good(tmp_path: Path, stub: tuple[Stu
         "SELECT state, last_error, permanent FROM tasks WHERE state = 'failed'"
     ).fetchone()
     assert state == "failed" and permanent == 1 and err == "HTTP 400: this prompt is rejected"
-    assert ledger.requeue(store) == 0  # a permanent failure is not asked again
+    assert tasks.requeue(store) == 0  # a permanent failure is not asked again
 
 
 def test_budget_stops_cleanly_and_the_rest_resumes(tmp_path: Path, stub: tuple[StubTeacher, Background]) -> None:
@@ -199,11 +199,9 @@ def test_budget_stops_cleanly_and_the_rest_resumes(tmp_path: Path, stub: tuple[S
     budget = Budget(0.25)
     outcome = run_collect(store, teacher, client_for(server.url), budget=budget, price=price)
     assert outcome.stopped == "budget" and 0 < outcome.answered < 30
-    assert ledger.spent_usd(store) <= 0.25 and abs(ledger.spent_usd(store) - budget.spent_usd) < 1e-9
+    assert tasks.spent_usd(store) <= 0.25 and abs(tasks.spent_usd(store) - budget.spent_usd) < 1e-9
     assert store.count("SELECT COUNT(*) FROM tasks WHERE state = 'inflight'") == 0  # unsent ones released
-    more = run_collect(
-        store, teacher, client_for(server.url), budget=Budget(None, ledger.spent_usd(store)), price=price
-    )
+    more = run_collect(store, teacher, client_for(server.url), budget=Budget(None, tasks.spent_usd(store)), price=price)
     assert more.answered == 30 - outcome.answered
     assert store.count("SELECT COUNT(*) FROM responses") == 30
 
@@ -326,9 +324,7 @@ def test_batch_export_and_ingest(tmp_path: Path, stub_process: str) -> None:
     config = api_config(tmp_path, stub_process, 5, price={"input": 1e6, "output": 1e6})
     env = {"D4A_KEY": "sk-test"}
     (tmp_path / "run").mkdir()
-    from distill4all.store import Store as S
-
-    S(tmp_path / "run" / "store.sqlite").close()
+    Store(tmp_path / "run" / "store.sqlite").close()
     r = run_cli("collect", "batch-export", config, tmp_path / "batch.jsonl", env=env)
     assert r.code == 0, r.output
     requests = [json.loads(x) for x in (tmp_path / "batch.jsonl").read_text().splitlines()]

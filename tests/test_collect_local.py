@@ -80,7 +80,7 @@ def test_faults_in_front_of_a_served_tiny_model_are_survived_exactly_once(tmp_pa
     """The tiny model's own `serve`, behind the fault-injecting proxy: 429s with Retry-After, 5xx,
     answers slower than the timeout, dropped connections and malformed JSON, and still every
     prompt is answered exactly once, by the model."""
-    from distill4all.collect.local import local_teacher
+    from distill4all.teacher.local import local_teacher
     from servers import Background, FaultProxy
 
     prompts = [f"Say something about number {i}." for i in range(24)]

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill4all.collect.sources import SourceStats, prompt_id, read_source
+from distill4all.collect.sources import SourceStats, read_source
 from distill4all.config import SourceConfig
 from distill4all.errors import DataError
+from distill4all.store.prompts import prompt_id
 
 
 def src(**kw: Any) -> SourceConfig:

@@ -95,21 +95,20 @@ collect:
   teachers:
     - model: tiny
       system_prompt: "Secret word: ${D4A_WORD}"
-serve:
-  api_key: ${D4A_KEY}
+      api_key: ${D4A_KEY}
 """
 
 
 def test_env_interpolation_uses_values_but_shows_the_reference(tmp_path: Path) -> None:
     env = {"D4A_KEY": "sk-very-secret-123", "D4A_WORD": "swordfish"}
     loaded = load_config(write(tmp_path, SECRET_CONFIG), env=env)
-    assert loaded.config.serve is not None and loaded.config.serve.api_key is not None
-    assert loaded.config.serve.api_key.get_secret_value() == "sk-very-secret-123"
     assert loaded.config.collect is not None
+    key = loaded.config.collect.teachers[0].api_key
+    assert key is not None and key.get_secret_value() == "sk-very-secret-123"
     assert loaded.config.collect.teachers[0].system_prompt == "Secret word: swordfish"
     assert loaded.config.collect.sources[0].path == (tmp_path / "prompts.jsonl").resolve()  # default used
     public = loaded.public_dict()
-    assert public["serve"]["api_key"] == "${D4A_KEY}"
+    assert public["collect"]["teachers"][0]["api_key"] == "${D4A_KEY}"
     assert public["collect"]["teachers"][0]["system_prompt"] == "Secret word: ${D4A_WORD}"
     assert "sk-very-secret" not in str(public) and "swordfish" not in str(public)
     # the hash does not depend on the secret's value
@@ -119,13 +118,15 @@ def test_env_interpolation_uses_values_but_shows_the_reference(tmp_path: Path) -
     r = run_cli("config", "show", tmp_path / "run.yaml", env=env)
     assert r.code == 0, r.output
     shown = yaml.safe_load(r.stdout)
-    assert shown["serve"]["api_key"] == "${D4A_KEY}"
+    assert shown["collect"]["teachers"][0]["api_key"] == "${D4A_KEY}"
     assert shown["collect"]["teachers"][0]["temperature"] == 0.0  # defaults are filled in
     assert "sk-very-secret" not in r.output and "swordfish" not in r.output
 
 
 def test_missing_env_var_is_an_error_with_its_place(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"run.yaml:9: serve.api_key: environment variable D4A_KEY is not set"):
+    with pytest.raises(
+        ConfigError, match=r"run.yaml:8: collect.teachers\[0\].api_key: environment variable D4A_KEY is not set"
+    ):
         load_config(write(tmp_path, SECRET_CONFIG), env={"D4A_WORD": "x"})
 
 
@@ -185,3 +186,9 @@ def test_version_and_usage_errors() -> None:
     assert r.code == 0 and r.stdout.startswith("distill4all ")
     r = run_cli("no-such-command")
     assert r.code == 2 and "Traceback" not in r.output
+
+
+def test_a_judge_asked_for_several_samples_is_refused_not_ignored(tmp_path: Path) -> None:
+    text = "name: j\nrun_dir: run\neval:\n  data: items.jsonl\n  judge:\n    judge:\n      model: m\n      samples: 3\n"
+    with pytest.raises(ConfigError, match=r"eval.judge: judge.samples must be 1"):
+        load_config(write(tmp_path, text))

@@ -6,7 +6,7 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 from distill4all.config import CurateConfig
-from distill4all.curate import dedup, pipeline
+from distill4all.curate import curation, dedup
 from distill4all.curate.pairs import Rows
 
 WORDS = [
@@ -173,9 +173,9 @@ def rows_of(prompts: list[str], answers: list[str | None]) -> Rows:
 def test_scan_keys_are_the_whole_pairs_and_signatures_the_halves_union() -> None:
     prompts = ["Hello,  World!", "", "Q?", "  spaced\tout  "]
     answers = ["Hi there.", "only an answer", None, "A\nB"]
-    found = pipeline.scan(rows_of(prompts, answers), CurateConfig(), workers=1)
+    found = curation.scan(rows_of(prompts, answers), CurateConfig(), workers=1)
     assert found.keys["prompt"] == [dedup.exact_key(p) for p in prompts]
-    pairs = [pipeline.pair_text(p, a) for p, a in zip(prompts, answers, strict=True)]
+    pairs = [curation.pair_text(p, a) for p, a in zip(prompts, answers, strict=True)]
     assert found.keys["pair"] == [dedup.exact_key(t) for t in pairs]
     # a pair's shingles are its prompt's and its answer's (none spans the two)
     hasher = dedup.MinHasher()
@@ -192,8 +192,8 @@ def test_scan_in_worker_processes_equals_one_process() -> None:
     ]
     answers[7] = answers[3]  # an exact duplicate
     rows = rows_of(prompts, answers)
-    one = pipeline.scan(rows, CurateConfig(), workers=1)
-    two = pipeline.scan(rows, CurateConfig(), workers=2)  # forked workers, shared signature memory
+    one = curation.scan(rows, CurateConfig(), workers=1)
+    two = curation.scan(rows, CurateConfig(), workers=2)  # forked workers, shared signature memory
     assert len(one.hits) == 9000 and sum(map(bool, one.hits)) >= 18
     assert one.hits == two.hits and one.keys == two.keys
     for what in ("prompt", "pair"):

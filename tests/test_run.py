@@ -100,7 +100,10 @@ def test_sigkill_mid_stage_then_rerun_resumes_exactly_once(make_run: Callable[..
 
 def test_secrets_never_reach_manifest_store_or_output(make_run: Callable[..., Path], tmp_path: Path) -> None:
     secret = "sk-live-DO-NOT-LEAK-42"
-    config = make_run(n=2, serve={"api_key": "${D4A_SECRET}"})
+    config = make_run(n=2)
+    data = yaml.safe_load(config.read_text())
+    data["collect"]["teachers"][0]["api_key"] = "${D4A_SECRET}"  # sent to the stub teacher as its bearer key
+    config.write_text(yaml.safe_dump(data))
     r = run_cli("run", config, env={"D4A_SECRET": secret})
     assert r.code == 0, r.output
     assert secret not in r.output
@@ -108,7 +111,7 @@ def test_secrets_never_reach_manifest_store_or_output(make_run: Callable[..., Pa
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["config"]["serve"]["api_key"] == "${D4A_SECRET}"
+    assert manifest["config"]["collect"]["teachers"][0]["api_key"] == "${D4A_SECRET}"
 
 
 def test_cli_errors_for_stages_and_run_dirs(make_run: Callable[..., Path], tmp_path: Path) -> None:

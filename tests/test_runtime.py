@@ -81,7 +81,7 @@ def test_logits_and_logprobs_agree_across_backends(engines: dict[str, Engine], g
 
 
 def test_over_long_prompt_is_a_clear_error(gguf_file: Path) -> None:
-    from distill4all.runtime.engine import ContextLengthError
+    from distill4all.errors import ContextLengthError
 
     e = load_engine(str(gguf_file), n_ctx=64)
     assert e.n_ctx == 64

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from distill4all import atomic, store
+from distill4all import atomic
 from distill4all.errors import RunDirError
-from distill4all.store import SCHEMA_VERSION, Store
+from distill4all.store import SCHEMA_VERSION, Store, schema
 
 
 def test_new_store_has_schema_wal_and_tables(tmp_path: Path) -> None:
@@ -31,8 +31,8 @@ def test_migrations_run_in_order_from_an_old_store(tmp_path: Path, monkeypatch: 
     with Store(path) as s, s.transaction() as db:  # a store at today's version, with data in it
         db.execute("INSERT INTO meta VALUES ('run_name', 'old')")
     extra = "ALTER TABLE prompts ADD COLUMN lang TEXT; CREATE TABLE extra (x INTEGER);"
-    monkeypatch.setattr(store, "MIGRATIONS", [*store.MIGRATIONS, extra])
-    monkeypatch.setattr(store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, extra])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     with Store(path) as s:
         assert s.version == SCHEMA_VERSION + 1
         cols = [r[1] for r in s.db.execute("PRAGMA table_info(prompts)")]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from distill4all.errors import DataError
+from distill4all.errors import DataError, TemplateError
 from distill4all.train.batching import TokenizedSplit, collate, deal, pack, step_examples
 from distill4all.train.data import Example, read_examples, split_indices
-from distill4all.train.templates import IGNORE, TemplateError, load_template
+from distill4all.train.templates import IGNORE, load_template
 
 PROMPT = "What is the capital of France?"
 RESPONSE = "Paris is the capital of France."

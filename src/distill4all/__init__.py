@@ -4,10 +4,17 @@ import os
 
 __version__ = "0.1.0"
 
-# Offline by default: nothing reaches a model hub unless the user sets HF_HUB_OFFLINE=0.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def offline_defaults() -> None:
+    """Offline by default: nothing reaches a model hub unless the user sets HF_HUB_OFFLINE=0.
+
+    Called where our programs start (the CLI, the train worker) and before a model loads (the
+    Python API), not at import: importing the package leaves the environment alone. It must run
+    before huggingface_hub is imported, which reads these once. Values the user set are kept.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def __getattr__(name: str) -> object:

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill4all import __version__
+from distill4all.config import CHAT_SAMPLING  # the chat options' defaults, shown in --help
 from distill4all.errors import UserError
 
 app = typer.Typer(
@@ -114,7 +115,8 @@ def run(
 ) -> None:
     """Run the configured stages in order; finished ones are skipped, interrupted ones resume."""
     from distill4all.config import load_config
-    from distill4all.run import run_pipeline
+    from distill4all.layout import RunLayout
+    from distill4all.run import run_stages
 
     loaded = load_config(config, overrides=overrides)
     if dry_run:
@@ -122,7 +124,7 @@ def run(
         return
     console = Console(stderr=True, quiet=_state["quiet"])
     options = {"max_cost_usd": max_cost} if max_cost is not None else {}
-    outcomes = run_pipeline(
+    outcomes = run_stages(
         loaded,
         from_stage=from_stage,
         until_stage=until_stage,
@@ -144,7 +146,7 @@ def run(
 
         out.print(f"report: {build_report(run_dir)}")
     out.print(f"run directory: {run_dir}")
-    out.print(f"manifest: {run_dir / 'manifest.json'}")
+    out.print(f"manifest: {RunLayout(run_dir).manifest}")
 
 
 @app.command()
@@ -162,12 +164,13 @@ def report(
 
 def _print_estimate(loaded: Any) -> None:
     from distill4all.collect.estimate import estimate
+    from distill4all.layout import RunLayout
     from distill4all.store import Store
 
     cfg = loaded.config
     if cfg.collect is None:
         raise UserError("--dry-run estimates the collect stage, and this config has none")
-    store_path = cfg.run_dir / "store.sqlite"
+    store_path = RunLayout(cfg.run_dir).store
     store = Store(store_path, readonly=True) if store_path.exists() else None
     try:
         estimates = estimate(cfg.collect, cfg.seed, store)
@@ -194,8 +197,27 @@ def _print_estimate(loaded: Any) -> None:
 
 # --- collect -----------------------------------------------------------------------------------
 
-collect_app = typer.Typer(help="Collection extras: pair exports and OpenAI Batch API files.", no_args_is_help=True)
+collect_app = typer.Typer(
+    help="The collect stage alone, and its extras: pair exports and OpenAI Batch API files.", no_args_is_help=True
+)
 app.add_typer(collect_app, name="collect")
+
+
+@collect_app.command("run")
+def collect_run(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option("--force", help="Archive the answers and collect afresh.")] = False,
+    max_cost: Annotated[
+        float | None, typer.Option("--max-cost", help="Stop collecting cleanly once this many USD are spent.")
+    ] = None,
+) -> None:
+    """Run the collect stage of a run config alone; an interrupted collection resumes."""
+    from distill4all.layout import RunLayout
+
+    loaded = _stage_of_config(config, "collect")
+    outcome = _run_one_stage(loaded, "collect", force, {"max_cost_usd": max_cost} if max_cost is not None else {})
+    out.print(f"collect: {outcome.action}, {_counts_text(outcome.row.counts)}")
+    out.print(f"pairs: {RunLayout.of(loaded.config).collect.pairs}")
 
 
 def _open_run_store(config: Path) -> tuple[Any, Any]:
@@ -217,7 +239,7 @@ def collect_export(
     ] = "jsonl",
 ) -> None:
     """Write the collected pairs as GPT4All JSONL/Parquet or OpenAI `messages` JSONL."""
-    from distill4all.collect.export import write_pairs
+    from distill4all.collect.pairs_file import write_pairs
 
     if fmt not in ("jsonl", "parquet", "messages"):
         raise UserError(f"--format must be jsonl, parquet or messages, not {fmt!r}")
@@ -236,17 +258,17 @@ def collect_batch_export(
     teacher: Annotated[str | None, typer.Option(help="Teacher name (default: the first).")] = None,
 ) -> None:
     """Write the pending requests as an OpenAI Batch API input file (half price, within 24 h)."""
-    from distill4all.collect import ledger
     from distill4all.collect.batch import export_requests
-    from distill4all.collect.stage import load_sources
-    from distill4all.run import StageContext
+    from distill4all.collect.gather import load_sources
+    from distill4all.store import tasks
 
     loaded, rd = _open_run_store(config)
     try:
         with rd.locked():
-            ctx = StageContext("collect", rd, loaded, err, quiet=_state["quiet"])
-            load_sources(ctx, loaded.config.collect)
-            ledger.requeue(rd.store)
+            load_sources(
+                rd.store, loaded.config.collect, loaded.config.seed, Console(stderr=True, quiet=_state["quiet"])
+            )
+            tasks.requeue(rd.store)
             name = teacher or loaded.config.collect.teachers[0].name
             n = export_requests(rd.store, loaded.config.collect, name, out_path)
     finally:
@@ -277,6 +299,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show
     import json
 
     from distill4all.config import STAGE_ORDER
+    from distill4all.layout import RunLayout
     from distill4all.run import RunDir
 
     rd = RunDir(run_dir, readonly=True)
@@ -285,7 +308,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show
     finally:
         rd.close()
     configured: list[str] = list(STAGE_ORDER)
-    manifest = run_dir / "manifest.json"
+    manifest = RunLayout(run_dir).manifest
     if manifest.is_file():
         cfg = json.loads(manifest.read_text()).get("config", {})
         configured = [s for s in STAGE_ORDER if cfg.get(s) is not None]
@@ -306,7 +329,9 @@ def _stale(run_dir: Path) -> bool:
     import fcntl
     import os
 
-    lock = run_dir / ".lock"
+    from distill4all.layout import RunLayout
+
+    lock = RunLayout(run_dir).lock
     if not lock.exists():
         return True
     fd = os.open(lock, os.O_RDONLY)
@@ -339,39 +364,43 @@ def eval_cmd(
     ),
     stride: Annotated[int, typer.Option(min=1)] = 512,
     clip: Annotated[float, typer.Option(min=0.0)] = 100.0,
+    force: Annotated[bool, typer.Option("--force", help="Redo an evaluation made with other settings.")] = False,
 ) -> None:
     """The paper's Self-Instruct ground-truth perplexity (and its corrected form) for several models,
     side by side: per-item JSONL, summary with paired tests, Figure-3 plots. Resumes where it stopped."""
-    from distill4all.evaluate.data import load_items, pick
-    from distill4all.evaluate.runner import METRICS, ModelSpec, compare, score_model, write_summary
+    from distill4all.evaluate.runner import METRICS
+    from distill4all.layout import RunLayout
 
-    specs = []
+    entries = []
     for m in models:
         label, sep, spec = m.partition("=")
         if not sep or not label or not spec:
             raise UserError(f"--model {m!r}: write LABEL=MODEL, e.g. base=smollm2-135m-instruct")
-        specs.append(ModelSpec(label, spec))
-    chosen = tuple(x.strip() for x in metrics.split(",") if x.strip())
+        entries.append({"name": label, "model": str(Path(spec).resolve()) if Path(spec).exists() else spec})
+    chosen = [x.strip() for x in metrics.split(",") if x.strip()]
     if not chosen or any(x not in METRICS for x in chosen):
         raise UserError(f"--metrics must name {' and/or '.join(METRICS)}, not {metrics!r}")
-    if baseline is not None and baseline not in {s.label for s in specs}:
+    if baseline is not None and baseline not in {e["name"] for e in entries}:
         raise UserError(f"--baseline {baseline!r} is none of the --model labels")
-    items = pick(load_items(data), limit, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for s in specs:
-        err.print(f"eval · {s.label}: {len(items)} items", markup=False)
-        results[s.label] = score_model(s, items, out_dir, metrics=chosen, stride=stride)
-    comparison = compare(results, baseline=baseline, metrics=chosen, clip=clip, out=out_dir)
-    write_summary(comparison, {"items": len(items), "data": str(data)}, out_dir / "summary.json")
-    for metric, per_model in comparison.summaries.items():
+    section = {"data": [str(data.resolve())], "limit": limit, "include": [], "models": entries, "baseline": baseline,
+               "metrics": chosen, "stride": stride, "clip": clip, "out_dir": str(out_dir.resolve())}  # fmt: skip
+    loaded = _generated_config("eval", out_dir, section, name="eval", force=force, seed=seed)
+    _run_one_stage(loaded, "eval", force)
+    summary = json.loads(RunLayout.of(loaded.config).eval.summary.read_text(encoding="utf-8"))
+    for metric, per_model in summary["summaries"].items():
         table = Table("model", "median", "mean", "clipped", "NaN", title=f"{metric} perplexity (clip {clip:g})")
         for label, summ in per_model.items():
-            table.add_row(label, f"{summ.median:.2f}", f"{summ.mean:.2f}", f"{summ.share_clipped:.1%}", str(summ.n_nan))
+            table.add_row(
+                label,
+                f"{summ['median']:.2f}",
+                f"{summ['mean']:.2f}",
+                f"{summ['share_clipped']:.1%}",
+                str(summ["n_nan"]),
+            )
         out.print(table)
-        for p in comparison.paired.get(metric, []):
-            share = f"{p.share_lower:.0%} of {p.n} items"
-            out.print(f"  {p.model} < {p.baseline} on {share} (Wilcoxon one-sided p={p.p_lower:.3g})")
+        for p in summary["paired"].get(metric, []):
+            share = f"{p['share_lower']:.0%} of {p['n']} items"
+            out.print(f"  {p['model']} < {p['baseline']} on {share} (Wilcoxon one-sided p={p['p_lower']:.3g})")
     out.print(f"results: {out_dir}")
 
 
@@ -386,7 +415,7 @@ def reproduce(
 ) -> None:
     """Rerun a recorded run from its manifest: same config, seeds and checked inputs, a new run directory."""
     from distill4all.reproduce import prepare_reproduction, read_manifest
-    from distill4all.run import run_pipeline
+    from distill4all.run import run_stages
 
     recorded = read_manifest(manifest)
     target = run_dir or Path(str(recorded["config"]["run_dir"]) + "-repro")
@@ -394,7 +423,7 @@ def reproduce(
     for w in plan.warnings:
         err.print(f"note: {w}", markup=False)
     console = Console(stderr=True, quiet=_state["quiet"])
-    run_pipeline(plan.loaded, console=console, quiet=_state["quiet"])
+    run_stages(plan.loaded, console=console, quiet=_state["quiet"])
     out.print(f"reproduced into {target} (config: {plan.config_path})")
     out.print(f"compare: distill4all diff {recorded['config']['run_dir']} {target}")
 
@@ -422,10 +451,63 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
 
 
-# --- curate ------------------------------------------------------------------------------------
+# --- one stage at a time -----------------------------------------------------------------------
 
 if TYPE_CHECKING:
     from distill4all.config import LoadedConfig
+    from distill4all.run import StageOutcome
+
+
+def _run_one_stage(
+    loaded: LoadedConfig, stage: str, force: bool, options: dict[str, Any] | None = None
+) -> StageOutcome:
+    """Every single-stage command goes through the runner: skip, resume, refuse and --force mean
+    what they mean for `run`."""
+    from distill4all.run import run_stages
+
+    console = Console(stderr=True, quiet=_state["quiet"])
+    return run_stages(
+        loaded, from_stage=stage, until_stage=stage, force=force, console=console, quiet=_state["quiet"],
+        options=options, redo_hint="rerun with --force to redo it",
+    )[-1]  # fmt: skip
+
+
+def _stage_of_config(config: Path, stage: str) -> LoadedConfig:
+    from distill4all.config import load_config
+
+    loaded = load_config(config)
+    if getattr(loaded.config, stage) is None:
+        raise UserError(f"{config} has no {stage}: section")
+    return loaded
+
+
+def _generated_config(
+    stage: str, run_dir: Path, section: dict[str, Any], *, name: str, force: bool, seed: int = 0
+) -> LoadedConfig:
+    """A one-stage run config for a command given without a config file. Its record,
+    `<run_dir>/<stage>.yaml`, is written when new or with --force, so that a refused rerun keeps
+    the record of what was run."""
+    from pydantic import ValidationError
+
+    from distill4all import atomic
+    from distill4all.config import LoadedConfig, RunConfig, to_yaml
+    from distill4all.errors import ConfigError
+
+    data = {"name": name, "run_dir": str(run_dir.resolve()), "seed": seed, stage: section}
+    try:
+        run_config = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(
+            f"{stage}: " + "; ".join(f"{'.'.join(map(str, x['loc'][1:]))}: {x['msg']}" for x in e.errors())
+        ) from None
+    record = run_dir / f"{stage}.yaml"
+    if force or not record.exists():
+        written = run_config.model_dump(mode="json", exclude_defaults=True) | {"name": name}
+        atomic.write_text(record, f"# written by `distill4all {stage}`\n" + to_yaml(written))
+    return LoadedConfig(run_config, record.resolve())
+
+
+# --- curate ------------------------------------------------------------------------------------
 
 
 @app.command()
@@ -449,23 +531,17 @@ def curate(
     """Filter, dedup, map and export a collection: the curate stage alone, on a run or on any pairs file."""
     import json
 
-    from distill4all.config import load_config
-    from distill4all.run import run_pipeline
+    from distill4all.layout import RunLayout
 
     if source.suffix in (".yaml", ".yml"):
         if out_dir is not None or config is not None:
             raise UserError("--out and --config are for a pairs file; a run config names its own run_dir")
-        loaded = load_config(source)
-        if loaded.config.curate is None:
-            raise UserError(f"{source} has no curate: section")
+        loaded = _stage_of_config(source, "curate")
     else:
         loaded = _pairs_file_config(source, out_dir, config)
-    console = Console(stderr=True, quiet=_state["quiet"])
-    outcome = run_pipeline(
-        loaded, from_stage="curate", until_stage="curate", force=force, console=console, quiet=_state["quiet"]
-    )[-1]
-    folder = loaded.config.run_dir / "curate"
-    report = json.loads((folder / "report.json").read_text())
+    outcome = _run_one_stage(loaded, "curate", force)
+    files = RunLayout.of(loaded.config).curate
+    report = json.loads(files.report_json.read_text())
     table = Table("step", "dropped", "remaining", title=f"curate: {outcome.action}")
     for step in report["funnel"]:
         table.add_row(step["step"], f"{step['dropped']:,}", f"{step['remaining']:,}")
@@ -473,15 +549,16 @@ def curate(
     for s in report["sources"]:
         if s["homogeneous"]:
             out.print(f"homogeneous source {s['source']!r}: {'; '.join(s['reasons'])}")
-    for name in ("train.jsonl", "map.html", "report.md"):
-        if (folder / name).is_file():
-            out.print(f"  {folder / name}")
+    for path in (files.train_pairs, files.map_html, files.report_md):
+        if path.is_file():
+            out.print(f"  {path}")
 
 
 def _pairs_file_config(pairs: Path, out_dir: Path | None, config: Path | None) -> LoadedConfig:
     """A run config for curating a pairs file, written into its run directory so reruns compare."""
     from distill4all import atomic
     from distill4all.config import load_config, to_yaml
+    from distill4all.layout import RunLayout
 
     if not pairs.is_file():
         raise UserError(f"pairs file not found: {pairs}")
@@ -490,7 +567,7 @@ def _pairs_file_config(pairs: Path, out_dir: Path | None, config: Path | None) -
     stem = pairs.name.split(".")[0]
     out_dir = out_dir or Path("runs") / f"curate-{stem}"
     generated = out_dir / "curate.yaml"
-    if (out_dir / "store.sqlite").exists() and not generated.exists():
+    if RunLayout(out_dir).store.exists() and not generated.exists():
         raise UserError(f"{out_dir} is another run's directory; choose a new --out")
     section: dict[str, Any] = {}
     seed = 0
@@ -532,10 +609,9 @@ def train(
     """Fine-tune a model (LoRA or full). Rerunning after an interruption resumes from the last checkpoint."""
     from pydantic import ValidationError
 
-    from distill4all import atomic
-    from distill4all.config import LoadedConfig, RunConfig, TrainConfig, load_config, to_yaml
+    from distill4all.config import TrainConfig
     from distill4all.errors import ConfigError
-    from distill4all.run import run_pipeline
+    from distill4all.layout import RunLayout
 
     overrides = {
         k: v
@@ -545,42 +621,31 @@ def train(
         }.items()
         if v is not None
     }  # fmt: skip
-    try:
-        if config is not None:
-            if base_model or data or out_dir or preset:
-                raise UserError("with a config file, set base_model, data and preset in its train section")
-            loaded = load_config(config)
-            if loaded.config.train is None:
-                raise ConfigError(f"{config}: no train section")
-            if overrides:
+    if config is not None:
+        if base_model or data or out_dir or preset:
+            raise UserError("with a config file, set base_model, data and preset in its train section")
+        loaded = _stage_of_config(config, "train")
+        if overrides:
+            assert loaded.config.train is not None
+            try:
                 loaded.config.train = TrainConfig.model_validate(loaded.config.train.model_dump() | overrides)
-        else:
-            if not (base_model and data and out_dir):
-                raise UserError("without a config file, --base-model, --data and --out are all needed")
-            spec = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
-            train_section = {"base_model": spec, "data": str(data.resolve()), **overrides}
-            if preset:
-                train_section["preset"] = preset
-            run_config = RunConfig.model_validate(
-                {"name": "train", "run_dir": str(out_dir.resolve()), "train": train_section}
-            )
-            saved = run_config.run_dir / "train.yaml"  # the settings of this run, for the record
-            if force or not saved.exists():
-                atomic.write_text(saved, to_yaml(run_config.model_dump(mode="json", exclude_defaults=True)))
-            loaded = LoadedConfig(run_config, saved)
-    except ValidationError as e:
-        raise ConfigError(
-            "train: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        ) from None
-    console = Console(stderr=True, quiet=_state["quiet"])
-    outcomes = run_pipeline(
-        loaded, from_stage="train", until_stage="train", force=force, console=console, quiet=_state["quiet"]
-    )
-    row = outcomes[0].row
-    out.print(f"train: {outcomes[0].action}, {_counts_text(row.counts)}")
-    run_dir = loaded.config.run_dir
-    out.print(f"model: {run_dir / 'train' / 'model'}")
-    out.print(f"loss curve: {run_dir / 'train' / 'loss.png'}")
+            except ValidationError as e:
+                raise ConfigError(
+                    "train: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+                ) from None
+    else:
+        if not (base_model and data and out_dir):
+            raise UserError("without a config file, --base-model, --data and --out are all needed")
+        spec = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
+        section: dict[str, Any] = {"base_model": spec, "data": str(data.resolve()), **overrides}
+        if preset:
+            section["preset"] = preset
+        loaded = _generated_config("train", out_dir, section, name="train", force=force)
+    outcome = _run_one_stage(loaded, "train", force)
+    out.print(f"train: {outcome.action}, {_counts_text(outcome.row.counts)}")
+    files = RunLayout.of(loaded.config).train
+    out.print(f"model: {files.model}")
+    out.print(f"loss curve: {files.loss_png}")
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -650,51 +715,33 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="Redo an export made with other settings.")] = False,
 ) -> None:
     """Export a model to GGUF and quantize it: merge an adapter, write f16/f32, quantize, report."""
-    import json
-    import shutil
-
-    from pydantic import ValidationError
-
-    from distill4all import atomic
-    from distill4all.config import ExportConfig
-    from distill4all.export.exporter import check_source, export_model
+    from distill4all.export.exporter import check_source
+    from distill4all.layout import ExportLayout, RunLayout
 
     check_source(model)
-    try:
-        cfg = ExportConfig(model=model, quantizations=quant or ["q4_0"], base_type=base_type,
-                           compat=compat, pre_tokenizer=pre_tokenizer, report=report)  # fmt: skip
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise UserError(f"--{'-'.join(str(x) for x in first['loc'][:1])}: {first['msg']}") from None
-    settings = cfg.model_dump(mode="json")
-    record = out_dir / "export.json"
-    if record.is_file():
-        previous = json.loads(record.read_text(encoding="utf-8"))
-        if previous != settings:
-            if not force:
-                raise UserError(f"{out_dir} holds an export made with other settings; use --force or another --out")
-            for old in out_dir.glob("model-*.gguf"):
-                old.unlink()
-            shutil.rmtree(out_dir / "merged", ignore_errors=True)
-    elif out_dir.exists() and any(out_dir.glob("model-*.gguf")):
+    if not RunLayout(out_dir).store.exists() and ExportLayout(out_dir).ggufs():
         raise UserError(f"{out_dir} already holds GGUF files; choose another --out (nothing was overwritten)")
-    atomic.write_json(record, settings)
-    outcome = export_model(model, out_dir, cfg, console=err, quiet=_state["quiet"])
-    for f in outcome.files:
-        out.print(str(f))
+    spec = str(Path(model).resolve()) if Path(model).exists() else model
+    section = {"model": spec, "quantizations": quant or ["q4_0"], "base_type": base_type, "compat": compat,
+               "pre_tokenizer": pre_tokenizer, "report": report, "out_dir": str(out_dir.resolve())}  # fmt: skip
+    loaded = _generated_config("export", out_dir, section, name="export", force=force)
+    outcome = _run_one_stage(loaded, "export", force)
+    for artifact in outcome.row.artifacts:
+        if artifact.endswith(".gguf"):
+            out.print(str(out_dir / artifact))
 
 
 @app.command()
 def chat(
     model: ModelArg,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 512,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
-    top_k: Annotated[int, typer.Option(min=0, help="0 is off.")] = 40,
-    min_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option(min=0.0)] = 1.1,
-    seed: Annotated[int | None, typer.Option(help="Fixed seed for reproducible sampling.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = CHAT_SAMPLING.max_tokens,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = CHAT_SAMPLING.temperature,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = CHAT_SAMPLING.top_p,
+    top_k: Annotated[int, typer.Option(min=0, help="0 is off.")] = CHAT_SAMPLING.top_k,
+    min_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = CHAT_SAMPLING.min_p,
+    repeat_penalty: Annotated[float, typer.Option(min=0.0)] = CHAT_SAMPLING.repeat_penalty,
+    seed: Annotated[int | None, typer.Option(help="Fixed seed for reproducible sampling.")] = CHAT_SAMPLING.seed,
     backend: BackendOpt = "auto",
     n_ctx: CtxOpt = None,
 ) -> None:
@@ -728,15 +775,15 @@ def serve(
     n_ctx: CtxOpt = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
-    from distill4all.runtime.server import serve as run_server
+    from distill4all.runtime import server
 
     engine = _load_engine(model, backend, n_ctx)
     model_id = model_name or engine.name
     auth = "an API key is required" if api_key else "no API key"
     err.print(f"serving {model_id} ({engine.backend}) at http://{host}:{port}/v1 — {auth}; Ctrl-C stops")
     try:
-        run_server(engine, host=host, port=port, api_key=api_key, model_id=model_id, max_queue=max_queue,
-                   quiet=_state["quiet"])  # fmt: skip
+        server.serve(engine, host=host, port=port, api_key=api_key, model_id=model_id, max_queue=max_queue,
+                     quiet=_state["quiet"])  # fmt: skip
     finally:
         engine.close()
 
@@ -747,6 +794,9 @@ def serve(
 def main(argv: list[str] | None = None) -> None:
     import os
 
+    from distill4all import offline_defaults
+
+    offline_defaults()
     # Progress is shown with rich; libraries' tqdm bars (transformers, datasets) would interleave.
     os.environ.setdefault("TQDM_DISABLE", "1")
     args = sys.argv[1:] if argv is None else argv

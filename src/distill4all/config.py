@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from distill4all.errors import ConfigError
 
 STAGE_ORDER: tuple[str, ...] = ("collect", "curate", "train", "export", "eval")
-"""Stages in pipeline order. `serve` is a config section (the server's settings), not a stage."""
+"""Stages in pipeline order."""
 
 
 class Section(BaseModel):
@@ -350,7 +350,7 @@ class TrainConfig(Section):
         return self.global_batch_size // (self.micro_batch_size * self.num_processes)
 
 
-# --- export / eval / serve ---------------------------------------------------------------------
+# --- export / eval -----------------------------------------------------------------------------
 
 Quant = Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]
 
@@ -376,6 +376,7 @@ class ExportConfig(Section):
     )
     pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name; default: detected")
     report: bool = Field(True, description="measure KL, top-1 agreement and perplexity of each file")
+    out_dir: Path | None = Field(None, description="folder for the GGUF files; default: <run_dir>/export")
 
 
 class EvalModel(Section):
@@ -390,6 +391,12 @@ class JudgeConfig(Section):
     judge: TeacherConfig
     answer_max_tokens: int = Field(256, ge=1, description="how long the compared models may answer")
     max_cost_usd: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_verdict(self) -> JudgeConfig:
+        if self.judge.samples != 1:
+            raise ValueError("judge.samples must be 1: the judge gives one verdict per item and order")
+        return self
 
 
 RunModel = Literal["base", "trained", "exported"]
@@ -419,6 +426,7 @@ class EvalConfig(Section):
     clip: float = Field(100.0, gt=0)
     stride: int = Field(512, ge=1)
     judge: JudgeConfig | None = None
+    out_dir: Path | None = Field(None, description="folder for the results; default: <run_dir>/eval")
 
     @field_validator("data", mode="before")
     @classmethod
@@ -429,10 +437,32 @@ class EvalConfig(Section):
         return next((p for p in self.data if p.is_file()), self.data[0])
 
 
-class ServeConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(4891, ge=0, le=65535)
-    api_key: SecretStr | None = None
+# --- sampling ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Default sampling of local generation (runtime.engine.SamplingParams), not a run config section."""
+
+    max_tokens: int
+    temperature: float  # 0 → greedy
+    top_p: float
+    top_k: int  # 0 → off
+    min_p: float  # 0 → off
+    repeat_penalty: float  # 1 → off
+    seed: int | None  # None → a fresh random seed per call
+
+
+# Three sets on purpose. Engine calls (report samples, scripts) and the Python API are greedy with a
+# fixed seed, so the same model gives the same text; the API leaves room for a whole answer. `chat`
+# is for a person typing: it samples, with a fresh seed each run (--temperature 0 is greedy).
+ENGINE_SAMPLING = SamplingDefaults(
+    max_tokens=256, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=0
+)
+ASSISTANT_SAMPLING = replace(ENGINE_SAMPLING, max_tokens=512)
+CHAT_SAMPLING = SamplingDefaults(
+    max_tokens=512, temperature=0.7, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.1, seed=None
+)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -447,7 +477,6 @@ class RunConfig(Section):
     train: TrainConfig | None = None
     export: ExportConfig | None = None
     eval: EvalConfig | None = None
-    serve: ServeConfig | None = None
 
     def configured_stages(self) -> list[str]:
         return [s for s in STAGE_ORDER if getattr(self, s) is not None]
@@ -502,13 +531,27 @@ class LoadedConfig:
             _set_path(data, key_path, raw)
         return data
 
-    def stage_hash(self, stage: str) -> str:
-        """Hash of what a stage's result depends on in the config: its section, the seed."""
+    def stage_hash(self, stage: str, reads: tuple[str, ...] = ()) -> str:
+        """Hash of what a stage's result depends on in the config: its section, the seed, and the
+        values at `reads` (dotted key paths into other sections; absent ones count as null)."""
         pub = self.public_dict()
-        return _hash({"section": pub.get(stage), "seed": pub["seed"]})
+        data: dict[str, Any] = {"section": pub.get(stage), "seed": pub["seed"]}
+        if reads:  # only then, so that a stage reading nothing else keeps its earlier fingerprints
+            data["reads"] = {path: get_path(pub, path) for path in reads}
+        return _hash(data)
 
     def hash(self) -> str:
         return _hash(self.public_dict())
+
+
+def get_path(data: Any, dotted: str) -> Any:
+    """data[a][b][c] for "a.b.c", or None where any part is absent."""
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _hash(obj: Any) -> str:

@@ -1,9 +1,36 @@
-"""Errors a user can cause. The CLI turns each into one line on stderr and exit code 2."""
+"""Every exception distill4all raises on purpose, in one tree.
+
+    Distill4allError
+    ├── UserError            the cause is the user's input: one line on stderr, exit code 2
+    │   ├── ConfigError          the run config cannot be read or does not validate
+    │   ├── RunDirError          the run directory is missing, locked, or from a newer version
+    │   ├── StageError           a stage cannot run as asked (unknown, upstream unfinished, settings changed)
+    │   ├── ModelError           a model name or path cannot be resolved or loaded
+    │   ├── DataError            an input data file is missing or malformed
+    │   ├── TemplateError        a chat template cannot be used with this tokenizer or these examples
+    │   ├── ExportError          a checkpoint cannot be exported (architecture, tokenizer, quantization)
+    │   ├── ContextLengthError   a prompt does not fit in the model's context window
+    │   └── BudgetReached        the collection budget is spent; what was paid for is stored
+    └── StageFailure         not the user's doing: a crashed worker, a broken invariant. The runner
+        │                    marks the stage failed; the CLI says "internal error", exit code 1
+        └── WorkerCrashed        a stage's subprocess (e.g. the training processes) exited abnormally
+
+    TeacherError             one request to a teacher gave no answer (stored as the task's failure,
+                             retried on rerun unless `permanent`); it never reaches the CLI
+
+Any other exception is a bug: the runner marks the stage failed and the CLI reports it as an
+internal error (exit 1), with the traceback under `--debug`. Errors of the HTTP server are answers
+(4xx/5xx JSON), not exceptions: see runtime/server.py.
+"""
 
 from __future__ import annotations
 
 
-class UserError(Exception):
+class Distill4allError(Exception):
+    """Base of every error distill4all raises on purpose."""
+
+
+class UserError(Distill4allError):
     """Base of every error whose cause is the user's input, not a bug in distill4all."""
 
 
@@ -25,3 +52,36 @@ class ModelError(UserError):
 
 class DataError(UserError):
     """An input data file is missing or malformed."""
+
+
+class TemplateError(UserError):
+    """A template cannot be used with this tokenizer or these examples."""
+
+
+class ExportError(UserError):
+    """A checkpoint cannot be exported (unsupported architecture or tokenizer, failed quantization)."""
+
+
+class ContextLengthError(UserError):
+    """A prompt does not fit in the model's context window."""
+
+
+class BudgetReached(UserError):
+    """The budget is spent; everything paid for is stored and the rest stays pending."""
+
+
+class StageFailure(Distill4allError):
+    """A stage failed for a reason that is not the user's input (exit code 1, stage marked failed)."""
+
+
+class WorkerCrashed(StageFailure):
+    """A stage's worker process exited abnormally."""
+
+
+class TeacherError(Distill4allError):
+    """A request that gave no answer. `permanent` ones (a 400, a 401…) are not retried on rerun."""
+
+    def __init__(self, message: str, *, permanent: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.status = status

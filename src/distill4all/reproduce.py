@@ -73,6 +73,24 @@ class ReproducePlan:
     warnings: list[str]
 
 
+def _rebase_out_dirs(config: dict[str, Any], old: Path, new: Path) -> list[str]:
+    """A stage folder moved by `out_dir` must not point back into the recorded run: inside it, it
+    moves along with the run directory; elsewhere, the stage writes to its default folder."""
+    notes = []
+    for stage in ("export", "eval"):
+        section = config.get(stage)
+        if not isinstance(section, dict) or not isinstance(section.get("out_dir"), str):
+            continue
+        folder = Path(section["out_dir"])
+        if folder.is_relative_to(old):
+            section = section | {"out_dir": str(new / folder.relative_to(old))}
+        else:
+            section = section | {"out_dir": None}
+            notes.append(f"{stage}.out_dir {folder} is outside the recorded run: this run writes {stage}/ instead")
+        config[stage] = section
+    return notes
+
+
 def prepare_reproduction(manifest_path: Path, run_dir: Path, *, allow_changed_inputs: bool = False) -> ReproducePlan:
     """Write the manifest's config (secrets still as ${VAR}) beside a new run directory and check
     that the inputs are the same files; the caller then runs it."""
@@ -96,6 +114,7 @@ def prepare_reproduction(manifest_path: Path, run_dir: Path, *, allow_changed_in
         raise RunDirError("the inputs differ from the recorded run: " + "; ".join(changed))
     warnings += changed
     config = dict(manifest["config"]) | {"run_dir": str(run_dir.resolve())}
+    warnings += _rebase_out_dirs(config, Path(str(manifest["config"]["run_dir"])), run_dir.resolve())
     config_path = run_dir.parent / f"{run_dir.name}.yaml"
     atomic.write_text(config_path, f"# reproduces {manifest_path}\n" + to_yaml(config))
     return ReproducePlan(config_path, load_config(config_path), warnings)

@@ -13,8 +13,10 @@ Stage semantics, decided per stage from its row in the store:
   done, other fingerprint      → refuse (its config, inputs or upstream changed): --force redoes it
   running/failed, same fp      → resume (the stage picks up its own progress from the store)
   running/failed, other fp     → refuse, as above
-A fingerprint is the hash of the stage's config section, the seed and its input files' contents;
-`upstream` records the run ids of the stages it read, so redoing one makes its followers stale.
+  done, an artifact missing    → resume (the stage redoes what is missing)
+A fingerprint is the hash of the stage's config section, the seed, every other config value the
+stage reads (its `READS`) and its input files' contents; `upstream` records the run ids of the
+stages it read, so redoing one makes its followers stale.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from rich.console import Console
 from distill4all import __version__, atomic
 from distill4all.config import STAGE_ORDER, LoadedConfig, RunConfig
 from distill4all.errors import RunDirError, StageError
+from distill4all.layout import RunLayout
 from distill4all.store import SCHEMA_VERSION, StageRow, Store
+from distill4all.store import meta as store_meta
 
 STAGE_MODULES: dict[str, str] = {
     "collect": "distill4all.collect.stage",
@@ -66,7 +70,8 @@ class StageResult:
 
 
 class StageModule(Protocol):
-    UPSTREAM: tuple[str, ...]
+    UPSTREAM: tuple[str, ...]  # the stages whose outputs it reads
+    READS: tuple[str, ...]  # config values it reads outside its own section, as dotted key paths
 
     def inputs(self, config: RunConfig) -> list[Path]: ...
     def run(self, ctx: StageContext) -> StageResult: ...
@@ -91,9 +96,13 @@ class StageContext:
         return self.run.store
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout.of(self.config)
+
+    @property
     def dir(self) -> Path:
         """This stage's artifact folder."""
-        return self.run.path / self.name
+        return self.layout.stage_dir(self.name)
 
     def set_counts(self, **counts: Any) -> None:
         """Record progress so that `status` shows it while the stage runs."""
@@ -120,7 +129,8 @@ class RunDir:
             path.mkdir(parents=True)
         elif not path.is_dir():
             raise RunDirError(f"not a directory: {path}")
-        store_path = path / "store.sqlite"
+        self.layout = RunLayout(path)
+        store_path = self.layout.store
         if not store_path.exists() and not create:
             raise RunDirError(f"not a run directory (no store.sqlite): {path}")
         self.store = Store(store_path, readonly=readonly)
@@ -133,7 +143,7 @@ class RunDir:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the run's lock: one runner per run directory at a time."""
-        lock_path = self.path / ".lock"
+        lock_path = self.layout.lock
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,19 +169,17 @@ class RunDir:
 
     def claim(self, run_name: str) -> None:
         """Tie the directory to one run name, so two configs never share a run directory."""
-        row = self.store.db.execute("SELECT value FROM meta WHERE key = 'run_name'").fetchone()
-        if row is None:
-            with self.store.transaction() as db:
-                db.execute("INSERT INTO meta VALUES ('run_name', ?)", (run_name,))
-                db.execute("INSERT INTO meta VALUES ('created_at', ?)", (str(time.time()),))
-        elif row[0] != run_name:
-            raise RunDirError(f"{self.path} belongs to run {row[0]!r}, not {run_name!r}; give this run its own run_dir")
+        owner = store_meta.get(self.store, "run_name")
+        if owner is None:
+            store_meta.insert(self.store, {"run_name": run_name, "created_at": str(time.time())})
+        elif owner != run_name:
+            raise RunDirError(f"{self.path} belongs to run {owner!r}, not {run_name!r}; give this run its own run_dir")
 
     # --- manifest -----------------------------------------------------------------------------
 
     def manifest(self, loaded: LoadedConfig, inputs: dict[str, str]) -> dict[str, Any]:
         stages = self.store.stages()
-        meta = dict(self.store.db.execute("SELECT key, value FROM meta").fetchall())
+        meta = store_meta.items(self.store)
         costs: dict[str, float] = {}
         for row in stages.values():
             for k, v in row.costs.items():
@@ -192,7 +200,7 @@ class RunDir:
         }
 
     def write_manifest(self, loaded: LoadedConfig, inputs: dict[str, str]) -> None:
-        atomic.write_json(self.path / "manifest.json", self.manifest(loaded, inputs))
+        atomic.write_json(self.layout.manifest, self.manifest(loaded, inputs))
 
 
 def _stage_summary(row: StageRow) -> dict[str, Any]:
@@ -251,7 +259,7 @@ class StageOutcome:
     row: StageRow
 
 
-def run_pipeline(
+def run_stages(
     loaded: LoadedConfig,
     *,
     from_stage: str | None = None,
@@ -260,8 +268,12 @@ def run_pipeline(
     console: Console | None = None,
     quiet: bool = False,
     options: dict[str, Any] | None = None,
+    redo_hint: str = "rerun with --force --from {stage} to redo it and what follows",
 ) -> list[StageOutcome]:
-    """Run the configured stages in order, skipping finished ones and resuming interrupted ones."""
+    """Run the configured stages in order, skipping finished ones and resuming interrupted ones.
+
+    `redo_hint` is how the refusal of a changed stage tells the user to redo it (the one-stage
+    commands have no --from)."""
     console = console or Console(stderr=True, quiet=quiet)
     config = loaded.config
     for s in (from_stage, until_stage):
@@ -280,11 +292,13 @@ def run_pipeline(
     try:
         with run.locked():
             run.claim(config.name)
-            atomic.clean_temp(run.path)
+            layout = RunLayout.of(config)
+            for folder in {run.path, *(layout.stage_dir(s) for s in selected)}:
+                atomic.clean_temp(folder)
             all_inputs: dict[str, str] = {}
             for name in selected:
                 ctx = StageContext(name, run, loaded, console, quiet, dict(options or {}))
-                outcome = _run_stage(ctx, modules[name], configured, force, all_inputs)
+                outcome = _run_stage(ctx, modules[name], configured, force, all_inputs, redo_hint)
                 outcomes.append(outcome)
             run.write_manifest(loaded, all_inputs)
     finally:
@@ -298,11 +312,12 @@ def _run_stage(
     configured: list[str],
     force: bool,
     all_inputs: dict[str, str],
+    redo_hint: str,
 ) -> StageOutcome:
     store, name = ctx.store, ctx.name
     inputs = {str(p): store.file_hash(p) for p in _input_files(module.inputs(ctx.config))}
     all_inputs.update(inputs)
-    fingerprint = _fingerprint(ctx.loaded.stage_hash(name), inputs)
+    fingerprint = _fingerprint(ctx.loaded.stage_hash(name, module.READS), inputs)
     upstream: dict[str, str] = {}
     for up in module.UPSTREAM:
         if up not in configured:
@@ -324,12 +339,14 @@ def _run_stage(
         if changed:
             state = "finished" if row.status == "done" else "was interrupted"
             raise StageError(
-                f"stage {name!r} {state} with other settings ({'; '.join(changed)}); "
-                f"rerun with --force --from {name} to redo it and what follows"
+                f"stage {name!r} {state} with other settings ({'; '.join(changed)}); " + redo_hint.format(stage=name)
             )
-        if row.status == "done":
+        missing = [a for a in row.artifacts if not (ctx.run.path / a).exists()] if row.status == "done" else []
+        if row.status == "done" and not missing:
             ctx.console.print(f"[dim]{name}: done, skipped[/dim]")
             return StageOutcome(name, "skipped", row)
+        if missing:
+            ctx.console.print(f"{name}: done, but {missing[0]} is missing", markup=False)
         fresh = False
 
     if fresh and row is not None:
@@ -350,7 +367,7 @@ def _run_stage(
         ctx.run.write_manifest(ctx.loaded, all_inputs)
         raise
     store.add_stage_seconds(name, time.monotonic() - t0)
-    artifacts = {str(p.relative_to(ctx.run.path)): hash_artifact(p) for p in result.artifacts}
+    artifacts = {os.path.relpath(p, ctx.run.path): hash_artifact(p) for p in result.artifacts}
     store.update_stage(
         name,
         status="done",

@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 
 from distill4all import atomic
-from distill4all.collect import ledger
-from distill4all.collect.collector import build_body
-from distill4all.collect.cost import cost_usd
 from distill4all.config import CollectConfig
 from distill4all.errors import DataError
-from distill4all.store import Store
+from distill4all.store import Store, prompts, tasks
+from distill4all.teacher.answers import build_body
+from distill4all.teacher.cost import cost_usd
 
 BATCH_DISCOUNT = 0.5
 
@@ -26,22 +25,17 @@ def export_requests(store: Store, cfg: CollectConfig, teacher_name: str, out: Pa
     teacher = next((t for t in cfg.teachers if t.name == teacher_name), None)
     if teacher is None:
         raise DataError(f"no teacher named {teacher_name!r}; teachers: {', '.join(t.name for t in cfg.teachers)}")
-    rows = store.db.execute(
-        "SELECT t.prompt_id, t.sample, p.text FROM tasks t JOIN prompts p ON p.id = t.prompt_id"
-        " WHERE t.teacher = ? AND t.state IN ('pending', 'failed') AND t.permanent = 0 ORDER BY p.created_at, p.id",
-        (teacher.name,),
-    ).fetchall()
+    todo = tasks.unanswered(store, teacher.name)
     with atomic.output_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for pid, sample, text in rows:
-            task = ledger.Task(pid, teacher.name, sample, text)
+        for task in todo:
             line = {
-                "custom_id": f"{pid}:{teacher.name}:{sample}",
+                "custom_id": f"{task.prompt_id}:{teacher.name}:{task.sample}",
                 "method": "POST",
                 "url": "/v1/chat/completions",
                 "body": build_body(teacher, task),
             }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return len(rows)
+    return len(todo)
 
 
 def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str, int]:
@@ -49,8 +43,8 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
     if not results.is_file():
         raise DataError(f"batch results file not found: {results}")
     teachers = {t.name: t for t in cfg.teachers}
-    answers: list[ledger.Answer] = []
-    failures: list[ledger.Failure] = []
+    answers: list[tasks.Answer] = []
+    failures: list[tasks.Failure] = []
     with open(results, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -62,22 +56,22 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
                 teacher = teachers[teacher_name]
             except (ValueError, KeyError) as e:
                 raise DataError(f"{where}: not a batch result for this run ({type(e).__name__}: {e})") from None
-            row = store.db.execute("SELECT text FROM prompts WHERE id = ?", (pid,)).fetchone()
-            if row is None:
+            text = prompts.text_of(store, pid)
+            if text is None:
                 raise DataError(f"{where}: custom_id {item['custom_id']!r} names no prompt of this run")
-            task = ledger.Task(pid, teacher_name, int(sample), row[0])
+            task = tasks.Task(pid, teacher_name, int(sample), text)
             response = item.get("response") or {}
             body = response.get("body") or {}
             if item.get("error") or response.get("status_code") != 200:
                 err = item.get("error") or body.get("error") or {"message": f"status {response.get('status_code')}"}
-                failures.append(ledger.Failure(task, f"batch: {err.get('message', err)}", permanent=False))
+                failures.append(tasks.Failure(task, f"batch: {err.get('message', err)}", permanent=False))
                 continue
             try:
                 choice = body["choices"][0]
                 usage = body.get("usage") or {}
                 pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
                 answers.append(
-                    ledger.Answer(
+                    tasks.Answer(
                         task,
                         str(body.get("model") or teacher.model),
                         choice["message"]["content"] or "",
@@ -91,5 +85,5 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
                 )
             except (KeyError, IndexError, TypeError) as e:
                 raise DataError(f"{where}: malformed response body ({type(e).__name__}: {e})") from None
-    stored = ledger.record(store, answers, failures)
+    stored = tasks.record(store, answers, failures)
     return {"stored": stored, "already_stored": len(answers) - stored, "failed": len(failures)}

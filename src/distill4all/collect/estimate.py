@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distill4all.collect.collector import build_messages
-from distill4all.collect.cost import cost_usd
 from distill4all.collect.sources import read_source
-from distill4all.collect.teacher import estimate_prompt_tokens
 from distill4all.config import CollectConfig
-from distill4all.store import Store
+from distill4all.store import Store, responses
+from distill4all.teacher.answers import build_messages
+from distill4all.teacher.client import estimate_prompt_tokens
+from distill4all.teacher.cost import cost_usd
 
 
 @dataclass
@@ -31,15 +31,10 @@ def estimate(cfg: CollectConfig, run_seed: int, store: Store | None) -> list[Tea
         done: set[tuple[str, int]] = set()
         mean_completion = t.max_tokens / 2
         if store is not None:
-            done = {
-                (r[0], r[1])
-                for r in store.db.execute("SELECT prompt_id, sample FROM responses WHERE teacher = ?", (t.name,))
-            }
-            row = store.db.execute(
-                "SELECT AVG(completion_tokens) FROM responses WHERE teacher = ? AND completion_tokens > 0", (t.name,)
-            ).fetchone()
-            if row[0] is not None:
-                mean_completion = float(row[0])
+            done = responses.answered(store, t.name)
+            mean = responses.mean_completion_tokens(store, t.name)
+            if mean is not None:
+                mean_completion = mean
         todo = [(p, s) for p in prompts for s in range(t.samples) if (p.id, s) not in done]
         prompt_tokens = sum(estimate_prompt_tokens(build_messages(t, p.text)) for p, _ in todo)
         price = cfg.price_of(t)

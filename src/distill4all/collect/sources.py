@@ -25,14 +25,7 @@ from typing import Any
 from distill4all.config import SourceConfig
 from distill4all.errors import DataError
 from distill4all.records import parquet_rows
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    source: str
-    text: str
-    meta: dict[str, Any] = field(default_factory=dict)
+from distill4all.store.prompts import Prompt, prompt_id
 
 
 @dataclass
@@ -57,11 +50,6 @@ class RowError(ValueError):
 def normalize(text: str) -> str:
     """Unicode NFC, unified newlines, trimmed: what is hashed and what the teacher sees."""
     return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
-
-
-def prompt_id(source: str, text: str) -> str:
-    """Stable across runs and machines: the same prompt from the same source keeps its id."""
-    return hashlib.sha256(f"{source}\0{text}".encode()).hexdigest()[:20]
 
 
 # --- rows: file formats ------------------------------------------------------------------------

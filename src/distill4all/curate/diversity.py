@@ -33,7 +33,9 @@ from distill4all.config import CurateDiversityConfig
 
 
 @dataclass
-class SourceStats:
+class SourceProfile:
+    """One source's diversity metrics, and whether they flag it as homogeneous."""
+
     source: str
     pairs: int
     response_words: dict[str, float]
@@ -104,7 +106,7 @@ def gzip_ratio(texts: Sequence[str]) -> float:
     return len(gzip.compress(raw, mtime=0)) / len(raw) if raw else 1.0
 
 
-def source_stats(
+def source_profile(
     source: str,
     prompts: Sequence[str],
     responses: Sequence[str],
@@ -113,7 +115,7 @@ def source_stats(
     subtopic: NDArray[np.int64] | None,
     sample: int,
     seed: int = 0,
-) -> SourceStats:
+) -> SourceProfile:
     n = len(responses)
     rng = np.random.RandomState(seed)
     pick = np.sort(rng.choice(n, sample, replace=False)) if n > sample else np.arange(n)
@@ -126,7 +128,7 @@ def source_stats(
     if subtopic is not None and len(subtopic):
         sizes = np.sort(np.bincount(subtopic))[::-1]
         concentration = round(float(sizes[:3].sum() / n), 4)
-    return SourceStats(
+    return SourceProfile(
         source=source,
         pairs=n,
         response_words=_quantiles(r_words),
@@ -145,7 +147,7 @@ def source_stats(
     )
 
 
-def flag_homogeneous(stats: list[SourceStats], cfg: CurateDiversityConfig) -> None:
+def flag_homogeneous(stats: list[SourceProfile], cfg: CurateDiversityConfig) -> None:
     """Set `homogeneous` and its `reasons` on each source's stats."""
     # against the median of all sources (itself included): one odd source cannot make the others look tight
     spreads = [s.neighbour_distance for s in stats if s.neighbour_distance is not None]

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from distill4all import atomic
 from distill4all.errors import ModelError
-from distill4all.store import Store
+from distill4all.store import Store, embeddings
 
 if TYPE_CHECKING:
     from model2vec import StaticModel
@@ -149,15 +149,7 @@ def embed(
     `advance` is told how many distinct texts are done, cached ones first.
     """
     hashes = [text_hash(t) for t in texts]
-    cached: dict[str, bytes] = {}
-    unique = list(dict.fromkeys(hashes))
-    for some in _chunks(unique, 900):
-        marks = ",".join("?" * len(some))
-        rows = store.db.execute(
-            f"SELECT text_hash, vector FROM embeddings WHERE model = ? AND text_hash IN ({marks})",
-            (embedder.key, *some),
-        )
-        cached.update((h, v) for h, v in rows)
+    cached = embeddings.cached(store, embedder.key, list(dict.fromkeys(hashes)))
     if advance:
         advance(len(cached))
     todo: dict[str, str] = {}
@@ -170,12 +162,9 @@ def embed(
     for batch in _chunks(items, batch_size * 32):
         vectors = embedder.encode([t for _, t in batch])
         blobs = [v.astype("<f4").tobytes() for v in vectors]
-        with store.transaction() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO embeddings (model, text_hash, vector) VALUES (?, ?, ?)",
-                [(embedder.key, h, b) for (h, _), b in zip(batch, blobs, strict=True)],
-            )
-        cached.update((h, b) for (h, _), b in zip(batch, blobs, strict=True))
+        fresh = [(h, b) for (h, _), b in zip(batch, blobs, strict=True)]
+        embeddings.put(store, embedder.key, fresh)
+        cached.update(fresh)
         if advance:
             advance(len(batch))
     if not hashes:

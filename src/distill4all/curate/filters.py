@@ -34,7 +34,7 @@ class Pair:
 Hit = tuple[str, str]  # (rule, detail)
 
 
-class Answer:
+class AnswerForms:
     """A pair's answer in the forms the rules read, each made once per pair rather than per rule."""
 
     __slots__ = ("fences", "normal", "prompt_normal", "text", "words")
@@ -94,7 +94,7 @@ class Filters:
             self.enabled.discard("language")
         phrases = [_straight(p).lower() for p in (*REFUSAL_PHRASES, *cfg.refusal_phrases)]
         self._refusal = re.compile(_trie_pattern(phrases))
-        self._rules: list[tuple[str, Callable[[Pair, Answer], str | None]]] = [
+        self._rules: list[tuple[str, Callable[[Pair, AnswerForms], str | None]]] = [
             ("refusal", self.refusal),
             ("truncated.length", self.truncated_length),
             ("truncated.mid-sentence", self.truncated_mid_sentence),
@@ -117,7 +117,7 @@ class Filters:
         failure = self.failure(pair)
         if failure is not None:
             return [failure] if failure[0] in self.enabled else []
-        answer = Answer(pair, prompt_normal, answer_normal)
+        answer = AnswerForms(pair, prompt_normal, answer_normal)
         hits = []
         for name, rule in self._active:
             if (detail := rule(pair, answer)) is not None:
@@ -138,16 +138,16 @@ class Filters:
 
     # --- refusal ------------------------------------------------------------------------------
 
-    def refusal(self, pair: Pair, a: Answer) -> str | None:
+    def refusal(self, pair: Pair, a: AnswerForms) -> str | None:
         m = self._refusal.search(_straight(a.text).lower())
         return f'"{m.group(0)}"' if m else None
 
     # --- truncation ---------------------------------------------------------------------------
 
-    def truncated_length(self, pair: Pair, a: Answer) -> str | None:
+    def truncated_length(self, pair: Pair, a: AnswerForms) -> str | None:
         return "finish_reason=length" if pair.finish_reason == "length" else None
 
-    def truncated_mid_sentence(self, pair: Pair, a: Answer) -> str | None:
+    def truncated_mid_sentence(self, pair: Pair, a: AnswerForms) -> str | None:
         """A prose answer whose last line stops without closing punctuation."""
         if len(a.words) < self.cfg.truncation_min_words or a.fences[0]:
             return None  # short answers (labels, names) need no full stop; open fences are another rule
@@ -158,15 +158,15 @@ class Filters:
             return None  # "… is 42" ends a sentence as often as not
         return f"ends with {last[-30:]!r}"
 
-    def truncated_code_fence(self, pair: Pair, a: Answer) -> str | None:
+    def truncated_code_fence(self, pair: Pair, a: AnswerForms) -> str | None:
         return "code block never closed" if a.fences[0] else None
 
     # --- malformed ----------------------------------------------------------------------------
 
-    def malformed_fence(self, pair: Pair, a: Answer) -> str | None:
+    def malformed_fence(self, pair: Pair, a: AnswerForms) -> str | None:
         return a.fences[1]
 
-    def malformed_json(self, pair: Pair, a: Answer) -> str | None:
+    def malformed_json(self, pair: Pair, a: AnswerForms) -> str | None:
         if "json" not in pair.prompt.lower():  # every way of asking names it: skip the regex
             return None
         if not _ASKS_JSON.search(pair.prompt) or _PROGRAMMING_QUESTION.search(pair.prompt):
@@ -179,7 +179,7 @@ class Filters:
                 continue
         return "JSON was asked for; none parses"
 
-    def malformed_mojibake(self, pair: Pair, a: Answer) -> str | None:
+    def malformed_mojibake(self, pair: Pair, a: AnswerForms) -> str | None:
         if a.text.isascii():  # mojibake is made of non-ASCII characters; most answers have none
             return None
         if "\ufffd" in a.text:
@@ -188,7 +188,7 @@ class Filters:
 
         return "mojibake (mis-decoded text)" if is_bad(a.text) else None
 
-    def malformed_echo(self, pair: Pair, a: Answer) -> str | None:
+    def malformed_echo(self, pair: Pair, a: AnswerForms) -> str | None:
         prompt = normalize(pair.prompt) if a.prompt_normal is None else a.prompt_normal
         if not prompt or prompt.count(" ") + 1 < self.cfg.echo_min_words:
             return None
@@ -199,7 +199,7 @@ class Filters:
             return "the answer is the prompt"
         return "the answer starts by repeating the whole prompt" if answer.startswith(prompt + " ") else None
 
-    def malformed_repetition(self, pair: Pair, a: Answer) -> str | None:
+    def malformed_repetition(self, pair: Pair, a: AnswerForms) -> str | None:
         """Repetition loops, by the Gopher rules: chars in repeated lines, top 2-gram, repeated 5-grams."""
         if len(a.words) < self.cfg.repetition_min_words:
             return None
@@ -231,18 +231,18 @@ class Filters:
 
     # --- length and language ------------------------------------------------------------------
 
-    def length_short(self, pair: Pair, a: Answer) -> str | None:
+    def length_short(self, pair: Pair, a: AnswerForms) -> str | None:
         n = len(a.words)
         return f"{n} words < {self.cfg.min_response_words}" if n < self.cfg.min_response_words else None
 
-    def length_long(self, pair: Pair, a: Answer) -> str | None:
+    def length_long(self, pair: Pair, a: AnswerForms) -> str | None:
         if len(a.text) > self.cfg.max_response_chars:
             return f"answer of {len(a.text)} chars > {self.cfg.max_response_chars}"
         if len(pair.prompt) > self.cfg.max_prompt_chars:
             return f"prompt of {len(pair.prompt)} chars > {self.cfg.max_prompt_chars}"
         return None
 
-    def language(self, pair: Pair, a: Answer) -> str | None:
+    def language(self, pair: Pair, a: AnswerForms) -> str | None:
         import py3langid
 
         prose = _CODE_BLOCK.sub(" ", a.text)[:2000]

@@ -8,10 +8,8 @@ the same path. Importing is idempotent: the n-th answer to a prompt in the file 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import Any
 
 from distill4all.errors import DataError
 from distill4all.records import read_records
-from distill4all.store import Store
+from distill4all.store import Store, responses
+from distill4all.store.prompts import prompt_id
 
 _SOURCE_OK = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -42,23 +41,15 @@ class Rows:
 
 def load_rows(store: Store) -> Rows:
     rows = Rows([], [], [], [], [], [], [])
-    cur = store.db.execute(
-        "SELECT r.id, r.prompt_id, p.source, p.text, r.text, r.finish_reason, r.teacher"
-        " FROM responses r JOIN prompts p ON p.id = r.prompt_id ORDER BY r.id"
-    )
-    for rid, pid, source, prompt, response, finish, teacher in cur:
-        rows.ids.append(rid)
-        rows.prompt_ids.append(pid)
-        rows.sources.append(source)
-        rows.prompts.append(prompt)
-        rows.responses.append(response)
-        rows.finish_reasons.append(finish)
-        rows.teachers.append(teacher)
+    for p in responses.pairs(store):
+        rows.ids.append(p.id)
+        rows.prompt_ids.append(p.prompt_id)
+        rows.sources.append(p.source)
+        rows.prompts.append(p.prompt)
+        rows.responses.append(p.response)
+        rows.finish_reasons.append(p.finish_reason)
+        rows.teachers.append(p.teacher)
     return rows
-
-
-def prompt_id(source: str, text: str) -> str:
-    return hashlib.sha256(f"{source}\0{text}".encode()).hexdigest()[:20]
 
 
 def _records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -77,17 +68,7 @@ def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000) -> i
     total = 0
 
     def flush() -> None:
-        now = time.time()
-        with store.transaction() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO prompts (id, source, text, meta, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(*p, now) for p in prompts],
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
-                " params, created_at) VALUES (?, ?, ?, 'import', ?, ?, ?, ?)",
-                [(pid, teacher, n, text, finish, params, now) for pid, n, text, finish, params in answers],
-            )
+        responses.add_imported(store, teacher, prompts, answers)
         prompts.clear()
         answers.clear()
 
@@ -123,12 +104,4 @@ def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000) -> i
 
 def remove_import(store: Store, teacher: str) -> None:
     """Undo imports: the teacher's responses, their decisions, and prompts nothing else uses."""
-    with store.transaction() as db:
-        db.execute(
-            "DELETE FROM decisions WHERE response_id IN (SELECT id FROM responses WHERE teacher = ?)", (teacher,)
-        )
-        db.execute("DELETE FROM responses WHERE teacher = ?", (teacher,))
-        db.execute(
-            "DELETE FROM prompts WHERE id NOT IN (SELECT prompt_id FROM responses)"
-            " AND id NOT IN (SELECT prompt_id FROM tasks)"
-        )
+    responses.remove_teacher(store, teacher)

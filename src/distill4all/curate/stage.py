@@ -1,7 +1,7 @@
 """Stage `curate`: decide every collected (or imported) pair, and write the curated data.
 
 Reads the run store (after `collect`, or a pairs file named by `curate.input`, imported first),
-writes one decision row per response and the outputs listed in export.py into `run_dir/curate/`.
+writes one decision row per response and the outputs listed in outputs.py into `run_dir/curate/`.
 A rerun after a kill recomputes the same decisions; finished embeddings and projections are reused.
 """
 
@@ -11,10 +11,12 @@ import shutil
 from pathlib import Path
 
 from distill4all.config import RunConfig
-from distill4all.curate import pairs, pipeline
+from distill4all.curate import curation, pairs
 from distill4all.run import StageContext, StageResult
+from distill4all.store import decisions
 
 UPSTREAM: tuple[str, ...] = ("collect",)
+READS: tuple[str, ...] = ()
 
 
 def inputs(config: RunConfig) -> list[Path]:
@@ -27,7 +29,7 @@ def run(ctx: StageContext) -> StageResult:
     assert cfg is not None
     if cfg.input is not None:
         pairs.import_pairs(ctx.store, cfg.input, cfg.import_teacher)
-    result = pipeline.curate(
+    result = curation.curate(
         ctx.store, cfg, ctx.dir, seed=ctx.config.seed, title=ctx.config.name, console=ctx.console, quiet=ctx.quiet
     )
     kept = sum(result.kept)
@@ -41,17 +43,17 @@ def run(ctx: StageContext) -> StageResult:
         "homogeneous_sources": sorted(s.source for s in result.sources if s.homogeneous),
         "excluded_sources": sorted(result.excluded),
     }
-    artifacts = [ctx.dir / name for name in ("train.jsonl", "report.json")]
-    if (ctx.dir / "map.html").is_file():
-        artifacts.append(ctx.dir / "map.html")
+    files = ctx.layout.curate
+    artifacts = [files.train_pairs, files.report_json]
+    if files.map_html.is_file():
+        artifacts.append(files.map_html)
     return StageResult(counts=counts, artifacts=artifacts)
 
 
 def reset(ctx: StageContext) -> None:
     """Forget the decisions and outputs (and imported pairs); the embeddings cache stays."""
     cfg = ctx.config.curate
-    with ctx.store.transaction() as db:
-        db.execute("DELETE FROM decisions")
+    decisions.clear(ctx.store)
     if cfg is not None and cfg.input is not None:
         pairs.remove_import(ctx.store, cfg.import_teacher)
     shutil.rmtree(ctx.dir, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Pairwise LLM-judge win rate against a baseline, both orders, ties counted.
 
-Everything goes through the collect stage's machinery on a store of its own (`eval/judge.sqlite`,
+Everything goes through the shared teacher machinery on a store of its own (`eval/judge.sqlite`,
 so nothing here mixes with the training data): each model answers the instructions as a "teacher"
 (a local model is served on 127.0.0.1, a remote one is called), then the judge answers one prompt
 per (item, order). The same client, limiter, retries, budget and exactly-once ledger as
@@ -10,21 +10,21 @@ collection: a killed judge run resumes without paying twice.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from distill4all.collect import ledger
-from distill4all.collect.collector import collect
-from distill4all.collect.cost import Budget
-from distill4all.collect.sources import Prompt, prompt_id
-from distill4all.collect.stage import teacher_client
-from distill4all.config import Price, TeacherConfig
+from distill4all.config import JudgeConfig, Price, TeacherConfig
 from distill4all.evaluate.data import Item
-from distill4all.store import Store
+from distill4all.evaluate.runner import ModelSpec
+from distill4all.layout import EvalLayout
+from distill4all.store import Store, responses, tasks
+from distill4all.store.prompts import Prompt, prompt_id
+from distill4all.teacher.answers import answer_pending
+from distill4all.teacher.connect import connect
+from distill4all.teacher.cost import Budget
 
 JUDGE_SYSTEM = (
     "You are an impartial judge. Compare two AI assistants' answers to the user's instruction. "
@@ -77,13 +77,13 @@ def _run(
     store: Store, teacher: TeacherConfig, log_dir: Path, price: Price, budget: Budget, batch_size: int = 16
 ) -> None:
     async def go() -> None:
-        with teacher_client(teacher, log_dir) as (client, model_id):
+        with connect(teacher, log_dir) as (client, model_id):
             try:
-                await collect(store, teacher, client, price, budget, model=model_id, batch_size=batch_size)
+                await answer_pending(store, teacher, client, price, budget, model=model_id, batch_size=batch_size)
             finally:
                 await client.aclose()
 
-    if ledger.count_pending(store, teacher.name):
+    if tasks.count_pending(store, teacher.name):
         asyncio.run(go())
 
 
@@ -92,14 +92,10 @@ def generate_answers(
 ) -> dict[str, str]:
     """Each instruction answered once by `answerer`; item id → answer text."""
     prompts = [Prompt(prompt_id("eval", item_prompt(it)), "eval", item_prompt(it), {"item": it.id}) for it in items]
-    ledger.add_prompts(store, prompts, [(answerer.name, 1)])
-    ledger.requeue(store)
+    tasks.add_prompts(store, prompts, [(answerer.name, 1)])
+    tasks.requeue(store)
     _run(store, answerer, log_dir, Price(input=0, output=0), budget)
-    rows = store.db.execute(
-        "SELECT p.meta, r.text FROM responses r JOIN prompts p ON p.id = r.prompt_id WHERE r.teacher = ?",
-        (answerer.name,),
-    )
-    return {json.loads(meta)["item"]: text or "" for meta, text in rows}
+    return {meta["item"]: text or "" for meta, text in responses.texts_with_prompt_meta(store, answerer.name)}
 
 
 def _pairs(items: list[Item], model: dict[str, str], base: dict[str, str]) -> Iterator[tuple[Item, str, str, str]]:
@@ -127,16 +123,15 @@ def judge(
         pid = prompt_id(f"judge:{model_name}:{base_name}", text)
         prompts.append(Prompt(pid, f"judge:{model_name}:{base_name}", text, {"item": it.id, "order": order}))
         meta[pid] = (it.id, order)
-    ledger.add_prompts(store, prompts, [(judge_teacher.name, 1)])
-    ledger.requeue(store)
+    tasks.add_prompts(store, prompts, [(judge_teacher.name, 1)])
+    tasks.requeue(store)
     _run(store, judge_teacher, log_dir, price, budget)
 
     verdicts: dict[str, dict[str, str]] = {}
-    rows = store.db.execute("SELECT prompt_id, text FROM responses WHERE teacher = ?", (judge_teacher.name,))
-    for pid, text in rows:
+    for pid, reply in responses.texts(store, judge_teacher.name):
         if pid in meta:
             item_id, order = meta[pid]
-            verdicts.setdefault(item_id, {})[order] = parse_verdict(text)
+            verdicts.setdefault(item_id, {})[order] = parse_verdict(reply or "")
     return count(model_name, base_name, verdicts)
 
 
@@ -162,3 +157,42 @@ def count(model: str, baseline: str, verdicts: dict[str, dict[str, str]]) -> Win
                 inconsistent += 1
     n = wins + losses + ties
     return WinRate(model, baseline, n, wins, losses, ties, inconsistent, invalid, (wins + ties / 2) / n if n else 0.0)
+
+
+def win_rates(
+    cfg: JudgeConfig,
+    items: list[Item],
+    models: list[ModelSpec],
+    baseline: str,
+    *,
+    price: Price | None,
+    folder: EvalLayout,
+) -> tuple[list[dict[str, Any]], float]:
+    """Every model's answers, then the judge's verdicts against `baseline`; the win rates and
+    what the judge cost. The requests' ledger is `folder.judge_store`, so a killed run resumes."""
+    store = Store(folder.judge_store)
+    budget = Budget(cfg.max_cost_usd)
+    try:
+        answers = {}
+        for m in models:
+            answerer = TeacherConfig(
+                name=f"answer-{m.label}", model=m.spec, max_tokens=cfg.answer_max_tokens, concurrency=1
+            )
+            answers[m.label] = generate_answers(store, items, answerer, folder.dir, budget)
+        rates = [
+            judge(
+                store,
+                items,
+                (m.label, answers[m.label]),
+                (baseline, answers[baseline]),
+                cfg.judge,
+                price or Price(input=0, output=0),
+                folder.dir,
+                budget,
+            )
+            for m in models
+            if m.label != baseline
+        ]
+        return [r.as_dict() for r in rates], budget.spent_usd
+    finally:
+        store.close()

@@ -22,6 +22,7 @@ from distill4all.evaluate.compare import Paired, Summary, paired, summarize
 from distill4all.evaluate.data import Item
 from distill4all.evaluate.figures import perplexity_figure
 from distill4all.evaluate.perplexity import conditioned_perplexity, faithful_perplexity
+from distill4all.layout import EvalLayout
 
 METRICS = ("faithful", "conditioned")
 
@@ -68,7 +69,7 @@ def score_model(
     """Per-item perplexities of one model (in `items` order), computing only what is missing."""
     from distill4all.runtime.engine import load_engine
 
-    path = out / f"perplexity-{safe_label(model.label)}.jsonl"
+    path = EvalLayout(out).items(safe_label(model.label))
     done = _read_done(path)
     todo = [it for it in items if it.id not in done]
     if todo:
@@ -134,7 +135,7 @@ def compare(
                 for label, v in per_model.items()
                 if label != baseline
             ]
-        figures.append(perplexity_figure(per_model, out / f"figure3-{m}.png", title=titles[m], clip=clip))
+        figures.append(perplexity_figure(per_model, EvalLayout(out).figure(m), title=titles[m], clip=clip))
     return Comparison(summaries, tests, figures)
 
 

@@ -16,12 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill4all import atomic
 from distill4all.config import ExportConfig
-from distill4all.errors import ModelError
-from distill4all.export import ExportError
+from distill4all.errors import ExportError, ModelError
 from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, LlamaHparams, check_compat, write_gguf
 from distill4all.export.merge import is_adapter, merge_adapter
 from distill4all.export.quant_report import REPORT_TEXTS, QuantRow, quant_report, report_table
 from distill4all.export.quantize import quantize
+from distill4all.layout import ExportLayout
 from distill4all.models import BUILTINS, resolve_model
 
 
@@ -34,13 +34,6 @@ class ExportOutcome:
     compat_checked_tokens: int = 0  # tokens of the probe text both pre-tokenizer names split alike
 
 
-REPORT_FILE = "quant_report.json"
-
-
-def gguf_name(kind: str) -> str:
-    return f"model-{kind}.gguf"
-
-
 def check_source(spec: str) -> None:
     """Fail early, before anything is written, on a model that is neither a path nor a name."""
     if spec not in BUILTINS and not Path(spec).expanduser().exists():
@@ -51,7 +44,7 @@ def source_checkpoint(spec: str, out_dir: Path) -> tuple[Path, Path | None]:
     """The HF checkpoint to convert: a merged adapter, an HF folder, or a GGUF's HF form."""
     path = Path(spec).expanduser()
     if is_adapter(path):
-        merged = out_dir / "merged"
+        merged = ExportLayout(out_dir).merged
         if not (merged / "config.json").is_file():
             merge_adapter(path, merged)
         return merged, merged
@@ -62,6 +55,7 @@ def export_model(
     spec: str, out_dir: Path, cfg: ExportConfig, *, console: Console | None = None, quiet: bool = False
 ) -> ExportOutcome:
     console = console or Console(stderr=True, quiet=quiet)
+    files = ExportLayout(out_dir)
     kinds = [cfg.base_type, *[q for q in cfg.quantizations if q != cfg.base_type]]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.clean_temp(out_dir)
@@ -80,7 +74,7 @@ def export_model(
         disable=quiet,
     ) as bar:
         task = bar.add_task("export", total=steps, step="")
-        base = out_dir / gguf_name(cfg.base_type)
+        base = files.gguf(cfg.base_type)
         bar.update(task, step=f"writing {base.name}")
         outcome = ExportOutcome(files=[base], merged=merged)
         if not base.is_file():
@@ -94,7 +88,7 @@ def export_model(
                 outcome.compat_checked_tokens = check_compat(hf_dir, original, outcome.pre_tokenizer, Path(work))
 
         for kind in kinds[1:]:
-            target = out_dir / gguf_name(kind)
+            target = files.gguf(kind)
             bar.update(task, step=f"quantizing {target.name}")
             if not target.is_file():
                 quantize(base, target, kind)
@@ -105,7 +99,7 @@ def export_model(
             bar.update(task, step="measuring the quantization report")
             outcome.report = quant_report(base, outcome.files, on_text=lambda: bar.advance(task))
             rows = [r.as_dict() for r in outcome.report]
-            atomic.write_json(out_dir / REPORT_FILE, {"reference": base.name, "rows": rows})
+            atomic.write_json(files.quant_report, {"reference": base.name, "rows": rows})
     if outcome.report and not quiet:
         console.print(report_table(outcome.report, title=f"quantization report (vs {base.name})"))
     return outcome

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from distill4all import atomic
-from distill4all.export import ExportError
+from distill4all.errors import ExportError
 from distill4all.export.quantize import native_stderr
 
 BaseType = Literal["f32", "f16"]

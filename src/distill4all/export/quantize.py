@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from distill4all import atomic
-from distill4all.export import ExportError
+from distill4all.errors import ExportError
 
 QUANT_TYPES: dict[str, str] = {
     "f32": "LLAMA_FTYPE_ALL_F32",

@@ -8,11 +8,15 @@ from pathlib import Path
 
 from distill4all.config import RunConfig
 from distill4all.errors import StageError
-from distill4all.export.exporter import REPORT_FILE, export_model
+from distill4all.export.exporter import export_model
+from distill4all.layout import RunLayout
 from distill4all.models import BUILTINS
 from distill4all.run import StageContext, StageResult
 
 UPSTREAM: tuple[str, ...] = ("train",)
+# What it exports is train's model when the run trains (train.base_model is set), with the chat
+# template train wrote from train.template(_file) into its tokenizer.
+READS: tuple[str, ...] = ("train.base_model", "train.template", "train.template_file")
 
 
 def source(config: RunConfig) -> str:
@@ -21,7 +25,7 @@ def source(config: RunConfig) -> str:
     cfg = config.export
     assert cfg is not None
     if config.train is not None and cfg.model is None:
-        return str(config.run_dir / "train" / "model")
+        return str(RunLayout.of(config).train.model)
     if cfg.model is None:
         raise StageError("export.model is required when the run has no train stage (a model name or path)")
     return cfg.model
@@ -30,7 +34,7 @@ def source(config: RunConfig) -> str:
 def inputs(config: RunConfig) -> list[Path]:
     assert config.export is not None
     if config.train is not None and config.export.model is None:
-        return [config.run_dir / "train" / "model"]
+        return [RunLayout.of(config).train.model]
     model = config.export.model
     return [Path(model).expanduser()] if model and model not in BUILTINS else []
 
@@ -40,7 +44,7 @@ def run(ctx: StageContext) -> StageResult:
     assert cfg is not None
     outcome = export_model(source(ctx.config), ctx.dir, cfg, console=ctx.console, quiet=ctx.quiet)
     report = [r.as_dict() for r in outcome.report]
-    artifacts = [*outcome.files, *([ctx.dir / REPORT_FILE] if report else [])]
+    artifacts = [*outcome.files, *([ctx.layout.export.quant_report] if report else [])]
     if outcome.merged is not None:
         artifacts.append(outcome.merged)
     counts = {
@@ -53,4 +57,9 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def reset(ctx: StageContext) -> None:
-    shutil.rmtree(ctx.dir, ignore_errors=True)
+    """Remove the files this stage wrote, and only those: its folder may be the run directory."""
+    for path in ctx.layout.export.outputs():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from distill4all import atomic
 from distill4all.config import STAGE_ORDER
+from distill4all.layout import RunLayout
 
 CHAT_QUESTIONS = [
     "Give three tips for staying healthy.",
@@ -36,10 +37,11 @@ def _png(path: Path) -> str | None:
 
 def chat_model(run_dir: Path) -> Path | None:
     """The model a user would chat with: the smallest exported quantization, else the trained model."""
-    ggufs = sorted((run_dir / "export").glob("model-q*.gguf"), key=lambda p: p.stat().st_size)
+    layout = RunLayout.read(run_dir)
+    ggufs = sorted((p for p in layout.export.ggufs() if p.name.startswith("model-q")), key=lambda p: p.stat().st_size)
     if ggufs:
         return ggufs[0]
-    trained = run_dir / "train" / "model"
+    trained = layout.train.model
     return trained if trained.is_dir() else None
 
 
@@ -48,7 +50,7 @@ def sample_chats(run_dir: Path, max_tokens: int = 96) -> list[dict[str, str]]:
     model = chat_model(run_dir)
     if model is None:
         return []
-    cache = run_dir / "report" / "chats.json"
+    cache = RunLayout.read(run_dir).report_chats
     cached = _json(cache)
     stamp = model.stat().st_mtime
     if isinstance(cached, dict) and cached.get("model") == str(model) and cached.get("mtime") == stamp:
@@ -68,10 +70,11 @@ def sample_chats(run_dir: Path, max_tokens: int = 96) -> list[dict[str, str]]:
 
 
 def gather(run_dir: Path, *, chats: bool = True) -> dict[str, Any]:
-    manifest = _json(run_dir / "manifest.json") or {}
+    layout = RunLayout.read(run_dir)
+    manifest = _json(layout.manifest) or {}
     stages = manifest.get("stages", {})
     metrics = []
-    mpath = run_dir / "train" / "metrics.jsonl"
+    mpath = layout.train.metrics
     if mpath.is_file():
         for line in mpath.read_text().splitlines():
             try:
@@ -88,18 +91,14 @@ def gather(run_dir: Path, *, chats: bool = True) -> dict[str, Any]:
         "costs": manifest.get("costs", {}),
         "packages": manifest.get("environment", {}).get("packages", {}),
         "collect": stages.get("collect", {}).get("counts"),
-        "curate": _json(run_dir / "curate" / "report.json"),
-        "map": (run_dir / "curate" / "map.html").is_file(),
+        "curate": _json(layout.curate.report_json),
+        "map": layout.curate.map_html.is_file(),
         "train": stages.get("train", {}).get("counts"),
         "val_losses": [(m["step"], m["val_loss"]) for m in val],
-        "loss_png": _png(run_dir / "train" / "loss.png"),
-        "quant": _json(run_dir / "export" / "quant_report.json"),
-        "eval": _json(run_dir / "eval" / "summary.json"),
-        "figures": [
-            (m, src)
-            for m in ("faithful", "conditioned")
-            if (src := _png(run_dir / "eval" / f"figure3-{m}.png")) is not None
-        ],
+        "loss_png": _png(layout.train.loss_png),
+        "quant": _json(layout.export.quant_report),
+        "eval": _json(layout.eval.summary),
+        "figures": [(m, src) for m in ("faithful", "conditioned") if (src := _png(layout.eval.figure(m))) is not None],
         "chats": sample_chats(run_dir) if chats else [],
         "chat_model": str(chat_model(run_dir) or ""),
     }
@@ -136,6 +135,6 @@ def build_report(run_dir: Path, *, chats: bool = True) -> Path:
     env.globals["pct"] = lambda v: f"{v:.1%}" if isinstance(v, (int, float)) else "-"
     template = env.from_string(resources.files("distill4all.report").joinpath("template.html").read_text())
     html = template.render(**gather(run_dir, chats=chats))
-    out = run_dir / "report" / "index.html"
+    out = RunLayout.read(run_dir).report_page
     atomic.write_text(out, html)
     return out

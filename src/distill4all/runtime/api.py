@@ -21,6 +21,8 @@ from dataclasses import fields, replace
 from types import TracebackType
 from typing import Any, Literal, overload
 
+from distill4all import offline_defaults
+from distill4all.config import ASSISTANT_SAMPLING
 from distill4all.errors import UserError
 from distill4all.runtime.engine import Backend, Completion, Engine, Message, SamplingParams, TextStream, load_engine
 
@@ -38,15 +40,17 @@ class Assistant:
     """A loaded model with default sampling parameters."""
 
     def __init__(self, engine: Engine, params: SamplingParams | None = None) -> None:
+        offline_defaults()  # the Python API has no main(): it starts here (or in load_engine)
         self.engine = engine
-        self.params = params or SamplingParams(max_tokens=512)
+        self.params = params or SamplingParams.from_defaults(ASSISTANT_SAMPLING)
         self.last: Completion | None = None  # the latest finished generation (counts, timing)
 
     @classmethod
     def load(cls, model: str, *, backend: Backend = "auto", n_ctx: int | None = None, **params: Any) -> Assistant:
         """Load a GGUF file, HF folder, adapter folder or model name; `params` are sampling
         defaults (max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, stop)."""
-        return cls(load_engine(model, backend, n_ctx=n_ctx), _params(SamplingParams(max_tokens=512), params))
+        engine = load_engine(model, backend, n_ctx=n_ctx)
+        return cls(engine, _params(SamplingParams.from_defaults(ASSISTANT_SAMPLING), params))
 
     @property
     def name(self) -> str:

@@ -26,7 +26,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from distill4all.errors import ModelError, UserError
+from distill4all import offline_defaults
+from distill4all.config import ENGINE_SAMPLING, SamplingDefaults
+from distill4all.errors import ContextLengthError, ModelError
 from distill4all.models import resolve_model
 from distill4all.models.registry import quiet_hf
 
@@ -35,20 +37,22 @@ Backend = Literal["auto", "llama.cpp", "transformers"]
 BACKENDS: tuple[Backend, ...] = ("auto", "llama.cpp", "transformers")
 
 
-class ContextLengthError(UserError):
-    """A prompt does not fit in the model's context window."""
-
-
 @dataclass
 class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 → greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 → off
-    min_p: float = 0.0  # 0 → off
-    repeat_penalty: float = 1.0  # 1 → off
-    seed: int | None = 0  # None → a fresh random seed per call
+    """One generation's sampling; the defaults are config.ENGINE_SAMPLING (their meanings are there)."""
+
+    max_tokens: int = ENGINE_SAMPLING.max_tokens
+    temperature: float = ENGINE_SAMPLING.temperature
+    top_p: float = ENGINE_SAMPLING.top_p
+    top_k: int = ENGINE_SAMPLING.top_k
+    min_p: float = ENGINE_SAMPLING.min_p
+    repeat_penalty: float = ENGINE_SAMPLING.repeat_penalty
+    seed: int | None = ENGINE_SAMPLING.seed
     stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_defaults(cls, defaults: SamplingDefaults) -> SamplingParams:
+        return cls(**asdict(defaults))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -606,6 +610,7 @@ def load_engine(spec: str, backend: Backend = "auto", *, n_ctx: int | None = Non
 
     `backend="transformers"` on a GGUF file runs its dequantized HF form instead.
     """
+    offline_defaults()  # before transformers is first imported: the Python API has no main()
     if backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     path = Path(spec).expanduser()

@@ -32,10 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill4all import __version__
-from distill4all.errors import UserError
+from distill4all.errors import ContextLengthError, UserError
 from distill4all.runtime.engine import (
     Completion,
-    ContextLengthError,
     Engine,
     Message,
     SamplingParams,

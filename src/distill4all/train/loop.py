@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill4all import atomic
 from distill4all.config import TrainConfig
-from distill4all.errors import StageError
+from distill4all.errors import StageError, StageFailure
 from distill4all.train import checkpoint
 from distill4all.train.batching import TokenizedSplit, collate, deal, step_examples, steps_per_epoch
 from distill4all.train.metrics import MetricsLog, plot_loss, read_metrics
@@ -375,15 +375,15 @@ def check_saved_model(folder: Path, method: str) -> None:
     name = "adapter_model.safetensors" if method != "full" else "model.safetensors"
     files = [folder / name] if (folder / name).is_file() else sorted(folder.glob("model-*.safetensors"))
     if not files:
-        raise StageError(f"training wrote no weights to {folder} ({name} is missing)")
+        raise StageFailure(f"training wrote no weights to {folder} ({name} is missing)")
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             names = list(st.keys())
             if not names:
-                raise StageError(f"the saved weights in {f} are empty")
+                raise StageFailure(f"the saved weights in {f} are empty")
             lora_b = [st.get_tensor(k) for k in names if "lora_B" in k]
         if method != "full" and (not lora_b or all(float(t.abs().max()) == 0.0 for t in lora_b)):
-            raise StageError(f"the adapter in {folder} has no trained LoRA weights (all lora_B are zero)")
+            raise StageFailure(f"the adapter in {folder} has no trained LoRA weights (all lora_B are zero)")
 
 
 def train(

@@ -25,15 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from distill4all.errors import DataError, UserError
+from distill4all.errors import DataError, TemplateError
 from distill4all.train.data import Example
 
 IGNORE = -100
 """Label of a token that carries no loss (the value transformers and PyTorch use)."""
-
-
-class TemplateError(UserError):
-    """A template cannot be used with this tokenizer or these examples."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from distill4all import offline_defaults
 from distill4all.errors import UserError
 
 
@@ -26,6 +27,7 @@ def die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     die_with_parent()
+    offline_defaults()  # a cluster's launcher starts this without our CLI
     if len(argv) != 1:
         print("usage: python -m distill4all.train.worker JOB.json", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ import json
 import mmap
 import multiprocessing
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +35,11 @@ from rich.console import Console
 
 from distill4all import atomic
 from distill4all.config import CurateConfig
-from distill4all.curate import dedup, diversity, embed, export, filters, project, topics
+from distill4all.curate import dedup, diversity, embed, filters, outputs, project, topics
 from distill4all.curate.pairs import Rows, load_rows
 from distill4all.curate.steps import Steps
 from distill4all.errors import DataError
-from distill4all.store import Store
+from distill4all.store import Store, decisions
 
 T = TypeVar("T")
 
@@ -56,7 +55,7 @@ class Curation:
     details: list[dict[str, str]]
     cluster: list[str | None]
     funnel: list[dict[str, Any]]
-    sources: list[diversity.SourceStats]
+    sources: list[diversity.SourceProfile]
     excluded: dict[str, str]  # source → rule that excluded it
     topic: list[str | None]
     subtopic: list[str | None]
@@ -235,7 +234,7 @@ def curate(
             sub_of_row[i] = s
 
     with steps.step("diversity", len(ok_idx), bar=False):
-        stats = _source_stats(rows, ok, in_near, emb, emb_row, sub_of_row, cfg, seed)
+        stats = _source_profiles(rows, ok, in_near, emb, emb_row, sub_of_row, cfg, seed)
         diversity.flag_homogeneous(stats, cfg.diversity)
     present = set(rows.sources)
     for name in cfg.exclude_sources:
@@ -291,11 +290,11 @@ def curate(
     with steps.step("decide", n, bar=False):
         write_decisions(store, result)
     with steps.step("export", int(sum(result.kept)), bar=False):
-        export.write_outputs(out_dir, result, cfg, seed=seed, title=title)
+        outputs.write_outputs(out_dir, result, cfg, seed=seed, title=title)
     return result
 
 
-def _source_stats(
+def _source_profiles(
     rows: Rows,
     ok: NDArray[np.bool_],
     in_near: NDArray[np.bool_],
@@ -304,7 +303,7 @@ def _source_stats(
     sub_of_row: NDArray[np.int64],
     cfg: CurateConfig,
     seed: int,
-) -> list[diversity.SourceStats]:
+) -> list[diversity.SourceProfile]:
     stats = []
     sources = np.asarray(rows.sources, dtype=object)
     for source in sorted(set(rows.sources)):
@@ -313,7 +312,7 @@ def _source_stats(
             continue
         e = emb_row[idx]
         stats.append(
-            diversity.source_stats(
+            diversity.source_profile(
                 source,
                 [rows.prompts[i] for i in idx],
                 [rows.responses[i] or "" for i in idx],
@@ -421,18 +420,8 @@ def _cached_projection(
 
 def write_decisions(store: Store, c: Curation) -> None:
     """Replace every decision at once: a killed curation leaves the previous complete set."""
-    now = time.time()
     rows = []
     for i, rid in enumerate(c.rows.ids):
         x, y = c.xy.get(i, (None, None))
-        rows.append(
-            (rid, 0 if c.rules[i] else 1, json.dumps(c.rules[i]), c.cluster[i], now,
-             json.dumps(c.details[i], ensure_ascii=False), c.topic[i], c.subtopic[i], x, y)
-        )  # fmt: skip
-    with store.transaction() as db:
-        db.execute("DELETE FROM decisions")
-        db.executemany(
-            "INSERT INTO decisions (response_id, kept, rules, cluster, decided_at, details, topic, subtopic, x, y)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+        rows.append(decisions.Decision(rid, c.rules[i], c.cluster[i], c.details[i], c.topic[i], c.subtopic[i], x, y))
+    decisions.replace_all(store, rows)

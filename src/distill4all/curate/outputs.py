@@ -26,7 +26,7 @@ from distill4all.config import CurateConfig
 from distill4all.curate import datamap
 
 if TYPE_CHECKING:
-    from distill4all.curate.pipeline import Curation
+    from distill4all.curate.curation import Curation
 
 EXAMPLES_PER_RULE = 3
 

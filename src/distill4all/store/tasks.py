@@ -1,9 +1,9 @@
-"""The collection ledger in the run store: prompts, one task per (prompt, teacher, sample), answers.
+"""Table `tasks`, the request ledger: one task per (prompt, teacher, sample), and its answer.
 
 A task goes pending → inflight → done | failed. The answer row and the task's `done` are written
 in one transaction, and (prompt, teacher, sample) is unique, so a killed collector that reruns
 answers every prompt exactly once; tasks found in flight at start never got their answer stored
-and go back to pending.
+and go back to pending. Collection and eval's judge both ask their teachers through it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distill4all.collect.sources import Prompt
-from distill4all.store import Store
+from distill4all.store import prompts as prompts_table
+from distill4all.store.prompts import Prompt
+
+if TYPE_CHECKING:
+    from distill4all.store.db import Store
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,9 @@ def add_prompts(store: Store, prompts: Iterable[Prompt], teachers: list[tuple[st
         nonlocal added
         now = time.time()
         with store.transaction() as db:
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO prompts (id, source, text, meta, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(p.id, p.source, p.text, json.dumps(p.meta, default=str), now) for p in buf],
+            added += prompts_table.insert(
+                db, [(p.id, p.source, p.text, json.dumps(p.meta, default=str), now) for p in buf]
             )
-            added += db.total_changes - before
             db.executemany(
                 "INSERT OR IGNORE INTO tasks (prompt_id, teacher, sample, state, updated_at)"
                 " VALUES (?, ?, ?, 'pending', ?)",
@@ -88,6 +88,16 @@ def requeue(store: Store) -> int:
 
 def count_pending(store: Store, teacher: str) -> int:
     return store.count("SELECT COUNT(*) FROM tasks WHERE teacher = ? AND state = 'pending'", (teacher,))
+
+
+def unanswered(store: Store, teacher: str) -> list[Task]:
+    """A teacher's tasks that may still be asked (pending, or failed but not for good); none claimed."""
+    rows = store.db.execute(
+        "SELECT t.prompt_id, t.sample, p.text FROM tasks t JOIN prompts p ON p.id = t.prompt_id"
+        " WHERE t.teacher = ? AND t.state IN ('pending', 'failed') AND t.permanent = 0 ORDER BY p.created_at, p.id",
+        (teacher,),
+    ).fetchall()
+    return [Task(r[0], teacher, r[1], r[2]) for r in rows]
 
 
 def claim(store: Store, teacher: str, limit: int) -> list[Task]:

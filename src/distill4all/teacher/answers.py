@@ -1,5 +1,5 @@
-"""The collection loop for one teacher: claim pending tasks, send them with N in flight, and
-store each answer the moment it lands.
+"""Answering every pending task of one teacher, for collection and for eval's judge: claim
+pending tasks, send them with N in flight, and store each answer the moment it lands.
 
   claimer  ─▶ queue ─▶ N workers (window, limiter, budget, retries) ─▶ results ─▶ writer ─▶ store
 
@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from distill4all.collect import ledger
-from distill4all.collect.cost import Budget, cost_usd
-from distill4all.collect.teacher import Reply, TeacherError, Window, estimate_prompt_tokens
 from distill4all.config import Price, TeacherConfig
-from distill4all.store import Store
+from distill4all.errors import TeacherError
+from distill4all.store import Store, tasks
+from distill4all.teacher.client import Reply, estimate_prompt_tokens
+from distill4all.teacher.cost import Budget, cost_usd
+from distill4all.teacher.limiter import Window
 
 
 class Completer(Protocol):
@@ -30,7 +31,7 @@ class Completer(Protocol):
 
 
 @dataclass
-class Progress:
+class AnswerProgress:
     answered: int = 0
     failed: int = 0
     prompt_tokens: int = 0
@@ -40,7 +41,7 @@ class Progress:
 
 
 @dataclass
-class Outcome:
+class AnswerOutcome:
     answered: int
     failed: int
     stopped: str | None  # None: all done; "budget" | "interrupt": stopped early, resumable
@@ -53,7 +54,7 @@ def build_messages(teacher: TeacherConfig, prompt: str) -> list[dict[str, str]]:
     return messages
 
 
-def build_body(teacher: TeacherConfig, task: ledger.Task, model: str | None = None) -> dict[str, Any]:
+def build_body(teacher: TeacherConfig, task: tasks.Task, model: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model or teacher.model,
         "messages": build_messages(teacher, task.text),
@@ -68,7 +69,7 @@ def build_body(teacher: TeacherConfig, task: ledger.Task, model: str | None = No
     return body | teacher.extra_body
 
 
-async def collect(
+async def answer_pending(
     store: Store,
     teacher: TeacherConfig,
     client: Completer,
@@ -77,23 +78,23 @@ async def collect(
     *,
     model: str | None = None,
     batch_size: int,
-    on_progress: Callable[[Progress], None] | None = None,
-) -> Outcome:
-    progress = Progress()
-    queue: asyncio.Queue[ledger.Task | None] = asyncio.Queue(maxsize=teacher.concurrency * 2)
-    results: asyncio.Queue[ledger.Answer | ledger.Failure | None] = asyncio.Queue()
+    on_progress: Callable[[AnswerProgress], None] | None = None,
+) -> AnswerOutcome:
+    progress = AnswerProgress()
+    queue: asyncio.Queue[tasks.Task | None] = asyncio.Queue(maxsize=teacher.concurrency * 2)
+    results: asyncio.Queue[tasks.Answer | tasks.Failure | None] = asyncio.Queue()
     window = Window(teacher.concurrency)
     stop: dict[str, str | None] = {"why": None}
-    claimed_unsent: set[ledger.Task] = set()
+    claimed_unsent: set[tasks.Task] = set()
 
     async def claimer() -> None:
         try:
             while stop["why"] is None:
-                tasks = ledger.claim(store, teacher.name, teacher.concurrency * 2)
-                if not tasks:
+                claimed = tasks.claim(store, teacher.name, teacher.concurrency * 2)
+                if not claimed:
                     break
-                claimed_unsent.update(tasks)
-                for t in tasks:
+                claimed_unsent.update(claimed)
+                for t in claimed:
                     await queue.put(t)
         finally:
             for _ in range(teacher.concurrency):
@@ -114,13 +115,13 @@ async def collect(
                 reply = await client.complete(body, est + teacher.max_tokens, window)
             except TeacherError as e:
                 budget.settle(worst, 0.0)
-                await results.put(ledger.Failure(task, str(e), e.permanent))
+                await results.put(tasks.Failure(task, str(e), e.permanent))
                 continue
             actual = cost_usd(price, reply.prompt_tokens, reply.completion_tokens)
             budget.settle(worst, actual)
             params = {k: v for k, v in body.items() if k != "messages"} | {"attempts": reply.attempts}
             await results.put(
-                ledger.Answer(task, reply.model, reply.text, reply.finish_reason, reply.prompt_tokens,
+                tasks.Answer(task, reply.model, reply.text, reply.finish_reason, reply.prompt_tokens,
                               reply.completion_tokens, reply.latency_s, actual, params)
             )  # fmt: skip
 
@@ -132,10 +133,10 @@ async def collect(
             while len(batch) < batch_size and not results.empty():
                 batch.append(results.get_nowait())
             done = None in batch
-            answers = [b for b in batch if isinstance(b, ledger.Answer)]
-            failures = [b for b in batch if isinstance(b, ledger.Failure)]
+            answers = [b for b in batch if isinstance(b, tasks.Answer)]
+            failures = [b for b in batch if isinstance(b, tasks.Failure)]
             if answers or failures:
-                ledger.record(store, answers, failures)
+                tasks.record(store, answers, failures)
                 progress.answered += len(answers)
                 progress.failed += len(failures)
                 progress.prompt_tokens += sum(a.prompt_tokens for a in answers)
@@ -164,17 +165,17 @@ async def collect(
             await results.put(None)
             await writer_task
             if claimed_unsent:
-                ledger.release(store, list(claimed_unsent))
-    return Outcome(progress.answered, progress.failed, stop["why"])
+                tasks.release(store, list(claimed_unsent))
+    return AnswerOutcome(progress.answered, progress.failed, stop["why"])
 
 
-async def _gather(tasks: list[asyncio.Task[None]]) -> None:
+async def _gather(jobs: list[asyncio.Task[None]]) -> None:
     try:
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*jobs)
     except BaseException:
-        for t in tasks:
+        for t in jobs:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*jobs, return_exceptions=True)
         raise
 
 

@@ -9,26 +9,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distill4all import atomic
-from distill4all.store import Store
+from distill4all.store import Store, responses
 
 PairFormat = Literal["jsonl", "parquet", "messages"]
 
 
 def iter_pairs(store: Store) -> Iterator[dict[str, Any]]:
-    rows = store.db.execute(
-        "SELECT p.id, p.text, r.text, p.source, r.teacher, r.sample, r.model, r.finish_reason"
-        " FROM responses r JOIN prompts p ON p.id = r.prompt_id ORDER BY r.id"
-    )
-    for pid, prompt, response, source, teacher, sample, model, finish in rows:
+    for p in responses.pairs(store):
         yield {
-            "prompt": prompt,
-            "response": response,
-            "source": source,
-            "teacher": teacher,
-            "model": model,
-            "sample": sample,
-            "finish_reason": finish,
-            "prompt_id": pid,
+            "prompt": p.prompt,
+            "response": p.response,
+            "source": p.source,
+            "teacher": p.teacher,
+            "model": p.model,
+            "sample": p.sample,
+            "finish_reason": p.finish_reason,
+            "prompt_id": p.prompt_id,
         }
 
 

@@ -1,0 +1,39 @@
+"""Which models an evaluation compares: the run's own (base, trained, its quantized exports, in
+`eval.include` order), then the configured ones."""
+
+from __future__ import annotations
+
+from distill4all.config import RunConfig
+from distill4all.errors import StageError
+from distill4all.evaluate.runner import ModelSpec
+from distill4all.layout import RunLayout
+
+BASE_QUANTS = ("f32", "f16")
+
+
+def models_to_compare(config: RunConfig) -> list[ModelSpec]:
+    """The run's own models, in `include` order, then the configured ones."""
+    cfg = config.eval
+    assert cfg is not None
+    specs: list[ModelSpec] = []
+    layout = RunLayout.of(config)
+    trained = config.train is not None
+    for kind in cfg.include:
+        if kind == "base":
+            base = config.train.base_model if config.train else (config.export.model if config.export else None)
+            if base:
+                specs.append(ModelSpec("base", base))
+        elif kind == "trained" and trained:
+            specs.append(ModelSpec("trained", str(layout.train.model)))
+        elif kind == "exported" and config.export is not None:
+            for q in config.export.quantizations:
+                if q not in BASE_QUANTS:
+                    label = f"trained-{q}" if trained else f"{q}"
+                    specs.append(ModelSpec(label, str(layout.export.gguf(q))))
+    specs += [ModelSpec(m.name, m.model) for m in cfg.models]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise StageError(f"eval: model labels must be unique: {', '.join(labels)}")
+    if not specs:
+        raise StageError("eval: no model to evaluate (set eval.include or eval.models)")
+    return specs
