@@ -19,8 +19,10 @@
                              retried on rerun unless `permanent`); it never reaches the CLI
 
 Any other exception is a bug: the runner marks the stage failed and the CLI reports it as an
-internal error (exit 1), with the traceback under `--debug`. Errors of the HTTP server are answers
-(4xx/5xx JSON), not exceptions: see runtime/server.py.
+internal error (exit 1), with the traceback under `--debug`. Three private exceptions are control
+flow that never leaves its module: `teacher.client._Retryable` (a request worth retrying),
+`collect.sources.RowError` (a source row that gives no prompt: skipped, or a DataError naming its
+file and line) and `runtime.server.APIError` (an HTTP error answer, 4xx/5xx JSON).
 """
 
 from __future__ import annotations

@@ -10,13 +10,14 @@ from typing import Any
 from distill4all import atomic
 from distill4all.config import LoadedConfig, load_config, to_yaml
 from distill4all.errors import RunDirError
+from distill4all.layout import RunLayout
 from distill4all.run import environment
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """A manifest.json, or the one inside a run directory."""
     if path.is_dir():
-        path = path / "manifest.json"
+        path = RunLayout(path).manifest
     if not path.is_file():
         raise RunDirError(f"no manifest at {path}")
     try:

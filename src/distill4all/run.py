@@ -40,7 +40,7 @@ from typing import Any, Protocol, cast
 
 from rich.console import Console
 
-from distill4all import __version__, atomic
+from distill4all import __version__, atomic, offline_defaults
 from distill4all.config import STAGE_ORDER, LoadedConfig, RunConfig
 from distill4all.errors import RunDirError, StageError
 from distill4all.layout import RunLayout
@@ -274,6 +274,7 @@ def run_stages(
 
     `redo_hint` is how the refusal of a changed stage tells the user to redo it (the one-stage
     commands have no --from)."""
+    offline_defaults()  # also when called from Python rather than the CLI
     console = console or Console(stderr=True, quiet=quiet)
     config = loaded.config
     for s in (from_stage, until_stage):
@@ -318,45 +319,68 @@ def _run_stage(
     inputs = {str(p): store.file_hash(p) for p in _input_files(module.inputs(ctx.config))}
     all_inputs.update(inputs)
     fingerprint = _fingerprint(ctx.loaded.stage_hash(name, module.READS), inputs)
-    upstream: dict[str, str] = {}
-    for up in module.UPSTREAM:
+    upstream = _upstream_run_ids(store, name, module.UPSTREAM, configured)
+    row = store.stage(name)
+    action = "ran" if row is None or force else _decide(ctx, row, fingerprint, upstream, redo_hint)
+    if action == "skipped":
+        assert row is not None
+        return StageOutcome(name, action, row)
+    if action == "ran" and row is not None:
+        ctx.console.print(f"{name}: redoing (--force)")
+        module.reset(ctx)
+    elif action == "resumed":
+        assert row is not None
+        ctx.console.print(f"{name}: resuming (attempt {row.attempts + 1})")
+    fresh = action == "ran"
+    store.begin_stage(name, run_id=uuid.uuid4().hex[:12], config_hash=fingerprint, upstream=upstream, fresh=fresh)
+    ctx.run.write_manifest(ctx.loaded, all_inputs)
+    _execute(ctx, module, all_inputs)
+    final = store.stage(name)
+    assert final is not None
+    return StageOutcome(name, action, final)
+
+
+def _upstream_run_ids(store: Store, name: str, upstream: tuple[str, ...], configured: list[str]) -> dict[str, str]:
+    """The run id of each configured upstream stage, which must have finished."""
+    ids: dict[str, str] = {}
+    for up in upstream:
         if up not in configured:
             continue
         up_row = store.stage(up)
         if up_row is None or up_row.status != "done":
             raise StageError(f"stage {name!r} needs stage {up!r} finished first; run it with --from {up}")
-        upstream[up] = up_row.run_id
+        ids[up] = up_row.run_id
+    return ids
 
-    row = store.stage(name)
-    fresh = True
-    if row is not None and not force:
-        changed = []
-        if row.config_hash != fingerprint:
-            changed.append("its config or input files changed")
-        redone = [u for u, rid in upstream.items() if row.upstream.get(u) != rid]
-        if redone:
-            changed.append(f"stage {', '.join(redone)} was redone")
-        if changed:
-            state = "finished" if row.status == "done" else "was interrupted"
-            raise StageError(
-                f"stage {name!r} {state} with other settings ({'; '.join(changed)}); " + redo_hint.format(stage=name)
-            )
-        missing = [a for a in row.artifacts if not (ctx.run.path / a).exists()] if row.status == "done" else []
-        if row.status == "done" and not missing:
-            ctx.console.print(f"[dim]{name}: done, skipped[/dim]")
-            return StageOutcome(name, "skipped", row)
-        if missing:
-            ctx.console.print(f"{name}: done, but {missing[0]} is missing", markup=False)
-        fresh = False
 
-    if fresh and row is not None:
-        ctx.console.print(f"{name}: redoing (--force)")
-        module.reset(ctx)
-    elif not fresh:
-        ctx.console.print(f"{name}: resuming (attempt {row.attempts + 1 if row else 1})")
-    store.begin_stage(name, run_id=uuid.uuid4().hex[:12], config_hash=fingerprint, upstream=upstream, fresh=fresh)
-    ctx.run.write_manifest(ctx.loaded, all_inputs)
+def _decide(ctx: StageContext, row: StageRow, fingerprint: str, upstream: dict[str, str], redo_hint: str) -> str:
+    """ "skipped" or "resumed" for a stage that has a row, or refuse when what it read changed."""
+    changed = []
+    if row.config_hash != fingerprint:
+        changed.append("its config or input files changed")
+    redone = [u for u, rid in upstream.items() if row.upstream.get(u) != rid]
+    if redone:
+        changed.append(f"stage {', '.join(redone)} was redone")
+    if changed:
+        state = "finished" if row.status == "done" else "was interrupted"
+        raise StageError(
+            f"stage {row.name!r} {state} with other settings ({'; '.join(changed)}); "
+            + redo_hint.format(stage=row.name)
+        )
+    if row.status != "done":
+        return "resumed"
+    missing = [a for a in row.artifacts if not (ctx.run.path / a).exists()]
+    if missing:
+        ctx.console.print(f"{row.name}: done, but {missing[0]} is missing", markup=False)
+        return "resumed"
+    ctx.console.print(f"[dim]{row.name}: done, skipped[/dim]")
+    return "skipped"
 
+
+def _execute(ctx: StageContext, module: StageModule, all_inputs: dict[str, str]) -> None:
+    """Run the stage and record how it ended: failed (with why) or done (with its counts, costs
+    and artifact hashes); the manifest is rewritten either way."""
+    store, name = ctx.store, ctx.name
     t0 = time.monotonic()
     try:
         result = module.run(ctx)
@@ -367,6 +391,7 @@ def _run_stage(
         ctx.run.write_manifest(ctx.loaded, all_inputs)
         raise
     store.add_stage_seconds(name, time.monotonic() - t0)
+    # relative to the run directory; a folder moved by out_dir may lie outside it ("../…")
     artifacts = {os.path.relpath(p, ctx.run.path): hash_artifact(p) for p in result.artifacts}
     store.update_stage(
         name,
@@ -377,9 +402,6 @@ def _run_stage(
         artifacts=artifacts,
     )
     ctx.run.write_manifest(ctx.loaded, all_inputs)
-    final = store.stage(name)
-    assert final is not None
-    return StageOutcome(name, "ran" if fresh else "resumed", final)
 
 
 def _fingerprint(config_hash: str, inputs: dict[str, str]) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 from distill4all import atomic
 from distill4all.config import CurateConfig
 from distill4all.curate import datamap
+from distill4all.layout import CurateLayout
 
 if TYPE_CHECKING:
     from distill4all.curate.curation import Curation
@@ -71,7 +72,8 @@ def write_outputs(out_dir: Path, c: Curation, cfg: CurateConfig, *, seed: int, t
         for i in range(len(rows))
         if not c.rules[i]
     ]
-    outputs = _write_formats(out_dir / "train", kept)
+    files = CurateLayout(out_dir)
+    outputs = _write_formats(files.train_pairs.with_suffix(""), kept)
     valid = [p for p in kept if in_validation(p["prompt"], cfg.validation_fraction, seed)]
     train = [p for p in kept if not in_validation(p["prompt"], cfg.validation_fraction, seed)]
     outputs += _write_formats(out_dir / "split" / "train", train)
@@ -79,10 +81,11 @@ def write_outputs(out_dir: Path, c: Curation, cfg: CurateConfig, *, seed: int, t
     if c.xy:
         outputs += _write_maps(out_dir, c, title)
     report = build_report(c, cfg, seed=seed, split=(len(train), len(valid)))
-    report["outputs"] = [*sorted(str(p.relative_to(out_dir)) for p in outputs), "report.json", "report.md"]
-    atomic.write_json(out_dir / "report.json", report)
-    atomic.write_text(out_dir / "report.md", report_markdown(report, title))
-    return [*outputs, out_dir / "report.json", out_dir / "report.md"]
+    reports = [files.report_json, files.report_md]
+    report["outputs"] = [*sorted(str(p.relative_to(out_dir)) for p in outputs), *(p.name for p in reports)]
+    atomic.write_json(files.report_json, report)
+    atomic.write_text(files.report_md, report_markdown(report, title))
+    return [*outputs, *reports]
 
 
 def _write_maps(out_dir: Path, c: Curation, title: str) -> list[Path]:
@@ -120,7 +123,8 @@ def _write_maps(out_dir: Path, c: Curation, title: str) -> list[Path]:
     )
     kept = sum(data.kept)
     subtitle = f"{len(idx):,} pairs ({kept:,} kept) · {len(set(sources))} sources · {len(c.topic_table)} topics"
-    paths = [out_dir / "map.html", out_dir / "map-source.png", out_dir / "map-topic.png"]
+    files = CurateLayout(out_dir)
+    paths = [files.map_html, files.map_png("source"), files.map_png("topic")]
     datamap.write_html(paths[0], data, title=f"{title}: data map", subtitle=subtitle)
     datamap.write_png(paths[1], xy, *cats["source"], title=f"{title}: pairs by source")
     datamap.write_png(paths[2], xy, *cats["topic"], title=f"{title}: pairs by topic")
