@@ -96,8 +96,12 @@ def test_demo_killed_in_every_stage_finishes_with_everything_counted(tmp_path: P
     stages = manifest["stages"]
     assert all(stages[s]["status"] == "done" for s in ("collect", "curate", "train", "export", "eval"))
     assert stages["collect"]["attempts"] == 2 and stages["eval"]["attempts"] == 2
-    adapter = run_dir / "train" / "model" / "adapter_model.safetensors"
-    assert adapter.is_file() and adapter.stat().st_size > 1000
+    # train: the demo's student, pruned from the teacher and trained in full with KD
+    weights = run_dir / "train" / "model" / "model.safetensors"
+    assert weights.is_file() and weights.stat().st_size > 1000
+    student = json.loads((run_dir / "train" / "student" / "prune.json").read_text())
+    assert len(student["dropped"]) >= 1
+    assert stages["train"]["counts"]["distill_top_k"] == 64
     steps = [json.loads(line)["step"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]  # fmt: skip
     assert steps == sorted(set(steps)), "a resumed step was logged twice"

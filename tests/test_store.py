@@ -23,7 +23,16 @@ def test_new_store_has_schema_wal_and_tables(tmp_path: Path) -> None:
         assert s.version == SCHEMA_VERSION
         assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in s.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"meta", "stages", "prompts", "tasks", "responses", "decisions", "file_hashes"} <= tables
+    assert {
+        "meta",
+        "stages",
+        "prompts",
+        "tasks",
+        "responses",
+        "response_logprobs",
+        "decisions",
+        "file_hashes",
+    } <= tables
 
 
 def test_migrations_run_in_order_from_an_old_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -681,6 +681,34 @@ def tiny_model(
     out.print(f"wrote {size} model to {out_dir} in {time.perf_counter() - t0:.1f}s")
 
 
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="Model name, HF checkpoint folder or GGUF.", show_default=False)],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="New folder for the pruned checkpoint.", show_default=False)
+    ],
+    drop_layers: Annotated[int | None, typer.Option(help="Remove this many decoder layers.")] = None,
+    keep_fraction: Annotated[float | None, typer.Option(help="Keep this fraction of the layers (rounded).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="JSONL/Parquet pairs to measure on (default: built-in texts).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Pairs drawn from --data.")] = 64,
+) -> None:
+    """Remove the decoder layers with the lowest block influence (ShortGPT): a smaller student to distil."""
+    from distill4all.models.prune import calibration_texts, check_request, prune_depth
+
+    check_request(out_dir, drop_layers, keep_fraction)
+    texts = calibration_texts(data, samples)
+    with err.status(f"measuring block influence of {model}…") if not _state["quiet"] else contextlib.nullcontext():
+        result = prune_depth(model, out_dir, drop_layers=drop_layers, keep_fraction=keep_fraction, texts=texts)
+    bi = result.block_influence
+    out.print(f"kept layers {result.kept} of {result.layers_before}")
+    out.print("dropped layers " + ", ".join(f"{i} (BI {bi[i]:.4f})" for i in result.dropped))
+    out.print(f"params {result.params_before / 1e6:.2f}M → {result.params_after / 1e6:.2f}M")
+    out.print(f"measured on {result.texts} texts, {result.tokens} tokens")
+    out.print(f"model: {out_dir}")
+
+
 # --- export, chat, serve -----------------------------------------------------------------------
 
 ModelArg = Annotated[

@@ -111,6 +111,26 @@ class TeacherConfig(Section):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
     price: Price | None = Field(None, description="default: collect.prices[model], else free")
+    logprobs: int | None = Field(
+        None, ge=1, description="keep the top-K logprobs of every answer token (asks logprobs + top_logprobs: K)"
+    )
+    require_logprobs: bool = Field(
+        True, description="an endpoint that returns no logprobs stops the stage; false: collect without them"
+    )
+
+    @model_validator(mode="after")
+    def _logprobs_within_the_endpoint_cap(self) -> TeacherConfig:
+        from urllib.parse import urlsplit
+
+        k = self.logprobs
+        if k is None:
+            return self
+        host = urlsplit(self.base_url or "").hostname or ""
+        if host == "api.openai.com" and k > 20:
+            raise ValueError(f"logprobs {k}: OpenAI (api.openai.com) returns at most 20 top_logprobs a token")
+        if self.base_url is None and k > 128:  # runtime.server.MAX_TOP_LOGPROBS
+            raise ValueError(f"logprobs {k}: a local teacher (distill4all serve) returns at most 128 top_logprobs")
+        return self
 
 
 class CollectConfig(Section):
@@ -280,6 +300,56 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 ACCELERATE_CONFIGS = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 
 
+class PruneConfig(Section):
+    """Start the student from `base_model` pruned in depth: the decoder layers with the lowest block
+    influence, measured on the run's own training texts, are removed (docs/train.md)."""
+
+    drop_layers: int | None = Field(None, ge=1, description="remove this many decoder layers")
+    keep_fraction: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the layers")
+    samples: int = Field(64, ge=1, description="training pairs the influence is measured on (seeded)")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> PruneConfig:
+        if (self.drop_layers is None) == (self.keep_fraction is None):
+            raise ValueError("set exactly one of drop_layers and keep_fraction")
+        return self
+
+
+class DistillConfig(Section):
+    """Knowledge distillation: train the student on the teacher's distribution over the next token
+    (its top-k), mixed with the usual cross-entropy on the answer, on the same response-only mask.
+
+    The teacher is a local model with the student's tokenizer; its top-k log-probabilities are
+    computed once over the training texts before training (cached in the run directory)."""
+
+    teacher: str | None = Field(
+        None, min_length=1, description="model name or path; default: train.base_model (the model pruned or copied)"
+    )
+    top_k: int = Field(64, ge=1, le=4096, description="teacher tokens kept per position")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); jsd: β=0.5"
+    )
+    tail: Literal["renormalize", "rest"] = Field(
+        "renormalize",
+        description="renormalize: the teacher's top-k renormalized to sum to 1; rest: the mass outside the "
+        "top-k kept as one more bucket (forward_kl only)",
+    )
+    temperature: float = Field(1.0, gt=0, description="both distributions softened by it; the loss scaled by T²")
+    weight: float = Field(0.5, ge=0, le=1, description="loss = (1 - weight) x cross-entropy + weight x KD")
+    min_aligned: float = Field(
+        0.98, ge=0, le=1, description="share of the student's vocabulary the teacher must map to the same ids"
+    )
+    batch_tokens: int = Field(4096, ge=1, description="tokens per teacher forward pass when computing its top-k")
+
+    @model_validator(mode="after")
+    def _rest_bucket(self) -> DistillConfig:
+        if self.tail == "rest" and self.loss != "forward_kl":
+            raise ValueError("distill.tail rest is defined for loss forward_kl only (the student's tail is known)")
+        if self.tail == "rest" and self.temperature != 1.0:
+            raise ValueError("distill.tail rest needs temperature 1: the teacher's tail cannot be softened")
+        return self
+
+
 class TrainConfig(Section):
     """Defaults are the paper's gpt4all-lora settings (the `paper-lora` preset)."""
 
@@ -327,6 +397,8 @@ class TrainConfig(Section):
     accelerate_config: str = Field(
         "ddp", min_length=1, description=f"{' | '.join(ACCELERATE_CONFIGS)} | an accelerate config file"
     )
+    prune: PruneConfig | None = Field(None, description="train a depth-pruned copy of base_model (the student)")
+    distill: DistillConfig | None = Field(None, description="train on a teacher's distribution too (docs/distill.md)")
 
     @model_validator(mode="before")
     @classmethod
@@ -399,7 +471,7 @@ class JudgeConfig(Section):
         return self
 
 
-RunModel = Literal["base", "trained", "exported"]
+RunModel = Literal["base", "pruned", "trained", "exported"]
 Metric = Literal["faithful", "conditioned"]
 
 
@@ -418,7 +490,8 @@ class EvalConfig(Section):
     limit: int | None = Field(None, ge=1, description="a seeded subset of the items; null for all")
     include: list[RunModel] = Field(
         default_factory=_all_run_models,
-        description="this run's models to compare: the base model, the trained one, its exports",
+        description="this run's models to compare: the base model, the pruned student before training "
+        "(with train.prune), the trained one, its exports",
     )
     models: list[EvalModel] = Field(default_factory=list, description="other models to compare")
     baseline: str | None = Field("base", description="the model the others are tested against")
@@ -534,7 +607,7 @@ class LoadedConfig:
     def stage_hash(self, stage: str, reads: tuple[str, ...] = ()) -> str:
         """Hash of what a stage's result depends on in the config: its section, the seed, and the
         values at `reads` (dotted key paths into other sections; absent ones count as null)."""
-        pub = self.public_dict()
+        pub = _without_later_defaults(self.public_dict())
         data: dict[str, Any] = {"section": pub.get(stage), "seed": pub["seed"]}
         if reads:  # only then, so that a stage reading nothing else keeps its earlier fingerprints
             data["reads"] = {path: get_path(pub, path) for path in reads}
@@ -542,6 +615,40 @@ class LoadedConfig:
 
     def hash(self) -> str:
         return _hash(self.public_dict())
+
+
+# Settings added after run directories existed, with their defaults: left out of fingerprints
+# while at the default, so that a newer distill4all still skips the stages an older one finished.
+LATER_SETTINGS: dict[tuple[str, ...], Any] = {
+    ("collect", "teachers", "*", "logprobs"): None,
+    ("collect", "teachers", "*", "require_logprobs"): True,
+    ("eval", "judge", "judge", "logprobs"): None,
+    ("eval", "judge", "judge", "require_logprobs"): True,
+    ("export", "out_dir"): None,
+    ("eval", "out_dir"): None,
+    ("train", "prune"): None,
+    ("train", "distill"): None,
+}
+
+
+def _without_later_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(data))  # a deep copy
+    for path, default in LATER_SETTINGS.items():
+        _drop_default(out, path, default)
+    return out
+
+
+def _drop_default(node: Any, path: tuple[str, ...], default: Any) -> None:
+    head, *rest = path
+    if head == "*" and isinstance(node, list):
+        for item in node:
+            _drop_default(item, tuple(rest), default)
+    elif isinstance(node, dict) and head in node:
+        if not rest:
+            if node[head] == default:
+                del node[head]
+        else:
+            _drop_default(node[head], tuple(rest), default)
 
 
 def get_path(data: Any, dotted: str) -> Any:

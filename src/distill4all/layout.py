@@ -4,7 +4,7 @@ is named here once (docs/architecture.md has the table).
     store.sqlite  manifest.json  .lock  archive/
     collect/   pairs.jsonl, teacher-NAME.log (a local teacher's server log, by teacher.connect)
     curate/    train.jsonl (+ .parquet, .messages.jsonl), split/, report.json, report.md, map.html, map-*.png
-    train/     data/, checkpoints/, job.json, metrics.jsonl, loss.png, model/, summary.json
+    train/     student/, data/, teacher/, checkpoints/, job.json, metrics.jsonl, loss.png, model/, summary.json
     export/    model-KIND.gguf, merged/, quant_report.json      (export.out_dir moves this folder)
     eval/      perplexity-LABEL.jsonl, summary.json, figure3-METRIC.png, judge.sqlite
     report/    index.html, chats.json
@@ -95,6 +95,15 @@ class TrainLayout:
     def summary(self) -> Path:
         """Written last: its presence means training finished."""
         return self.dir / "summary.json"
+
+    @property
+    def student(self) -> Path:
+        """base_model pruned (train.prune): the checkpoint that is trained."""
+        return self.dir / "student"
+
+    def teacher(self, split: str) -> Path:
+        """The teacher's top-k at every target of a split (distillation with a local teacher)."""
+        return self.dir / "teacher" / split
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill4all.config import CollectConfig, Price, TeacherConfig
 from distill4all.store import Store, tasks
-from distill4all.teacher.answers import AnswerProgress, answer_pending
+from distill4all.teacher.answers import AnswerOutcome, AnswerProgress, answer_pending
 from distill4all.teacher.client import TeacherClient
 from distill4all.teacher.connect import connect
 from distill4all.teacher.cost import Budget
@@ -32,8 +32,8 @@ def answer_teacher(
     on_counts: Callable[[dict[str, Any]], None],
 ) -> str | None:
     """Have one teacher answer its pending tasks, with a progress bar; None when all are answered,
-    else why it stopped early ("budget" | "interrupt"). `on_counts` gets the ledger's counts now
-    and then, for `distill4all status`."""
+    else why it stopped early ("budget" | "interrupt" | "no-logprobs"). `on_counts` gets the
+    ledger's counts now and then, for `distill4all status`."""
     todo = tasks.count_pending(store, teacher.name)
     if todo == 0:
         return None
@@ -65,7 +65,12 @@ def answer_teacher(
 
         outcome = asyncio.run(_collect(store, cfg, teacher, model_id, client, price, budget, on_progress))
     on_counts(tasks.counts(store))
-    return outcome
+    if outcome.without_logprobs:
+        console.print(
+            f"collect · {teacher.name}: {outcome.without_logprobs} answers came without logprobs "
+            f"(the endpoint returns none; require_logprobs is false)"
+        )
+    return outcome.stopped
 
 
 async def _collect(
@@ -77,7 +82,7 @@ async def _collect(
     price: Price,
     budget: Budget,
     on_progress: Callable[[AnswerProgress], None],
-) -> str | None:
+) -> AnswerOutcome:
     try:
         outcome = await answer_pending(
             store,
@@ -91,4 +96,4 @@ async def _collect(
         )
     finally:
         await client.aclose()
-    return outcome.stopped
+    return outcome

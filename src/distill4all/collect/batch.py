@@ -2,7 +2,8 @@
 
 Batch jobs cost half; they return within 24 h. Each request's `custom_id` is
 `<prompt_id>:<teacher>:<sample>`, so results map back to their task, and ingesting a results
-file twice stores nothing twice.
+file twice stores nothing twice. A teacher with `logprobs` asks for them in each request, and its
+results' logprobs are stored with their answers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from distill4all.config import CollectConfig
 from distill4all.errors import DataError
 from distill4all.store import Store, prompts, tasks
 from distill4all.teacher.answers import build_body
+from distill4all.teacher.client import parse_logprobs
 from distill4all.teacher.cost import cost_usd
 
 BATCH_DISCOUNT = 0.5
@@ -70,20 +72,30 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
                 choice = body["choices"][0]
                 usage = body.get("usage") or {}
                 pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+                text = choice["message"]["content"] or ""
+                token_logprobs = parse_logprobs(choice, teacher.logprobs, text) if teacher.logprobs else None
+                if teacher.logprobs and token_logprobs is None and teacher.require_logprobs:
+                    raise DataError(
+                        f"{where}: no logprobs, which teacher {teacher_name}'s setting logprobs: {teacher.logprobs} "
+                        "asks for (a results file of requests exported without them?); set require_logprobs: "
+                        "false to store the answers without them"
+                    )
                 answers.append(
                     tasks.Answer(
                         task,
                         str(body.get("model") or teacher.model),
-                        choice["message"]["content"] or "",
+                        text,
                         str(choice.get("finish_reason") or "unknown"),
                         pt,
                         ct,
                         0.0,
                         cost_usd(cfg.price_of(teacher), pt, ct, discount=BATCH_DISCOUNT),
-                        {"batch": True, "batch_request_id": item.get("id")},
+                        {"batch": True, "batch_request_id": item.get("id")}
+                        | ({"logprobs": True, "top_logprobs": teacher.logprobs} if teacher.logprobs else {}),
+                        token_logprobs,
                     )
                 )
-            except (KeyError, IndexError, TypeError) as e:
+            except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise DataError(f"{where}: malformed response body ({type(e).__name__}: {e})") from None
     stored = tasks.record(store, answers, failures)
     return {"stored": stored, "already_stored": len(answers) - stored, "failed": len(failures)}

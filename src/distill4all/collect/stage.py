@@ -15,7 +15,7 @@ from distill4all.collect.answering import answer_teacher
 from distill4all.collect.gather import load_sources
 from distill4all.collect.pairs_file import write_pairs
 from distill4all.config import RunConfig
-from distill4all.errors import BudgetReached
+from distill4all.errors import BudgetReached, StageError
 from distill4all.run import StageContext, StageResult
 from distill4all.store import tasks
 from distill4all.teacher.cost import Budget
@@ -51,10 +51,16 @@ def run(ctx: StageContext) -> StageResult:
             )
         if stopped == "interrupt":
             raise KeyboardInterrupt
+        if stopped == "no-logprobs":
+            raise StageError(
+                f"teacher {teacher.name} ({teacher.base_url or teacher.model}) returned no logprobs, which its "
+                f"setting logprobs: {teacher.logprobs} asks for; use an endpoint that gives them, or set "
+                "require_logprobs: false to collect without them"
+            )
 
     pairs = ctx.layout.collect.pairs
     write_pairs(ctx.store, pairs, "jsonl")
-    counts = tasks.counts(ctx.store)
+    counts = tasks.counts(ctx.store, final=True)
     return StageResult(counts=counts, costs={"collect_usd": counts["cost_usd"]}, artifacts=[pairs])
 
 

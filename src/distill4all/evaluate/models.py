@@ -23,6 +23,8 @@ def models_to_compare(config: RunConfig) -> list[ModelSpec]:
             base = config.train.base_model if config.train else (config.export.model if config.export else None)
             if base:
                 specs.append(ModelSpec("base", base))
+        elif kind == "pruned" and config.train is not None and config.train.prune is not None:
+            specs.append(ModelSpec("pruned", str(layout.train.student)))
         elif kind == "trained" and trained:
             specs.append(ModelSpec("trained", str(layout.train.model)))
         elif kind == "exported" and config.export is not None:

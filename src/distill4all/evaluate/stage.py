@@ -20,8 +20,8 @@ UPSTREAM: tuple[str, ...] = ("train", "export")
 # The run's models it scores (their specs and labels), the judge's price, and the template the
 # trained model was given.
 READS: tuple[str, ...] = (
-    "train.base_model", "train.template", "train.template_file", "export.model", "export.quantizations",
-    "collect.prices",
+    "train.base_model", "train.template", "train.template_file", "train.prune", "export.model",
+    "export.quantizations", "collect.prices",
 )  # fmt: skip
 
 

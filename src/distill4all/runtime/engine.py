@@ -13,9 +13,12 @@ An engine is not thread-safe: one request at a time (the server serializes with 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import json
 import os
 import random
+import re
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -168,6 +171,11 @@ class Engine(ABC):
     @abstractmethod
     def token_text(self, token: int) -> str:
         """The text of one token as it would be printed (special tokens included), for logprobs."""
+
+    def token_bytes(self, token: int) -> bytes:
+        """The exact bytes of one token, which may be part of a character (logprobs' `bytes`);
+        the tokens of a text concatenate to its UTF-8. A backend that cannot tell gives its text's."""
+        return self.token_text(token).encode()
 
     @property
     @abstractmethod
@@ -365,6 +373,9 @@ class LlamaCppEngine(Engine):
     def token_text(self, token: int) -> str:
         return bytes(self.llm.detokenize([token], special=True)).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        return bytes(self.llm.detokenize([token], special=True))
+
     @property
     def chat_template(self) -> str | None:
         return self._template
@@ -511,6 +522,29 @@ class TransformersEngine(Engine):
     def token_text(self, token: int) -> str:
         return str(self.tokenizer.decode([token], skip_special_tokens=False))
 
+    def token_bytes(self, token: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token))
+        if isinstance(piece, str) and token not in self._special_ids:
+            if self._byte_level:
+                with contextlib.suppress(KeyError):  # an added token is written as itself
+                    return bytes(_BYTE_LEVEL_DECODER[c] for c in piece)
+            elif m := _BYTE_FALLBACK.fullmatch(piece):
+                return bytes([int(m[1], 16)])
+            elif "\u2581" in piece:  # SentencePiece writes a space as ▁ (token_text may drop it)
+                return piece.replace("\u2581", " ").encode()
+        return super().token_bytes(token)
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids)
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """GPT-2's byte-level BPE (LLaMA 3, Qwen, SmolLM, the tiny models): a token's characters
+        each stand for one byte."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
     @property
     def chat_template(self) -> str | None:
         template = self.tokenizer.chat_template
@@ -588,6 +622,21 @@ class TransformersEngine(Engine):
                 seen = torch.cat([seen, token], dim=1)
                 step_input = token
                 yield int(token.item())
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: the printable character each byte is written as."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+_BYTE_LEVEL_DECODER = _byte_level_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 
 
 def adapter_base(adapter_dir: Path) -> Path:

@@ -2,7 +2,8 @@
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions and
 POST /v1/completions (with `logprobs` and `echo`, so lm-evaluation-harness can score through it),
-both with SSE streaming. Errors have OpenAI's body, {"error": {message, type, param, code}}, and
+both with SSE streaming. Chat `top_logprobs` goes up to MAX_TOP_LOGPROBS (128), past OpenAI's 20,
+for collecting a teacher's distribution. Errors have OpenAI's body, {"error": {message, type, param, code}}, and
 status: 400 bad request or prompt too long for the context, 401 bad API key, 404 unknown model or
 route, 413 body too large, 422 wrong field types or values, 503 queue full.
 
@@ -42,6 +43,7 @@ from distill4all.runtime.engine import (
 )
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_TOP_LOGPROBS = 128  # chat's top_logprobs: OpenAI caps it at 20; distilling a teacher wants more
 DRAIN_BYTES = 64 * 1024 * 1024
 API_KEY_ENV = "DISTILL4ALL_API_KEY"
 
@@ -128,7 +130,7 @@ class ChatRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(_Sampling):
@@ -276,16 +278,20 @@ def _chat_messages(req: ChatRequest) -> list[Message]:
 
 
 def _chat_logprobs(engine: Engine, prompt: list[int], c: Completion, top: int) -> dict[str, Any]:
-    content = []
-    for t in score_tokens(engine, prompt, c.token_ids, top):
-        text = engine.token_text(t.token)
-        content.append({
-            "token": text, "logprob": _finite(t.logprob), "bytes": list(text.encode()),
-            "top_logprobs": [
-                {"token": engine.token_text(i), "logprob": _finite(lp), "bytes": list(engine.token_text(i).encode())}
-                for i, lp in t.top
-            ],
-        })  # fmt: skip
+    """OpenAI's shape: per generated token its text, logprob and exact bytes (a token may hold
+    part of a character, whose text is then U+FFFD), and the `top` most likely in its place."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        return {
+            "token": engine.token_text(token),
+            "logprob": _finite(logprob),
+            "bytes": list(engine.token_bytes(token)),
+        }
+
+    content = [
+        {**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+        for t in score_tokens(engine, prompt, c.token_ids, top)
+    ]
     return {"content": content}
 
 

@@ -1,11 +1,12 @@
 """The run store: one SQLite file (WAL) that is the contract between stages.
 
-Tables (schema version 2):
+Tables (schema version 3):
   meta        key/value facts about the store itself
   stages      one row per stage: status, attempts, timings, counts, costs, fingerprints
   prompts     every prompt gathered, with its source tag and original metadata
   tasks       the collection ledger: one row per (prompt, teacher, sample): pending/inflight/done/failed
   responses   every answer received: text, finish reason, usage, latency, request params
+  response_logprobs  the teacher's top-K logprobs at every answer token, one row per response (v3)
   decisions   curation: one row per response, kept or dropped with the rules that dropped it,
               the rules' details, its near-duplicate cluster, topic and map coordinates (v2)
   embeddings  the curation's embedding cache, keyed by model and text hash (v2)
@@ -20,6 +21,7 @@ the `Store` first (e.g. `tasks.claim(store, teacher, limit)`):
   prompts.py      Prompt and the prompt id rule; prompt lookups
   tasks.py        the request ledger: add, claim, record, requeue, release, counts, reset
   responses.py    answers read back as pairs; imported pairs
+  logprobs.py     the answers' logprobs: their binary format, and `for_responses` to read them
   decisions.py    curation's decisions
   embeddings.py   the embedding cache
   file_hashes.py  input file hashes

@@ -17,7 +17,7 @@ class Store:
     """A connection to a run's store. Use `transaction()` for every write.
 
     Queries live in the table modules (`stages`, `meta`, `prompts`, `tasks`, `responses`,
-    `decisions`, `embeddings`, `file_hashes`), which take the store as their first argument;
+    `logprobs`, `decisions`, `embeddings`, `file_hashes`), which take the store as their first argument;
     the stage-row and file-hash methods below are the runner's shorthands for them.
     """
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from distill4all.store import prompts
+from distill4all.store import logprobs, prompts
 
 if TYPE_CHECKING:
     from distill4all.store.db import Store
@@ -95,6 +95,7 @@ def remove_teacher(store: Store, teacher: str) -> None:
         db.execute(
             "DELETE FROM decisions WHERE response_id IN (SELECT id FROM responses WHERE teacher = ?)", (teacher,)
         )
+        logprobs.reset(db, teacher)
         db.execute("DELETE FROM responses WHERE teacher = ?", (teacher,))
         db.execute(
             "DELETE FROM prompts WHERE id NOT IN (SELECT prompt_id FROM responses)"

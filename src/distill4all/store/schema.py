@@ -88,6 +88,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model, text_hash)
     ) WITHOUT ROWID;
     """,
+    # 2 -> 3: a teacher's top-K logprobs per answer token (format in store/logprobs.py)
+    """
+    CREATE TABLE response_logprobs (
+        response_id INTEGER PRIMARY KEY REFERENCES responses (id),
+        k INTEGER NOT NULL,              -- alternatives asked for per token (top_logprobs)
+        n_tokens INTEGER NOT NULL,       -- answer tokens
+        data BLOB NOT NULL               -- sampled token + top-K per token: bytes and float16 logprobs
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from distill4all.store import logprobs as logprobs_table
 from distill4all.store import prompts as prompts_table
 from distill4all.store.prompts import Prompt
 
@@ -40,6 +41,7 @@ class Answer:
     latency_s: float
     cost_usd: float
     params: dict[str, Any]
+    logprobs: logprobs_table.Encoded | None = None  # stored with the answer, in its transaction
 
 
 @dataclass(frozen=True)
@@ -131,22 +133,24 @@ def record(store: Store, answers: list[Answer], failures: list[Failure]) -> int:
     """Write answers and failures with their tasks' new state, all or nothing.
 
     Returns how many answers were new; an answer already stored (e.g. a Batch results file read
-    twice) is ignored, so nothing is ever stored twice.
+    twice) is ignored, so nothing is ever stored twice. An answer's logprobs are written only with
+    a new answer, keyed to its id: never attached to an answer stored before.
     """
     now = time.time()
+    new = 0
     with store.transaction() as db:
-        before = db.total_changes
-        db.executemany(
-            "INSERT OR IGNORE INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
-            " prompt_tokens, completion_tokens, latency_s, cost_usd, params, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
+        for a in answers:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
+                " prompt_tokens, completion_tokens, latency_s, cost_usd, params, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (a.task.prompt_id, a.task.teacher, a.task.sample, a.model, a.text, a.finish_reason,
-                 a.prompt_tokens, a.completion_tokens, a.latency_s, a.cost_usd, json.dumps(a.params), now)
-                for a in answers
-            ],
-        )  # fmt: skip
-        new = db.total_changes - before
+                 a.prompt_tokens, a.completion_tokens, a.latency_s, a.cost_usd, json.dumps(a.params), now),
+            )  # fmt: skip
+            if cur.rowcount == 1:
+                new += 1
+                if a.logprobs is not None and cur.lastrowid is not None:
+                    logprobs_table.insert(db, cur.lastrowid, a.logprobs)
         db.executemany(
             "UPDATE tasks SET state = 'done', last_error = NULL, updated_at = ?"
             " WHERE prompt_id = ? AND teacher = ? AND sample = ?",
@@ -160,13 +164,16 @@ def record(store: Store, answers: list[Answer], failures: list[Failure]) -> int:
     return new
 
 
-def counts(store: Store) -> dict[str, Any]:
+def counts(store: Store, *, final: bool = False) -> dict[str, Any]:
+    """The ledger's counts; `final` adds the answers that came without the logprobs asked for (a
+    scan of every answer's request, so not for the progress shown while collecting)."""
     by_state = dict(store.db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
     by_source = dict(store.db.execute("SELECT source, COUNT(*) FROM prompts GROUP BY source").fetchall())
     tokens = store.db.execute(
         "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost_usd), 0)"
         " FROM responses"
     ).fetchone()
+    with_logprobs = logprobs_table.totals(store)
     return {
         "prompts": sum(by_source.values()),
         "prompts_by_source": by_source,
@@ -176,7 +183,9 @@ def counts(store: Store) -> dict[str, Any]:
         "prompt_tokens": tokens[0],
         "completion_tokens": tokens[1],
         "cost_usd": round(tokens[2], 6),
-    }
+        "logprob_tokens": with_logprobs.tokens,
+        "logprob_bytes_per_token": round(with_logprobs.bytes / with_logprobs.tokens, 1) if with_logprobs.tokens else 0,
+    } | ({"answers_without_logprobs": logprobs_table.missing(store)} if final else {})
 
 
 def spent_usd(store: Store) -> float:
@@ -186,6 +195,7 @@ def spent_usd(store: Store) -> float:
 def reset(store: Store) -> None:
     with store.transaction() as db:
         db.execute("DELETE FROM decisions")
+        logprobs_table.reset(db)
         db.execute("DELETE FROM responses")
         db.execute("DELETE FROM tasks")
         db.execute("DELETE FROM prompts")

@@ -37,6 +37,7 @@ class AnswerProgress:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    without_logprobs: int = 0  # asked for, not given (stored anyway: require_logprobs is false)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -44,7 +45,8 @@ class AnswerProgress:
 class AnswerOutcome:
     answered: int
     failed: int
-    stopped: str | None  # None: all done; "budget" | "interrupt": stopped early, resumable
+    stopped: str | None  # None: all done; "budget" | "interrupt" | "no-logprobs": stopped early, resumable
+    without_logprobs: int = 0
 
 
 def build_messages(teacher: TeacherConfig, prompt: str) -> list[dict[str, str]]:
@@ -66,6 +68,9 @@ def build_body(teacher: TeacherConfig, task: tasks.Task, model: str | None = Non
         body["seed"] = teacher.seed + task.sample  # each sample its own seed
     if teacher.stop:
         body["stop"] = teacher.stop
+    if teacher.logprobs is not None:
+        body["logprobs"] = True
+        body["top_logprobs"] = teacher.logprobs
     return body | teacher.extra_body
 
 
@@ -119,10 +124,17 @@ async def answer_pending(
                 continue
             actual = cost_usd(price, reply.prompt_tokens, reply.completion_tokens)
             budget.settle(worst, actual)
+            if body.get("logprobs") and reply.logprobs is None:
+                if teacher.require_logprobs:
+                    # not stored: an answer without them is not what was asked; the task stays pending
+                    stop["why"] = "no-logprobs"
+                    claimed_unsent.add(task)
+                    continue
+                progress.without_logprobs += 1
             params = {k: v for k, v in body.items() if k != "messages"} | {"attempts": reply.attempts}
             await results.put(
                 tasks.Answer(task, reply.model, reply.text, reply.finish_reason, reply.prompt_tokens,
-                              reply.completion_tokens, reply.latency_s, actual, params)
+                              reply.completion_tokens, reply.latency_s, actual, params, reply.logprobs)
             )  # fmt: skip
 
     async def writer() -> None:
@@ -166,7 +178,7 @@ async def answer_pending(
             await writer_task
             if claimed_unsent:
                 tasks.release(store, list(claimed_unsent))
-    return AnswerOutcome(progress.answered, progress.failed, stop["why"])
+    return AnswerOutcome(progress.answered, progress.failed, stop["why"], progress.without_logprobs)
 
 
 async def _gather(jobs: list[asyncio.Task[None]]) -> None:

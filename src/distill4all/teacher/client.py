@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from distill4all.errors import TeacherError
+from distill4all.store import logprobs
 from distill4all.teacher.limiter import RateLimiter, Window
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -38,6 +39,7 @@ class Reply:
     model: str
     latency_s: float
     attempts: int
+    logprobs: logprobs.Encoded | None = None  # when asked for and given: the stored form, compact
 
 
 class _Retryable(Exception):
@@ -172,13 +174,46 @@ class TeacherClient:
             raise _Retryable(f"malformed response body ({type(e).__name__})") from None
         if not isinstance(text, str):
             text = ""  # a refusal or tool call: an empty answer, which curation drops
+        try:
+            token_logprobs = (
+                parse_logprobs(choice, int(body.get("top_logprobs") or 0), text) if body.get("logprobs") else None
+            )
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise _Retryable(f"malformed logprobs in the response body ({type(e).__name__})") from None
         return {
             "text": text,
+            "logprobs": token_logprobs,
             "finish_reason": str(choice.get("finish_reason") or "unknown"),
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": int(usage.get("completion_tokens") or 0),
             "model": str(data.get("model") or body.get("model")),
         }
+
+
+def parse_logprobs(choice: Mapping[str, Any], k: int, text: str) -> logprobs.Encoded | None:
+    """A choice's `logprobs.content` (OpenAI's chat shape) in the stored form; None when the
+    endpoint gave none. An empty answer may come with no tokens at all."""
+    given = choice.get("logprobs")
+    content = given.get("content") if isinstance(given, Mapping) else None
+    if content is None:
+        return logprobs.encode(k, []) if isinstance(given, Mapping) and not text else None
+    return logprobs.encode(
+        k,
+        (
+            (
+                _token_bytes(t),
+                float(t["logprob"]),
+                [(_token_bytes(a), float(a["logprob"])) for a in t.get("top_logprobs") or ()],
+            )
+            for t in content
+        ),
+    )
+
+
+def _token_bytes(entry: Mapping[str, Any]) -> bytes:
+    # `bytes` holds a token's exact bytes (part of a character, too); some servers leave it null
+    raw = entry.get("bytes")
+    return bytes(raw) if raw is not None else str(entry["token"]).encode()
 
 
 def _error_text(raw: bytes) -> str:

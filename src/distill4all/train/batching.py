@@ -78,6 +78,30 @@ class TokenizedSplit:
         return cls(**arrays)
 
 
+@dataclass
+class TeacherTopK:
+    """A teacher's top-k next tokens at every target position of one split, in the split's flat
+    order of target positions (see train/teacher_topk.py): example i's rows are starts[i]:starts[i + 1]."""
+
+    ids: np.ndarray  # int32 (n_targets, k)
+    logprobs: np.ndarray  # float16 (n_targets, k)
+    starts: np.ndarray  # int64 (n_examples + 1)
+
+    @classmethod
+    def load(cls, folder: Path, split: TokenizedSplit) -> TeacherTopK:
+        ids = np.load(folder / "ids.npy", mmap_mode="r")
+        logprobs = np.load(folder / "logprobs.npy", mmap_mode="r")
+        starts = np.concatenate([[0], np.cumsum(split.target_counts)]).astype(np.int64)
+        if len(ids) != starts[-1] or ids.shape != logprobs.shape:
+            raise ValueError(f"{folder}: {len(ids)} teacher rows for {starts[-1]} target positions")
+        return cls(ids, logprobs, starts)
+
+    def rows(self, examples: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of these examples, one after another (the order their targets are laid out in)."""
+        index = np.concatenate([np.arange(self.starts[i], self.starts[i + 1]) for i in examples])
+        return np.asarray(self.ids[index]), np.asarray(self.logprobs[index])
+
+
 def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
     return n_examples // global_batch_size
 
@@ -132,6 +156,8 @@ class MicroBatch:
     attention_mask: Any | None  # padding: 1 for tokens, 0 for padding
     tokens: int  # real (non-pad) tokens
     target_tokens: int
+    teacher_ids: Any | None = None  # torch.LongTensor (target_tokens, k), in row-major target order
+    teacher_logprobs: Any | None = None  # torch.FloatTensor (target_tokens, k)
 
     def model_inputs(self) -> dict[str, Any]:
         out = {"input_ids": self.input_ids, "targets": self.targets}
@@ -139,6 +165,9 @@ class MicroBatch:
             out["position_ids"] = self.position_ids
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask
+        if self.teacher_ids is not None:
+            out["teacher_ids"] = self.teacher_ids
+            out["teacher_logprobs"] = self.teacher_logprobs
         return out
 
 
@@ -150,8 +179,10 @@ def collate(
     max_length: int,
     pad_id: int,
     pad_to_max_length: bool = False,
+    teacher: TeacherTopK | None = None,
 ) -> MicroBatch:
-    """Rows of tokens, targets and positions for one micro-batch (pad id only fills; it never masks)."""
+    """Rows of tokens, targets and positions for one micro-batch (pad id only fills; it never masks),
+    and, with `teacher`, its top-k at each target in the order the loss reads them (row-major)."""
     import torch
 
     lengths = data.lengths
@@ -176,7 +207,7 @@ def collate(
         # real token attends to it; it has no targets, so it adds nothing to the loss.
         positions[r, at:] = np.arange(width - at)
     tokens = int(mask.sum())
-    return MicroBatch(
+    batch = MicroBatch(
         input_ids=torch.from_numpy(input_ids),
         targets=torch.from_numpy(targets),
         position_ids=torch.from_numpy(positions) if packing else None,
@@ -184,3 +215,8 @@ def collate(
         tokens=tokens,
         target_tokens=int((targets != IGNORE).sum()),
     )
+    if teacher is not None:
+        ids, logprobs = teacher.rows([i for row in rows for i in row])
+        batch.teacher_ids = torch.from_numpy(ids.astype(np.int64))
+        batch.teacher_logprobs = torch.from_numpy(logprobs.astype(np.float32))
+    return batch

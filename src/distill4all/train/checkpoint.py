@@ -14,6 +14,7 @@ a checkpoint of a 7B LoRA run is megabytes, not 28 GB.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,7 +57,15 @@ def save(accelerator: Any, root: Path, step: int, state: dict[str, Any], keep: i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    # A tied lm_head is saved once, as its embedding; accelerate warns each time that it dropped
+    # the shared copy, and the load puts it back.
+    shared = logging.getLogger("accelerate.utils.other")
+    level = shared.level
+    shared.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        shared.setLevel(level)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))

@@ -34,8 +34,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from distill4all import atomic
 from distill4all.config import TrainConfig
 from distill4all.errors import StageError, StageFailure
+from distill4all.layout import TrainLayout
 from distill4all.train import checkpoint
-from distill4all.train.batching import TokenizedSplit, collate, deal, step_examples, steps_per_epoch
+from distill4all.train.batching import TeacherTopK, TokenizedSplit, collate, deal, step_examples, steps_per_epoch
 from distill4all.train.metrics import MetricsLog, plot_loss, read_metrics
 from distill4all.train.model import CausalLMLoss, load_model, load_tokenizer, mixed_precision
 
@@ -144,6 +145,10 @@ class Trainer:
         self.val_data = TokenizedSplit.load(job.data_dir / "val")
         self.train_lengths = np.asarray(self.train_data.lengths)
         self.train_targets = np.asarray(self.train_data.target_counts)
+        # with distillation: the teacher's top-k at every training target, computed by the stage
+        self.teacher = (
+            TeacherTopK.load(TrainLayout(job.out_dir).teacher("train"), self.train_data) if cfg.distill else None
+        )
         self.tokenizer = load_tokenizer(job.data_dir / "tokenizer")
         self.pad_id = int(self.tokenizer.pad_token_id)
 
@@ -157,7 +162,7 @@ class Trainer:
             optimizer, lambda step: lr_factor(step, cfg.warmup_steps, self.total, cfg.schedule)
         )
         _configure_deepspeed(acc, cfg)
-        self.net, self.optimizer = acc.prepare(CausalLMLoss(model), optimizer)
+        self.net, self.optimizer = acc.prepare(CausalLMLoss(model, cfg.distill), optimizer)
         # The scheduler is stepped by us once per optimizer step; accelerate's prepared scheduler
         # would step once per process. It is still saved and restored with every checkpoint.
         acc.register_for_checkpointing(self.scheduler)
@@ -184,11 +189,11 @@ class Trainer:
     def _inputs(self, batch: Any) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.model_inputs().items()}
 
-    def _collate(self, data: TokenizedSplit, ids: np.ndarray) -> Any:
+    def _collate(self, data: TokenizedSplit, ids: np.ndarray, teacher: TeacherTopK | None = None) -> Any:
         cfg = self.cfg
         return collate(
             data, ids, packing=cfg.packing, max_length=cfg.max_length, pad_id=self.pad_id,
-            pad_to_max_length=cfg.pad_to_max_length,
+            pad_to_max_length=cfg.pad_to_max_length, teacher=teacher,
         )  # fmt: skip
 
     def train_step(self, step: int) -> dict[str, Any]:
@@ -203,18 +208,21 @@ class Trainer:
         scale = acc.num_processes * cfg.accumulation_steps / max(targets, 1)
         micro_batches = deal(ids, self.train_lengths, acc.num_processes, cfg.accumulation_steps, cfg.group_by_length)
         loss_sum = torch.zeros((), device=acc.device)
+        parts_sum = torch.zeros(2, device=acc.device)  # cross-entropy, KD
         self.net.train()
         for micro in micro_batches[acc.process_index]:
             with acc.accumulate(self.net):
-                loss, _ = self.net(**self._inputs(self._collate(self.train_data, micro)))
+                loss, _, parts = self.net(**self._inputs(self._collate(self.train_data, micro, self.teacher)))
                 acc.backward(loss * scale)
             loss_sum += loss.detach().float()
+            parts_sum += parts.float()
         grad_norm = acc.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = float(acc.reduce(loss_sum, "sum").item())
+        ce_total, kd_total = (float(x) for x in acc.reduce(parts_sum, "sum").tolist())
         seconds = time.perf_counter() - t0
         tokens = int(self.train_lengths[ids].sum())
         self.tokens_seen += tokens
@@ -223,6 +231,7 @@ class Trainer:
             "step": step + 1,
             "epoch": round((step + 1) / steps_per_epoch(len(self.train_data), cfg.global_batch_size), 4),
             "loss": loss_total / max(targets, 1),
+            **({"ce_loss": ce_total / max(targets, 1), "kd_loss": kd_total / max(targets, 1)} if cfg.distill else {}),
             "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": tokens,
@@ -246,7 +255,8 @@ class Trainer:
                 # Sharded models need every process in every forward: an empty share runs one
                 # example and counts nothing.
                 weight = 1.0 if len(g) else 0.0
-                loss, count = self.net(**self._inputs(self._collate(data, g if len(g) else order[:1])))
+                # cross-entropy only: the validation loss stays comparable with and without KD
+                loss, count, _ = self.net(**self._inputs(self._collate(data, g if len(g) else order[:1])))
                 totals += torch.stack([loss.double(), count.double()]) * weight
         self.net.train()
         totals = acc.reduce(totals, "sum")
@@ -346,7 +356,8 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         rows = read_metrics(self.job.out_dir / "metrics.jsonl") if self.main else []
         val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
-        train = [r["loss"] for r in rows if "loss" in r]
+        train = [r for r in rows if "loss" in r]
+        kd = {f"last_{k}": train[-1][k] for k in ("ce_loss", "kd_loss") if train and k in train[-1]}
         return {
             "steps": self.total,
             "train_examples": len(self.train_data),
@@ -357,7 +368,8 @@ class Trainer:
             "first_val_loss": val[0] if val else None,
             "last_val_loss": val[-1] if val else None,
             "best_val_loss": min(val) if val else None,
-            "last_train_loss": train[-1] if train else None,
+            "last_train_loss": train[-1]["loss"] if train else None,
+            **kd,
             "trainable_parameters": self.trainable,
             "precision": self.precision,
             "processes": self.accelerator.num_processes,

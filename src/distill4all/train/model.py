@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill4all.config import TrainConfig
+from distill4all.config import DistillConfig, TrainConfig
 from distill4all.errors import ConfigError, ModelError
 from distill4all.models.registry import quiet_hf
+from distill4all.train.distill import kd_loss
 from distill4all.train.templates import IGNORE
 
 # Architectures whose causal-LM head is exactly `lm_head(decoder(x))`, with no scaling or soft-capping
@@ -140,11 +141,18 @@ def base_of(model: Any) -> Any:
 
 
 class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
-    """forward(input_ids, targets, ...) → (summed cross-entropy over targets, number of targets)."""
+    """forward(input_ids, targets, ...) → (summed loss over targets, number of targets, the summed
+    parts [cross-entropy, KD]).
 
-    def __init__(self, model: Any) -> None:
+    Without `distill` (or without teacher rows in the batch) the loss is the cross-entropy; with
+    it, (1 − weight) × cross-entropy + weight × KD to the teacher's top-k at the same positions
+    (train/distill.py).
+    """
+
+    def __init__(self, model: Any, distill: DistillConfig | None = None) -> None:
         super().__init__()
         self.model = model
+        self.distill = distill
         base = base_of(model)
         self.selective = base.config.model_type in PLAIN_HEAD and hasattr(base, "get_decoder")
         # FSDP's transformer auto-wrap reads the layer classes to shard by from the root module.
@@ -156,7 +164,9 @@ class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
         targets: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher_ids: torch.Tensor | None = None,
+        teacher_logprobs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         keep = targets != IGNORE
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
         if self.selective:
@@ -165,5 +175,9 @@ class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
             logits = base.get_output_embeddings()(hidden[keep])
         else:
             logits = self.model(**inputs, use_cache=False).logits[keep]
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, keep.sum()
+        ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        if self.distill is None or teacher_ids is None or teacher_logprobs is None:
+            return ce, keep.sum(), torch.stack([ce.detach(), torch.zeros_like(ce)])
+        kd = kd_loss(logits, teacher_ids, teacher_logprobs, self.distill)
+        w = self.distill.weight
+        return (1 - w) * ce + w * kd, keep.sum(), torch.stack([ce.detach(), kd.detach()])

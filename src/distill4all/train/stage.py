@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from distill4all import atomic
-from distill4all.config import RunConfig
+from distill4all.config import RunConfig, TrainConfig
 from distill4all.errors import ConfigError, DataError, StageFailure
-from distill4all.layout import RunLayout
+from distill4all.layout import RunLayout, TrainLayout
 from distill4all.run import StageContext, StageResult
 
 UPSTREAM: tuple[str, ...] = ("collect", "curate")
@@ -68,19 +69,43 @@ def _progress(ctx: StageContext) -> Callable[[dict[str, Any]], None]:
     return update
 
 
+def _pruned_student(cfg: TrainConfig, files: TrainLayout, data: Path, ctx: StageContext) -> Path:
+    """base_model with its least influential layers removed, measured on the training pairs; made
+    once (train/student/, written atomically)."""
+    from distill4all.models.prune import calibration_texts, prune_depth
+
+    assert cfg.prune is not None
+    if not (files.student / "config.json").is_file():
+        with ctx.console.status(f"train: pruning {cfg.base_model}…") if not ctx.quiet else nullcontext():
+            texts = calibration_texts(data, cfg.prune.samples, ctx.config.seed)
+            result = prune_depth(
+                cfg.base_model, files.student, drop_layers=cfg.prune.drop_layers,
+                keep_fraction=cfg.prune.keep_fraction, texts=texts,
+            )  # fmt: skip
+        ctx.console.print(
+            f"train: student {cfg.base_model} pruned from {result.layers_before} to {result.layers_after} layers "
+            f"({result.params_before / 1e6:.1f}M → {result.params_after / 1e6:.1f}M parameters)"
+        )
+    return files.student
+
+
 def run(ctx: StageContext) -> StageResult:
     from distill4all.models import resolve_model
     from distill4all.train.launch import launch
     from distill4all.train.loop import Job, train
     from distill4all.train.prepare import prepare
+    from distill4all.train.teacher_topk import prepare_teacher
 
     cfg = ctx.config.train
     assert cfg is not None
     out, files = ctx.dir, ctx.layout.train
     summary_file = files.summary
     if not summary_file.is_file():  # else it finished before a kill kept the runner from recording it
-        base = resolve_model(cfg.base_model, want="hf").path
+        base = _pruned_student(cfg, files, data_path(ctx.config), ctx) if cfg.prune else None
+        base = base or resolve_model(cfg.base_model, want="hf").path
         prepare(cfg, data_path(ctx.config), base, files.data, ctx.config.seed, ctx.console)
+        if cfg.distill is not None:
+            prepare_teacher(cfg, files, ctx.console)
         job = Job(cfg, base, files.data, out, ctx.config.seed, ctx.quiet)
         launched = cfg.launcher == "accelerate" or (cfg.launcher == "auto" and cfg.num_processes > 1)
         if launched:
@@ -99,6 +124,10 @@ def run(ctx: StageContext) -> StageResult:
     counts = {k: summary[k] for k in ("steps", "train_examples", "val_examples", "tokens", "tokens_per_s")}
     counts |= {k: round(summary[k], 4) for k in ("first_val_loss", "last_val_loss") if summary[k] is not None}
     counts |= {"truncated": meta["truncated"], "dropped": meta["dropped_no_target"] + meta["blank"]}
+    if cfg.distill is not None:
+        teacher = json.loads((files.teacher("train") / "meta.json").read_text())
+        counts |= {k: round(summary[k], 4) for k in ("last_ce_loss", "last_kd_loss") if k in summary}
+        counts |= {"distill_top_k": teacher["k"], "distill_bytes_per_token": teacher["bytes_per_token"]}
     return StageResult(counts=counts, artifacts=[files.model, files.metrics, files.loss_png])
 
 
