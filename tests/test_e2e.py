@@ -130,8 +130,10 @@ def check_report_page(page_path: Path, tmp_path: Path) -> None:
     with chromium_page(900, allowed=("file:", "data:")) as (page, errors):
         page.goto(page_path.as_uri())
         page.wait_for_load_state("load")
-        for section in ("funnel", "data", "train", "export", "eval", "chats"):
+        for section in ("funnel", "data", "train", "export", "eval", "student", "chats"):
             assert page.locator(f"section#{section}").count() == 1, section
+        student = page.locator("section#student").inner_text()
+        assert "pruned from 4 to 3 layers" in student and "gap closed" in student, student
         assert page.locator("section#data").inner_text().count("yes") >= 1  # the homogeneous flag
         page.frame_locator("iframe").locator("canvas").first.wait_for(timeout=30_000)
         map_frame = next(f for f in page.frames if f.url.endswith("curate/map.html"))

@@ -110,6 +110,18 @@ def test_single_stage_export_goes_through_the_runner(tmp_path: Path) -> None:
     assert (foreign / "model-f16.gguf").read_bytes() == b"mine"
 
 
+def test_collect_run_is_the_collect_stage_through_the_runner(make_run: Any, tmp_path: Path) -> None:
+    config = make_run(n=3)
+    r = run_cli("collect", "run", config)
+    assert r.code == 0, r.output
+    assert (
+        "collect: ran, prompts 3" in r.stdout and f"pairs: {tmp_path / 'run' / 'collect' / 'pairs.jsonl'}" in r.stdout
+    )
+    assert run_cli("collect", "run", config).stdout.startswith("collect: skipped")
+    r = run_cli("collect", "run", config, "--max-cost", "0.5")  # a per-invocation budget, not a setting
+    assert r.code == 0 and "collect: skipped" in r.stdout
+
+
 def test_reproducing_a_one_stage_export_writes_into_the_new_run_only(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert run_cli("--quiet", "export", "tiny", "-o", out, "--quant", "q8_0", "--no-report").code == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from importlib import resources
 from pathlib import Path
@@ -103,7 +104,27 @@ def gather(run_dir: Path, *, chats: bool = True) -> dict[str, Any]:
         "chat_model": str(chat_model(run_dir) or ""),
     }
     ctx["funnel"] = funnel(ctx)
+    ctx["student"] = student_vs_teacher(layout, ctx["eval"])
     return ctx
+
+
+def student_vs_teacher(layout: RunLayout, summary: Any) -> dict[str, Any] | None:
+    """A pruned student against its teacher: layers, parameters, its GGUF files, and per metric the
+    medians of the teacher (eval's "base"), the student before and after training, with the share of
+    the log-perplexity gap the training closed."""
+    prune = _json(layout.train.student / "prune.json")
+    if not isinstance(prune, dict):
+        return None
+    gaps = []
+    for metric, per_model in ((summary or {}).get("summaries") or {}).items():
+        medians = {label: per_model[label]["median"] for label in ("base", "pruned", "trained") if label in per_model}
+        if len(medians) < 3 or not all(isinstance(v, float | int) and v > 0 for v in medians.values()):
+            continue
+        teacher, start, trained = (math.log(medians[k]) for k in ("base", "pruned", "trained"))
+        closed = (start - trained) / (start - teacher) if start > teacher else None
+        gaps.append({"metric": metric, **medians, "closed": closed})
+    files = [(p.name, p.stat().st_size) for p in layout.export.ggufs()]
+    return {"prune": prune, "gaps": gaps, "files": files}
 
 
 def funnel(ctx: dict[str, Any]) -> list[tuple[str, int]]:
