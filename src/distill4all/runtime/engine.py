@@ -527,7 +527,7 @@ class TransformersEngine(Engine):
         if isinstance(piece, str) and token not in self._special_ids:
             if self._byte_level:
                 with contextlib.suppress(KeyError):  # an added token is written as itself
-                    return bytes(_BYTE_LEVEL_DECODER[c] for c in piece)
+                    return bytes(_byte_level_decoder()[c] for c in piece)
             elif m := _BYTE_FALLBACK.fullmatch(piece):
                 return bytes([int(m[1], 16)])
             elif "\u2581" in piece:  # SentencePiece writes a space as ▁ (token_text may drop it)
@@ -624,18 +624,14 @@ class TransformersEngine(Engine):
                 yield int(token.item())
 
 
+@functools.cache
 def _byte_level_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode: the printable character each byte is written as."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {b: b for b in printable}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = 256 + extra
-            extra += 1
-    return {chr(c): b for b, c in chars.items()}
+    """The inverse of GPT-2's bytes_to_unicode: the byte each printable character stands for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
-_BYTE_LEVEL_DECODER = _byte_level_decoder()
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 
 

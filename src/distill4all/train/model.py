@@ -140,6 +140,22 @@ def base_of(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def plain_head(model: Any) -> bool:
+    """Whether the model's logits are exactly `lm_head(decoder(x))` (see PLAIN_HEAD)."""
+    base = base_of(model)
+    return base.config.model_type in PLAIN_HEAD and hasattr(base, "get_decoder")
+
+
+def target_logits(model: Any, keep: torch.Tensor, inputs: dict[str, Any], *, selective: bool) -> torch.Tensor:
+    """The logits at the positions `keep` only: with a plain head (`selective`), the vocabulary
+    projection runs on those positions alone; otherwise the model's own forward, then select."""
+    if selective:
+        base = base_of(model)
+        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return base.get_output_embeddings()(hidden[keep])
+    return model(**inputs, use_cache=False).logits[keep]
+
+
 class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
     """forward(input_ids, targets, ...) → (summed loss over targets, number of targets, the summed
     parts [cross-entropy, KD]).
@@ -154,7 +170,7 @@ class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
         self.model = model
         self.distill = distill
         base = base_of(model)
-        self.selective = base.config.model_type in PLAIN_HEAD and hasattr(base, "get_decoder")
+        self.selective = plain_head(model)
         # FSDP's transformer auto-wrap reads the layer classes to shard by from the root module.
         self._no_split_modules = getattr(base, "_no_split_modules", None)
 
@@ -169,12 +185,7 @@ class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         keep = targets != IGNORE
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
-        if self.selective:
-            base = base_of(self.model)
-            hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
-            logits = base.get_output_embeddings()(hidden[keep])
-        else:
-            logits = self.model(**inputs, use_cache=False).logits[keep]
+        logits = target_logits(self.model, keep, inputs, selective=self.selective)
         ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         if self.distill is None or teacher_ids is None or teacher_logprobs is None:
             return ce, keep.sum(), torch.stack([ce.detach(), torch.zeros_like(ce)])

@@ -33,7 +33,7 @@ from distill4all import atomic
 from distill4all.config import TrainConfig
 from distill4all.errors import ConfigError
 from distill4all.layout import TrainLayout
-from distill4all.train.batching import TokenizedSplit
+from distill4all.train.batching import TokenizedSplit, collate
 from distill4all.train.templates import IGNORE
 
 CHUNK = 64  # examples per resumable piece
@@ -145,19 +145,17 @@ def _top_k(
 
 
 def _forward(teacher: Any, split: TokenizedSplit, batch: list[int], k: int, vocab_size: int) -> tuple[Any, Any]:
-    width = max(int(split.lengths[i]) for i in batch)
-    input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    keep = torch.zeros((len(batch), width), dtype=torch.bool)
-    for r, i in enumerate(batch):
-        tokens, targets = split.tokens(i)
-        input_ids[r, : len(tokens)] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-        mask[r, : len(tokens)] = 1
-        keep[r, : len(tokens)] = torch.from_numpy(np.asarray(targets) != IGNORE)
+    from distill4all.train.model import plain_head, target_logits
+
+    # one example a row, padded: the rows (and so the targets, row-major) keep the examples' order
+    ids = np.asarray(batch)
+    rows = collate(split, ids, packing=False, max_length=int(split.lengths[ids].max()), pad_id=0)
+    assert rows.attention_mask is not None  # set whenever rows are padded, not packed
     device = next(teacher.parameters()).device
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    inputs = {"input_ids": rows.input_ids.to(device), "attention_mask": rows.attention_mask.to(device)}
+    keep = (rows.targets != IGNORE).to(device)
     with torch.no_grad():
-        logits = teacher(**inputs, use_cache=False).logits[keep.to(device)].float()
+        logits = target_logits(teacher, keep, inputs, selective=plain_head(teacher)).float()
     # the full softmax (tokens the student lacks still take their share), then the student's ids only
     logprobs = F.log_softmax(logits, dim=-1)[:, :vocab_size]
     top = torch.topk(logprobs, min(k, vocab_size), dim=-1)
