@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,22 @@ def store_query(run_dir: Path, sql: str) -> list[tuple[Any, ...]]:
 def count_responses(run_dir: Path) -> int:
     rows = store_query(run_dir, "SELECT COUNT(*) FROM responses")
     return int(rows[0][0]) if rows else 0
+
+
+def kill_at_answer_counts(command: list[str], run_dir: Path, thresholds: tuple[int, ...], poll: float) -> int:
+    """Start `command` once per threshold and SIGKILL it as soon as the run holds that many answers;
+    how many runs were killed (a run that finished first was not)."""
+    kills = 0
+    for threshold in thresholds:
+        p = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while count_responses(run_dir) < threshold and p.poll() is None and time.time() < deadline:
+            time.sleep(poll)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            kills += 1
+        p.wait()
+    return kills
 
 
 @contextlib.contextmanager

@@ -5,11 +5,7 @@ back for training. Real HTTP on 127.0.0.1: the tiny model's own `serve`, and a s
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import cli_command, count_responses, run_cli, write_config, write_jsonl
+from conftest import cli_command, count_responses, kill_at_answer_counts, run_cli, write_config, write_jsonl
 from distill4all.config import CollectConfig, TeacherConfig, load_config
 from distill4all.errors import ConfigError, DataError
 from distill4all.store import Store, logprobs, responses, tasks
@@ -157,17 +153,7 @@ def test_sigkill_then_rerun_stores_each_answers_logprobs_once(tmp_path: Path, se
     cfg = config(tmp_path, [f"Say something about number {i}." for i in range(n)], model=model, base_url=url,
                  logprobs=20, concurrency=1, max_tokens=8)  # fmt: skip
     run_dir = tmp_path / "run"
-    kills = 0
-    for threshold in (2, 6):
-        p = subprocess.Popen(cli_command("--quiet", "run", cfg, "--no-report"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.time() + 240
-        while count_responses(run_dir) < threshold and p.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            kills += 1
-        p.wait()
+    kills = kill_at_answer_counts(cli_command("--quiet", "run", cfg, "--no-report"), run_dir, (2, 6), poll=0.02)
     assert kills == 2, "the stage finished before it could be killed; make it slower"
     assert 0 < count_responses(run_dir) < n
     r = run_cli("run", cfg, "--no-report")

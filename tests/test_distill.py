@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import cli_command, run_cli
+from conftest import run_cli
 from distill4all.config import DistillConfig
 from distill4all.train.distill import kd_loss
-from test_train import ENV, config, losses, pairs  # noqa: F401  (pairs: a fixture)
+from test_train import ENV, config, kill_past_checkpoint, losses, pairs  # noqa: F401  (pairs: a fixture)
 
 
 def _softmax(xs: list[float]) -> list[float]:
@@ -125,16 +121,7 @@ def test_resume_mid_kd_continues_the_same_loss_curve(tmp_path: Path, pairs: Path
     whole = config(tmp_path, pairs, name="whole", epochs=5, **kd)
     killed = config(tmp_path, pairs, name="killed", epochs=5, **kd)
     assert run_cli("run", whole, env=ENV).code == 0
-    proc = subprocess.Popen(cli_command("-q", "run", killed), env={**os.environ, **ENV},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ckpt = tmp_path / "killed" / "train" / "checkpoints" / "step-00000010"
-    deadline = time.monotonic() + 300
-    while not ckpt.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "train" / "model").exists(), "the run finished before it could be killed"
+    kill_past_checkpoint(killed, tmp_path / "killed", step=10)
     r = run_cli("run", killed, env=ENV)
     assert r.code == 0 and "resuming at step" in r.stderr, r.output
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import time
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import cli_command, count_responses, run_cli
+from conftest import cli_command, count_responses, kill_at_answer_counts, run_cli
 
 
 def test_run_then_skip_then_force(make_run: Callable[..., Path], tmp_path: Path) -> None:
@@ -69,16 +67,7 @@ def test_sigkill_mid_stage_then_rerun_resumes_exactly_once(make_run: Callable[..
     n = 60
     config = make_run(n=n, delay=0.05, batch_size=2)
     run_dir = tmp_path / "run"
-    kills = 0
-    for threshold in (6, 20):
-        p = subprocess.Popen(cli_command("--quiet", "run", config), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 240
-        while count_responses(run_dir) < threshold and p.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            kills += 1
-        p.wait()
+    kills = kill_at_answer_counts(cli_command("--quiet", "run", config), run_dir, (6, 20), poll=0.05)
     assert kills == 2, "the stage finished before it could be killed; make it slower"
     assert 0 < count_responses(run_dir) < n
 

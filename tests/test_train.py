@@ -114,22 +114,27 @@ def test_learns_a_small_task_and_saves_a_reloadable_adapter(tmp_path: Path, pair
         assert (answer, stopped) == (f"The {animal} is {color}.", True)
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_continues_the_same_loss_curve(tmp_path: Path, pairs: Path) -> None:
-    whole = config(tmp_path, pairs, name="whole", epochs=5)
-    killed = config(tmp_path, pairs, name="killed", epochs=5)  # LoRA dropout 0.1: the RNG state matters
-    assert run_cli("run", whole, env=ENV).code == 0
-
-    proc = subprocess.Popen(cli_command("-q", "run", killed), env={**os.environ, **ENV},
+def kill_past_checkpoint(config: Path, run_dir: Path, step: int) -> None:
+    """Run `config` and SIGKILL it a little after its checkpoint at `step`, before it finishes."""
+    proc = subprocess.Popen(cli_command("-q", "run", config), env={**os.environ, **ENV},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ckpt = tmp_path / "killed" / "train" / "checkpoints" / "step-00000010"
+    ckpt = run_dir / "train" / "checkpoints" / f"step-{step:08d}"
     deadline = time.monotonic() + 300
     while not ckpt.is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # a little past the checkpoint: these steps are lost and redone
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "train" / "model").exists(), "the run finished before it could be killed"
+    assert not (run_dir / "train" / "model").exists(), "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_the_same_loss_curve(tmp_path: Path, pairs: Path) -> None:
+    whole = config(tmp_path, pairs, name="whole", epochs=5)
+    killed = config(tmp_path, pairs, name="killed", epochs=5)  # LoRA dropout 0.1: the RNG state matters
+    assert run_cli("run", whole, env=ENV).code == 0
+
+    kill_past_checkpoint(killed, tmp_path / "killed", step=10)
 
     r = run_cli("run", killed, env=ENV)
     assert r.code == 0, r.output
