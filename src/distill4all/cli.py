@@ -221,12 +221,9 @@ def collect_run(
 
 
 def _open_run_store(config: Path) -> tuple[Any, Any]:
-    from distill4all.config import load_config
     from distill4all.run import RunDir
 
-    loaded = load_config(config)
-    if loaded.config.collect is None:
-        raise UserError(f"{config} has no collect section")
+    loaded = _stage_of_config(config, "collect")
     return loaded, RunDir(loaded.config.run_dir)
 
 

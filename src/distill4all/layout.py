@@ -139,6 +139,9 @@ class EvalLayout:
         """One model's per-item scores."""
         return self.dir / f"perplexity-{label}.jsonl"
 
+    def all_items(self) -> list[Path]:
+        return sorted(self.dir.glob("perplexity-*.jsonl"))
+
     @property
     def summary(self) -> Path:
         return self.dir / "summary.json"
@@ -153,8 +156,8 @@ class EvalLayout:
 
     def outputs(self) -> list[Path]:
         """Everything the stage writes: what `--force` removes (the folder may be the run directory)."""
-        found = [*self.dir.glob("perplexity-*.jsonl"), *self.dir.glob("figure3-*.png"), *self.dir.glob("judge.sqlite*")]
-        return [*sorted(found), *self.dir.glob("teacher-*.log"), self.summary]
+        found = [*self.dir.glob("figure3-*.png"), *self.dir.glob("judge.sqlite*"), *self.dir.glob("teacher-*.log")]
+        return [*self.all_items(), *sorted(found), self.summary]
 
 
 @dataclass(frozen=True)

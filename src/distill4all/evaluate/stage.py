@@ -84,7 +84,7 @@ def run(ctx: StageContext) -> StageResult:
     for metric, tests in comparison.paired.items():
         for p in tests:
             counts[f"{metric}_share_lower_{p.model}_vs_{p.baseline}"] = round(p.share_lower, 3)
-    files = sorted(out.glob("perplexity-*.jsonl"))
+    files = ctx.layout.eval.all_items()
     return StageResult(counts=counts, costs=costs, artifacts=[summary_path, *comparison.figures, *files])
 
 
