@@ -36,9 +36,8 @@ def _png(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
 
 
-def chat_model(run_dir: Path) -> Path | None:
+def chat_model(layout: RunLayout) -> Path | None:
     """The model a user would chat with: the smallest exported quantization, else the trained model."""
-    layout = RunLayout.read(run_dir)
     ggufs = sorted((p for p in layout.export.ggufs() if p.name.startswith("model-q")), key=lambda p: p.stat().st_size)
     if ggufs:
         return ggufs[0]
@@ -46,12 +45,12 @@ def chat_model(run_dir: Path) -> Path | None:
     return trained if trained.is_dir() else None
 
 
-def sample_chats(run_dir: Path, max_tokens: int = 96) -> list[dict[str, str]]:
+def sample_chats(layout: RunLayout, max_tokens: int = 96) -> list[dict[str, str]]:
     """A few answers of the run's model, cached in report/chats.json until the model changes."""
-    model = chat_model(run_dir)
+    model = chat_model(layout)
     if model is None:
         return []
-    cache = RunLayout.read(run_dir).report_chats
+    cache = layout.report_chats
     cached = _json(cache)
     stamp = model.stat().st_mtime
     if isinstance(cached, dict) and cached.get("model") == str(model) and cached.get("mtime") == stamp:
@@ -70,8 +69,7 @@ def sample_chats(run_dir: Path, max_tokens: int = 96) -> list[dict[str, str]]:
     return chats
 
 
-def gather(run_dir: Path, *, chats: bool = True) -> dict[str, Any]:
-    layout = RunLayout.read(run_dir)
+def gather(layout: RunLayout, *, chats: bool = True) -> dict[str, Any]:
     manifest = _json(layout.manifest) or {}
     stages = manifest.get("stages", {})
     metrics = []
@@ -84,7 +82,7 @@ def gather(run_dir: Path, *, chats: bool = True) -> dict[str, Any]:
                 continue
     val = [m for m in metrics if "val_loss" in m]
     ctx: dict[str, Any] = {
-        "run": manifest.get("run", run_dir.name),
+        "run": manifest.get("run", layout.root.name),
         "built_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "manifest": manifest,
         "stages": [(name, stages[name]) for name in STAGE_ORDER if name in stages],
@@ -100,8 +98,8 @@ def gather(run_dir: Path, *, chats: bool = True) -> dict[str, Any]:
         "quant": _json(layout.export.quant_report),
         "eval": _json(layout.eval.summary),
         "figures": [(m, src) for m in ("faithful", "conditioned") if (src := _png(layout.eval.figure(m))) is not None],
-        "chats": sample_chats(run_dir) if chats else [],
-        "chat_model": str(chat_model(run_dir) or ""),
+        "chats": sample_chats(layout) if chats else [],
+        "chat_model": str(chat_model(layout) or ""),
     }
     ctx["funnel"] = funnel(ctx)
     ctx["student"] = student_vs_teacher(layout, ctx["eval"])
@@ -155,7 +153,8 @@ def build_report(run_dir: Path, *, chats: bool = True) -> Path:
     )
     env.globals["pct"] = lambda v: f"{v:.1%}" if isinstance(v, (int, float)) else "-"
     template = env.from_string(resources.files("distill4all.report").joinpath("template.html").read_text())
-    html = template.render(**gather(run_dir, chats=chats))
-    out = RunLayout.read(run_dir).report_page
+    layout = RunLayout.read(run_dir)  # the manifest tells where moved stage folders are
+    html = template.render(**gather(layout, chats=chats))
+    out = layout.report_page
     atomic.write_text(out, html)
     return out
