@@ -319,13 +319,20 @@ class DistillConfig(Section):
     """Knowledge distillation: train the student on the teacher's distribution over the next token
     (its top-k), mixed with the usual cross-entropy on the answer, on the same response-only mask.
 
-    The teacher is a local model with the student's tokenizer; its top-k log-probabilities are
-    computed once over the training texts before training (cached in the run directory)."""
+    The teacher's top-k comes from the answers themselves when collect stored their logprobs
+    (`collect.teachers[].logprobs`), matched to the student's tokens by their bytes; else from a
+    local model with the student's tokenizer, run once over the training texts before training.
+    Both are cached in the run directory (train/teacher/)."""
 
-    teacher: str | None = Field(
-        None, min_length=1, description="model name or path; default: train.base_model (the model pruned or copied)"
+    source: Literal["auto", "collected", "local"] = Field(
+        "auto",
+        description="collected: the answers' stored logprobs; local: the `teacher` model run over the texts; "
+        "auto: collected when the training answers carry logprobs, else local",
     )
-    top_k: int = Field(64, ge=1, le=4096, description="teacher tokens kept per position")
+    teacher: str | None = Field(
+        None, min_length=1, description="the local teacher, a model name or path; default: train.base_model"
+    )
+    top_k: int = Field(64, ge=1, le=4096, description="teacher tokens kept per position (at most what was collected)")
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl", description="forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); jsd: β=0.5"
     )
@@ -337,7 +344,11 @@ class DistillConfig(Section):
     temperature: float = Field(1.0, gt=0, description="both distributions softened by it; the loss scaled by T²")
     weight: float = Field(0.5, ge=0, le=1, description="loss = (1 - weight) x cross-entropy + weight x KD")
     min_aligned: float = Field(
-        0.98, ge=0, le=1, description="share of the student's vocabulary the teacher must map to the same ids"
+        0.95,
+        ge=0,
+        le=1,
+        description="the share that must align, else KD is refused: of the answer tokens, whose bytes the "
+        "student's tokens must match (collected), or of the student's vocabulary, same ids (local)",
     )
     batch_tokens: int = Field(4096, ge=1, description="tokens per teacher forward pass when computing its top-k")
 

@@ -13,12 +13,10 @@ An engine is not thread-safe: one request at a time (the server serializes with 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import json
 import os
 import random
-import re
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -523,16 +521,9 @@ class TransformersEngine(Engine):
         return str(self.tokenizer.decode([token], skip_special_tokens=False))
 
     def token_bytes(self, token: int) -> bytes:
-        piece = self.tokenizer.convert_ids_to_tokens(int(token))
-        if isinstance(piece, str) and token not in self._special_ids:
-            if self._byte_level:
-                with contextlib.suppress(KeyError):  # an added token is written as itself
-                    return bytes(_byte_level_decoder()[c] for c in piece)
-            elif m := _BYTE_FALLBACK.fullmatch(piece):
-                return bytes([int(m[1], 16)])
-            elif "\u2581" in piece:  # SentencePiece writes a space as ▁ (token_text may drop it)
-                return piece.replace("\u2581", " ").encode()
-        return super().token_bytes(token)
+        from distill4all.models.tokens import token_bytes
+
+        return token_bytes(self.tokenizer, token, byte_level=self._byte_level, special=self._special_ids)
 
     @functools.cached_property
     def _special_ids(self) -> frozenset[int]:
@@ -540,10 +531,9 @@ class TransformersEngine(Engine):
 
     @functools.cached_property
     def _byte_level(self) -> bool:
-        """GPT-2's byte-level BPE (LLaMA 3, Qwen, SmolLM, the tiny models): a token's characters
-        each stand for one byte."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+        from distill4all.models.tokens import is_byte_level
+
+        return is_byte_level(self.tokenizer)
 
     @property
     def chat_template(self) -> str | None:
@@ -622,17 +612,6 @@ class TransformersEngine(Engine):
                 seen = torch.cat([seen, token], dim=1)
                 step_input = token
                 yield int(token.item())
-
-
-@functools.cache
-def _byte_level_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode: the byte each printable character stands for."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return {c: b for b, c in bytes_to_unicode().items()}
-
-
-_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 
 
 def adapter_base(adapter_dir: Path) -> Path:

@@ -186,6 +186,19 @@ def for_responses(store: Store, ids: Iterable[int] | None = None) -> Iterator[Re
                 yield decode(*by_id[rid])
 
 
+def by_pair(store: Store) -> dict[tuple[str, str], int]:
+    """(prompt text, answer text) → the id of a response with logprobs that has them, so a pairs
+    file written from the store (collect's pairs, curate's kept pairs) finds its answers' logprobs."""
+    rows = store.db.execute(
+        "SELECT p.text, r.text, r.id FROM responses r JOIN prompts p ON p.id = r.prompt_id"
+        " JOIN response_logprobs l ON l.response_id = r.id WHERE r.text IS NOT NULL ORDER BY r.id"
+    )
+    out: dict[tuple[str, str], int] = {}
+    for prompt, text, rid in rows:
+        out.setdefault((prompt, text), rid)
+    return out
+
+
 def totals(store: Store) -> Totals:
     """Responses with logprobs, their tokens, and the bytes their data takes."""
     row = store.db.execute(

@@ -36,33 +36,48 @@ _TINY = 1e-12
 def kd_loss(
     student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, cfg: DistillConfig
 ) -> torch.Tensor:
-    """Summed KD loss over n positions: student_logits (n, V), teacher_ids / teacher_logprobs (n, k)."""
+    """Summed KD loss over n positions: student_logits (n, V), teacher_ids / teacher_logprobs (n, k).
+    An entry whose logprob is -inf is padding (a position with fewer than k known tokens) and takes
+    no part; every row has at least one finite entry."""
     z = student_logits.float()
     ids = teacher_ids.long()
     lp = teacher_logprobs.float()
+    known = torch.isfinite(lp)
+    lp = torch.where(known, lp, 0.0)  # finite everywhere, so that no 0 · inf reaches the gradient
     t = cfg.temperature
     if cfg.tail == "rest":
-        return _forward_kl_rest(z, ids, lp).sum()
-    teacher = F.log_softmax(lp / t, dim=-1)
+        return _forward_kl_rest(z, ids, lp, known).sum()
+    teacher = _masked_log_softmax(lp / t, known)
     if cfg.loss == "forward_kl":
         student = F.log_softmax(z / t, dim=-1).gather(1, ids)
-        loss = (teacher.exp() * (teacher - student)).sum(-1)
+        loss = _expect(teacher, teacher - student, known)
     else:
-        student = F.log_softmax(z.gather(1, ids) / t, dim=-1)
+        student = _masked_log_softmax(z.gather(1, ids) / t, known)
         if cfg.loss == "reverse_kl":
-            loss = (student.exp() * (student - teacher)).sum(-1)
+            loss = _expect(student, student - teacher, known)
         else:
             mid = torch.logsumexp(torch.stack([teacher, student]), dim=0) - torch.log(torch.tensor(2.0))
-            loss = 0.5 * (teacher.exp() * (teacher - mid)).sum(-1) + 0.5 * (student.exp() * (student - mid)).sum(-1)
+            loss = 0.5 * _expect(teacher, teacher - mid, known) + 0.5 * _expect(student, student - mid, known)
     return (loss * t * t).sum()
 
 
-def _forward_kl_rest(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+def _masked_log_softmax(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the known entries; the others get 0 (they are never read unmasked)."""
+    out = F.log_softmax(x.masked_fill(~known, float("-inf")), dim=-1)
+    return torch.where(known, out, 0.0)
+
+
+def _expect(logp: torch.Tensor, values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Σ exp(logp) · values over the known entries of each row."""
+    return torch.where(known, logp.exp() * values, 0.0).sum(-1)
+
+
+def _forward_kl_rest(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     student = F.log_softmax(z, dim=-1).gather(1, ids)
-    p = lp.exp()
+    p = torch.where(known, lp.exp(), 0.0)
     head = (p * (lp - student)).sum(-1)
     p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
-    q_rest = (1.0 - student.exp().sum(-1)).clamp_min(_TINY)
+    q_rest = (1.0 - torch.where(known, student.exp(), 0.0).sum(-1)).clamp_min(_TINY)
     # 0 · log 0 = 0: a teacher whose top-k holds all its mass adds nothing for the rest
     tail = torch.where(p_rest > _TINY, p_rest * (torch.log(p_rest.clamp_min(_TINY)) - torch.log(q_rest)), 0.0)
     return head + tail

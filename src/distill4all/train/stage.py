@@ -89,12 +89,28 @@ def _pruned_student(cfg: TrainConfig, files: TrainLayout, data: Path, ctx: Stage
     return files.student
 
 
+def _prepare_distill(cfg: TrainConfig, data: Path, ctx: StageContext) -> None:
+    """The teacher's top-k at every trained position: from the answers' collected logprobs, or
+    from a local teacher (distill.source; auto takes the collected ones when the store has any)."""
+    from distill4all.train.collected import collected_logprobs, prepare_collected
+    from distill4all.train.teacher_topk import prepare_teacher
+
+    assert cfg.distill is not None
+    files, store = ctx.layout.train, ctx.layout.store
+    source = cfg.distill.source
+    if source == "auto":
+        source = "collected" if collected_logprobs(store) else "local"
+    if source == "collected":
+        prepare_collected(cfg, data, store, files, ctx.console)
+    else:
+        prepare_teacher(cfg, files, ctx.console)
+
+
 def run(ctx: StageContext) -> StageResult:
     from distill4all.models import resolve_model
     from distill4all.train.launch import launch
     from distill4all.train.loop import Job, train
     from distill4all.train.prepare import prepare
-    from distill4all.train.teacher_topk import prepare_teacher
 
     cfg = ctx.config.train
     assert cfg is not None
@@ -105,7 +121,7 @@ def run(ctx: StageContext) -> StageResult:
         base = base or resolve_model(cfg.base_model, want="hf").path
         prepare(cfg, data_path(ctx.config), base, files.data, ctx.config.seed, ctx.console)
         if cfg.distill is not None:
-            prepare_teacher(cfg, files, ctx.console)
+            _prepare_distill(cfg, data_path(ctx.config), ctx)
         job = Job(cfg, base, files.data, out, ctx.config.seed, ctx.quiet)
         launched = cfg.launcher == "accelerate" or (cfg.launcher == "auto" and cfg.num_processes > 1)
         if launched:
@@ -128,6 +144,9 @@ def run(ctx: StageContext) -> StageResult:
         teacher = json.loads((files.teacher("train") / "meta.json").read_text())
         counts |= {k: round(summary[k], 4) for k in ("last_ce_loss", "last_kd_loss") if k in summary}
         counts |= {"distill_top_k": teacher["k"], "distill_bytes_per_token": teacher["bytes_per_token"]}
+        counts["distill_source"] = teacher.get("source", "local")
+        if "answer_tokens" in teacher:
+            counts["distill_aligned"] = round(teacher["aligned"] / max(teacher["answer_tokens"], 1), 4)
     return StageResult(counts=counts, artifacts=[files.model, files.metrics, files.loss_png])
 
 

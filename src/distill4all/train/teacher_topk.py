@@ -180,6 +180,6 @@ def _assemble(folder: Path, pieces: list[Path], width: int) -> dict[str, Any]:
                 at += size
             out.flush()
             del out
-    meta = {"k": width, "n_targets": total, "bytes_per_token": width * 6}  # int32 id + float16 logprob
+    meta = {"source": "local", "k": width, "n_targets": total, "bytes_per_token": width * 6}  # int32 + float16
     atomic.write_json(folder / "meta.json", meta)
     return meta
