@@ -53,6 +53,10 @@ def test_positions_align_where_both_start_a_token_with_the_same_bytes() -> None:
     assert got.ids[2, :2].tolist() == [3, 7] and got.logprobs[2, :2].tolist() == pytest.approx([-0.2, -3.0])
     assert got.logprobs[2, 2] == NEG  # fewer known tokens than k: padded
     assert got.ids[3, :2].tolist() == [8, 4] and got.logprobs[3, :2].tolist() == pytest.approx([-0.3, -1.5])
+    assert got.empty == 0
+    cut = align(student, [VOCAB[b] for b in student], b"Hello world", t, VOCAB, k=3, finished=False)
+    assert cut.empty == 1 and np.all(cut.logprobs[4] == NEG)  # a cut answer's end-of-turn: no KD term
+    assert np.array_equal(cut.logprobs[:4], got.logprobs[:4]) and (cut.answer_tokens, cut.aligned) == (4, 2)
 
 
 def test_the_sampled_token_is_kept_when_the_top_k_leaves_it_out() -> None:
@@ -87,6 +91,13 @@ def test_padding_entries_take_no_part_in_any_loss(loss: str, tail: str) -> None:
     (grad,) = torch.autograd.grad(padded, z)
     (want,) = torch.autograd.grad(plain, z)
     assert torch.isfinite(grad).all() and torch.allclose(grad, want, atol=1e-6)
+    empty_row = torch.full((1, 3), float("-inf"))  # no known entry: the row adds nothing, and no NaN
+    with_empty = torch.cat([z, torch.randn(1, 12)]).requires_grad_()
+    both = kd_loss(with_empty, torch.cat([padded_ids, ids[:1, :1].repeat(1, 3)]), torch.cat([
+        torch.cat([lp, torch.full((3, 1), float("-inf"))], dim=1), empty_row]), cfg)  # fmt: skip
+    assert both.item() == pytest.approx(plain.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(both, with_empty)
+    assert torch.isfinite(grad).all() and torch.all(grad[3] == 0) and torch.allclose(grad[:3], want, atol=1e-6)
     certain = kd_loss(z, torch.tensor([[4, 0]]), torch.tensor([[0.0, float("-inf")]]), cfg)  # one-hot: CE
     ce = -torch.log_softmax(z[0], -1)[4]
     assert certain.item() == pytest.approx(ce.item() if loss == "forward_kl" else 0.0, abs=1e-5)
@@ -150,7 +161,7 @@ def test_collected_rows_are_the_teachers_own_distribution_at_the_students_positi
     ids = np.load(root / "run" / "train" / "teacher" / "train" / "ids.npy")
     lps = np.load(root / "run" / "train" / "teacher" / "train" / "logprobs.npy").astype(np.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    row, checked = 0, 0
+    row, checked, empty = 0, 0, 0
     for a, b in itertools.pairwise(offsets):
         with torch.no_grad():
             full = torch.log_softmax(model(torch.tensor(tokens[a:b])[None]).logits[0].float(), -1).numpy()
@@ -159,10 +170,12 @@ def test_collected_rows_are_the_teachers_own_distribution_at_the_students_positi
             if known.sum() > 1:  # aligned (an unaligned row holds the target alone, certain)
                 assert np.abs(full[pos, ids[row, known]] - lps[row, known]).max() < 0.02
                 checked += 1
-            else:
+            elif known.any():  # unaligned: the target alone, certain (KD is the cross-entropy there)
                 assert ids[row, 0] == targets[a + pos] and lps[row, 0] == 0
+            else:  # the end of turn after an answer cut at max_tokens: no KD term
+                empty += 1
             row += 1
-    assert row == len(ids) and checked > 0
+    assert row == len(ids) and checked > 0 and empty == meta["empty"] > 0
 
 
 def test_a_student_with_another_tokenizer_is_refused_with_the_aligned_share(collected: Path, tmp_path: Path) -> None:

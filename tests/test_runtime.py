@@ -146,3 +146,24 @@ def test_chat_cli_bad_model_is_one_line(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "distill4all", "chat", str(bad)], input="hi\n", capture_output=True,
                        text=True, timeout=120)  # fmt: skip
     assert p.returncode == 2 and p.stderr.strip().startswith("error: ") and "GGUF" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_kept_while_sampling_are_the_distributions_sampled_from(
+    engines: dict[str, Engine], backend: str
+) -> None:
+    from distill4all.runtime.server import score_tokens
+
+    e = engines[backend]
+    ids = e.chat_ids([{"role": "user", "content": "Say hello."}])
+    c = e.generate_ids(ids, SamplingParams(max_tokens=12, temperature=0.0, repeat_penalty=1.3, logprobs=4))
+    rescored = score_tokens(e, ids, c.token_ids, 4)
+    if backend == "transformers":  # keeps no logits while sampling: the server scores afterwards
+        assert c.logprobs is None
+        return
+    assert c.logprobs is not None and [t.token for t in c.logprobs] == c.token_ids  # the EOS that ended it left out
+    for kept, again in zip(c.logprobs, rescored, strict=True):
+        # one token at a time vs the whole answer in one batch: llama.cpp's kernels differ a little
+        assert kept.logprob == pytest.approx(again.logprob, abs=0.05)
+        assert len(kept.top) == 4 and kept.top[0][0] == again.top[0][0]
+        assert [lp for _, lp in kept.top] == sorted((lp for _, lp in kept.top), reverse=True)

@@ -7,7 +7,7 @@ is named here once (docs/architecture.md has the table).
     train/     student/, data/, teacher/, checkpoints/, job.json, metrics.jsonl, loss.png, model/, summary.json
     export/    model-KIND.gguf, merged/, quant_report.json      (export.out_dir moves this folder)
     eval/      perplexity-LABEL.jsonl, summary.json, figure3-METRIC.png, judge.sqlite
-    report/    index.html, chats.json
+    report/    index.html, chats.json, speed.json
 
 A stage's folder is `<run_dir>/<stage>` unless its config section has an `out_dir` (the one-stage
 `export` and `eval` commands write their files straight into `--out`).
@@ -247,3 +247,8 @@ class RunLayout:
     def report_chats(self) -> Path:
         """Sample answers of the run's model, cached until the model changes."""
         return self.report_dir / "chats.json"
+
+    @property
+    def report_speed(self) -> Path:
+        """The decode speeds the report's student section measured, with the files they are of."""
+        return self.report_dir / "speed.json"

@@ -32,6 +32,11 @@ def models_to_compare(config: RunConfig) -> list[ModelSpec]:
                 if q not in BASE_QUANTS:
                     label = f"trained-{q}" if trained else f"{q}"
                     specs.append(ModelSpec(label, str(layout.export.gguf(q))))
+    # One engine for the unquantized models of a comparison: with a checkpoint scored on
+    # transformers (the pruned or trained model), the base is scored there too (a GGUF base in its
+    # dequantized HF form), so that no difference between engines sits inside the comparison.
+    if any(s.label in ("pruned", "trained") for s in specs):
+        specs = [ModelSpec(s.label, s.spec, "transformers") if s.label == "base" else s for s in specs]
     specs += [ModelSpec(m.name, m.model) for m in cfg.models]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distill4all import atomic
 from distill4all.evaluate.compare import Paired, Summary, paired, summarize
@@ -24,6 +24,9 @@ from distill4all.evaluate.figures import perplexity_figure
 from distill4all.evaluate.perplexity import conditioned_perplexity, faithful_perplexity
 from distill4all.layout import EvalLayout
 
+if TYPE_CHECKING:
+    from distill4all.runtime.engine import Backend
+
 METRICS = ("faithful", "conditioned")
 
 
@@ -31,6 +34,7 @@ METRICS = ("faithful", "conditioned")
 class ModelSpec:
     label: str  # in tables and plots
     spec: str  # a model name or path the runtime loads
+    backend: Backend = "auto"  # the engine that scores it (auto: llama.cpp for a GGUF, else transformers)
 
 
 def safe_label(label: str) -> str:
@@ -73,12 +77,12 @@ def score_model(
     done = _read_done(path)
     todo = [it for it in items if it.id not in done]
     if todo:
-        engine = load_engine(model.spec)
+        engine = load_engine(model.spec, model.backend)
         try:
             with open(path, "a", encoding="utf-8") as f:
                 for it in todo:
                     t0 = time.perf_counter()
-                    row: dict[str, Any] = {"id": it.id, "model": model.label}
+                    row: dict[str, Any] = {"id": it.id, "model": model.label, "engine": engine.backend}
                     if "faithful" in metrics:
                         row["faithful"] = _json_float(faithful_perplexity(engine, it, stride))
                     if "conditioned" in metrics:
@@ -93,6 +97,16 @@ def score_model(
         finally:
             engine.close()
     return {m: [_float(done[it.id].get(m)) for it in items] for m in metrics}
+
+
+def engines(out: Path, models: list[ModelSpec]) -> dict[str, str]:
+    """The engine that scored each model, as its per-item rows record it."""
+    found = {}
+    for m in models:
+        rows = _read_done(EvalLayout(out).items(safe_label(m.label)))
+        names = sorted({str(r.get("engine")) for r in rows.values() if r.get("engine")})
+        found[m.label] = ", ".join(names) or "unknown"
+    return found
 
 
 def _json_float(x: float) -> float | str | None:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from distill4all.config import EvalConfig, RunConfig
 from distill4all.evaluate.data import Item, load_items, pick
 from distill4all.evaluate.models import models_to_compare
-from distill4all.evaluate.runner import compare, score_model, write_summary
+from distill4all.evaluate.runner import compare, engines, score_model, write_summary
 from distill4all.models import BUILTINS
 from distill4all.run import StageContext, StageResult
 
@@ -65,6 +65,7 @@ def run(ctx: StageContext) -> StageResult:
         "items": len(items),
         "data": str(cfg.data_path()),
         "models": {m.label: m.spec for m in models},
+        "engines": engines(out, models),
     }
     costs: dict[str, float] = {}
     if cfg.judge is not None and baseline is not None:

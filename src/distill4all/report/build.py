@@ -7,6 +7,7 @@ of its own, often large) is linked and shown in a frame. Sections whose stage di
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import time
@@ -102,11 +103,11 @@ def gather(layout: RunLayout, *, chats: bool = True) -> dict[str, Any]:
         "chat_model": str(chat_model(layout) or ""),
     }
     ctx["funnel"] = funnel(ctx)
-    ctx["student"] = student_vs_teacher(layout, ctx["eval"])
+    ctx["student"] = student_vs_teacher(layout, ctx["eval"], measure=chats)
     return ctx
 
 
-def student_vs_teacher(layout: RunLayout, summary: Any) -> dict[str, Any] | None:
+def student_vs_teacher(layout: RunLayout, summary: Any, *, measure: bool = True) -> dict[str, Any] | None:
     """A pruned student against its teacher: layers, parameters, its GGUF files, and per metric the
     medians of the teacher (eval's "base"), the student before and after training, with the share of
     the log-perplexity gap the training closed."""
@@ -122,7 +123,30 @@ def student_vs_teacher(layout: RunLayout, summary: Any) -> dict[str, Any] | None
         closed = (start - trained) / (start - teacher) if start > teacher else None
         gaps.append({"metric": metric, **medians, "closed": closed})
     files = [(p.name, p.stat().st_size) for p in layout.export.ggufs()]
-    return {"prune": prune, "gaps": gaps, "files": files}
+    return {"prune": prune, "gaps": gaps, "files": files, "speed": decode_speeds(layout, prune) if measure else []}
+
+
+def decode_speeds(layout: RunLayout, prune: dict[str, Any]) -> list[tuple[str, float]]:
+    """Greedy decode tokens/s on llama.cpp of the student's smallest GGUF and of the teacher's GGUF
+    (when the teacher has one), cached in report/speed.json until either file changes."""
+    from distill4all.errors import UserError
+    from distill4all.models import resolve_model
+    from distill4all.runtime.engine import decode_speed
+
+    ggufs = sorted(layout.export.ggufs(), key=lambda p: p.stat().st_size)
+    models = [("student", ggufs[0])] if ggufs else []
+    with contextlib.suppress(UserError):  # a teacher without a GGUF: the student's speed alone
+        models.append(("teacher", resolve_model(str(prune.get("source", "")), want="gguf").path))
+    if not models:
+        return []
+    stamp = [[str(p), p.stat().st_mtime] for _, p in models]
+    cache = layout.report_speed
+    cached = _json(cache)
+    if isinstance(cached, dict) and cached.get("models") == stamp:
+        return [(str(name), float(tps)) for name, tps in cached["speed"]]
+    speed = [(f"{who} ({path.name})", decode_speed(path)) for who, path in models]
+    atomic.write_json(cache, {"models": stamp, "speed": speed})
+    return speed
 
 
 def funnel(ctx: dict[str, Any]) -> list[tuple[str, int]]:

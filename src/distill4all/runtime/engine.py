@@ -50,6 +50,7 @@ class SamplingParams:
     repeat_penalty: float = ENGINE_SAMPLING.repeat_penalty
     seed: int | None = ENGINE_SAMPLING.seed
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # keep each generated token's logprob and this many alternatives
 
     @classmethod
     def from_defaults(cls, defaults: SamplingDefaults) -> SamplingParams:
@@ -57,6 +58,24 @@ class SamplingParams:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated (or scored) token's log-probability and the `top` most likely in its place."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def of(cls, logprobs: np.ndarray, token: int, top: int) -> TokenLogprob:
+        """From one position's log-softmax row."""
+        best = (
+            np.argpartition(-logprobs, top)[:top] if 0 < top < len(logprobs) else np.arange(len(logprobs) if top else 0)
+        )
+        best = best[np.argsort(-logprobs[best])]
+        return cls(token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in best])
 
 
 @dataclass
@@ -68,6 +87,9 @@ class Completion:
     seconds: float  # prompt processing + decoding
     prompt_seconds: float = 0.0  # time to the first generated token
     token_ids: list[int] = field(default_factory=list)  # the generated tokens behind `text`
+    # with params.logprobs, one per token id, taken from the logits each was sampled from; None
+    # when the engine cannot give them while sampling (score the tokens afterwards instead)
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -191,6 +213,11 @@ class Engine(ABC):
     def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         """Yield sampled token ids after the prompt `ids`, forever (the caller stops it)."""
 
+    def _sampled_logits(self) -> np.ndarray | None:
+        """Inside `_sample`'s loop: the raw next-token logits the token just yielded was drawn
+        from, where the engine keeps them (before any sampling penalty); None if it does not."""
+        return None
+
     @property
     @abstractmethod
     def vocab_size(self) -> int: ...
@@ -247,6 +274,7 @@ class Engine(ABC):
         decoder = IncrementalDecoder(self)
         pending, text, finish = "", "", "length"
         kept: list[int] = []
+        scored: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         t0 = time.perf_counter()
         first_at = 0.0
         tokens = self._sample(ids, params, seed) if budget > 0 else iter(())
@@ -260,6 +288,12 @@ class Engine(ABC):
                     finish = "stop"
                     break
                 kept.append(token)
+                if scored is not None:
+                    row = self._sampled_logits()
+                    if row is None:
+                        scored = None
+                    else:
+                        scored.append(TokenLogprob.of(log_softmax(row[None])[0], token, params.logprobs or 0))
                 pending += decoder.add(token)
                 piece, pending, hit = _split_at_stop(pending, stops)
                 if piece:
@@ -289,6 +323,7 @@ class Engine(ABC):
                 seconds=time.perf_counter() - t0,
                 prompt_seconds=first_at,
                 token_ids=kept,
+                logprobs=scored,
             )
 
 
@@ -303,6 +338,24 @@ def _split_at_stop(pending: str, stops: Sequence[str], *, final: bool = False) -
         return pending[:hit], "", True
     cut = len(pending) if final else len(pending) - _held_back(pending, stops)
     return pending[:cut], pending[cut:], False
+
+
+def decode_speed(spec: str | Path, tokens: int = 64, rounds: int = 3) -> float:
+    """Greedy decode tokens/s of a model after a short chat prompt: the fastest of `rounds`, since
+    other work on the machine only ever slows a round down."""
+    engine = load_engine(str(spec))
+    try:
+        ids = engine.chat_ids([{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}])
+        best = 0.0
+        for _ in range(rounds):
+            stream = engine._sample(ids, SamplingParams(temperature=0.0, repeat_penalty=1.0), 0)
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                next(stream)
+            best = max(best, tokens / (time.perf_counter() - t0))
+        return best
+    finally:
+        engine.close()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -435,6 +488,15 @@ class LlamaCppEngine(Engine):
             out.extend(float(x) for x in lp[np.arange(len(rows)), targets])
             start += len(rows)
         return out
+
+    def _sampled_logits(self) -> np.ndarray | None:
+        # Llama.generate yields a token before evaluating it, so the context's last output row is
+        # the distribution the token was sampled from: the sampler chain copies it and leaves it
+        # as llama.cpp computed it (Llama.scores is not kept without logits_all).
+        import llama_cpp
+
+        row = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self._n_vocab,)).copy() if row else None
 
     def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         self.llm.set_seed(seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import math
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,6 +39,7 @@ from distill4all.runtime.engine import (
     Engine,
     Message,
     SamplingParams,
+    TokenLogprob,
     log_softmax,
 )
 
@@ -236,13 +237,6 @@ def _context_error(e: ContextLengthError, param: str) -> APIError:
     return APIError(400, str(e), param=param, code="context_length_exceeded")
 
 
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
 def score_tokens(engine: Engine, context: list[int], targets: list[int], top: int) -> list[TokenLogprob]:
     """Logprob of each target token after context + the targets before it, with the `top` best."""
     if not targets:
@@ -250,12 +244,7 @@ def score_tokens(engine: Engine, context: list[int], targets: list[int], top: in
     if not context:
         raise APIError(400, "cannot score the first token of a text with no context", param="prompt")
     rows = log_softmax(engine.logits([*context, *targets[:-1]])[len(context) - 1 :])
-    out = []
-    for row, tok in zip(rows, targets, strict=True):
-        best = np.argpartition(-row, top)[:top] if 0 < top < len(row) else np.arange(len(row) if top else 0)
-        best = best[np.argsort(-row[best])]
-        out.append(TokenLogprob(tok, float(row[tok]), [(int(i), float(row[i])) for i in best]))
-    return out
+    return [TokenLogprob.of(row, tok, top) for row, tok in zip(rows, targets, strict=True)]
 
 
 def _finite(x: float) -> float:
@@ -288,10 +277,9 @@ def _chat_logprobs(engine: Engine, prompt: list[int], c: Completion, top: int) -
             "bytes": list(engine.token_bytes(token)),
         }
 
-    content = [
-        {**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-        for t in score_tokens(engine, prompt, c.token_ids, top)
-    ]
+    # kept while sampling where the engine can (no second pass), else scored afterwards
+    scored = c.logprobs if c.logprobs is not None else score_tokens(engine, prompt, c.token_ids, top)
+    content = [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in scored]
     return {"content": content}
 
 
@@ -312,6 +300,8 @@ async def chat_completions(state: ServerState, request: Request) -> Any:
     except UserError as e:  # the chat template rejected the conversation
         raise APIError(400, str(e), param="messages") from None
     params = [req.sampling(max_tokens, i) for i in range(req.n)]
+    if req.logprobs:
+        params = [dataclasses.replace(p, logprobs=req.top_logprobs or 0) for p in params]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_id, "system_fingerprint": f"distill4all-{__version__}"}
 

@@ -186,16 +186,16 @@ def for_responses(store: Store, ids: Iterable[int] | None = None) -> Iterator[Re
                 yield decode(*by_id[rid])
 
 
-def by_pair(store: Store) -> dict[tuple[str, str], int]:
-    """(prompt text, answer text) → the id of a response with logprobs that has them, so a pairs
-    file written from the store (collect's pairs, curate's kept pairs) finds its answers' logprobs."""
+def by_pair(store: Store) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """(prompt text, answer text) → (response id, finish reason) of a response with logprobs, so a
+    pairs file written from the store (collect's pairs, curate's kept pairs) finds its answers'."""
     rows = store.db.execute(
-        "SELECT p.text, r.text, r.id FROM responses r JOIN prompts p ON p.id = r.prompt_id"
+        "SELECT p.text, r.text, r.id, r.finish_reason FROM responses r JOIN prompts p ON p.id = r.prompt_id"
         " JOIN response_logprobs l ON l.response_id = r.id WHERE r.text IS NOT NULL ORDER BY r.id"
     )
-    out: dict[tuple[str, str], int] = {}
-    for prompt, text, rid in rows:
-        out.setdefault((prompt, text), rid)
+    out: dict[tuple[str, str], tuple[int, str | None]] = {}
+    for prompt, text, rid, finish in rows:
+        out.setdefault((prompt, text), (rid, finish))
     return out
 
 

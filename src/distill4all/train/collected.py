@@ -13,8 +13,10 @@ the answer as its own token ids. The two are matched position by position, by by
     bytes; one the student has no single token for is left out (its mass is the tail's).
 
 A position that does not align (a different split into tokens, an answer with no logprobs, the
-template's end-of-turn token when the endpoint did not report it) is given the teacher's own
-sampled token with probability 1, so KD there is the cross-entropy on the answer, as in SFT. The
+template's end-of-turn token when the endpoint did not report it) is given the student's target
+token with probability 1, so KD there is the cross-entropy on the answer, as in SFT; except past
+the end of an answer the teacher did not finish (finish_reason `length`): there the template's
+end-of-turn token is not what the teacher would write, and the row is left empty (no KD term). The
 share of answer tokens that align is measured and the stage refuses KD below
 `distill.min_aligned`: teachers with another tokenizer align poorly, and cross-tokenizer
 distillation is out of scope.
@@ -29,7 +31,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from rich.console import Console
@@ -53,10 +55,18 @@ class Aligned:
     logprobs: np.ndarray  # float32 (n_targets, k); -inf pads a row with fewer than k known tokens
     answer_tokens: int  # student targets inside the answer's bytes
     aligned: int  # of those, the ones matched to a teacher position
+    empty: int  # rows with no KD term: past the end of an answer the teacher was cut off in
 
 
-def collected_logprobs(store_path: Path) -> dict[tuple[str, str], int]:
-    """(prompt, answer) → response id, for the store's answers with logprobs; empty with no store."""
+class Answer(NamedTuple):
+    text: bytes  # UTF-8
+    logprobs: ResponseLogprobs | None
+    finished: bool  # the teacher ended it (any finish reason but `length`)
+
+
+def collected_logprobs(store_path: Path) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """(prompt, answer) → (response id, finish reason), for the store's answers with logprobs;
+    empty with no store."""
     from distill4all.store import Store
     from distill4all.store import logprobs as stored
 
@@ -73,17 +83,23 @@ def align(
     teacher: ResponseLogprobs | None,
     to_id: dict[bytes, int],
     k: int,
+    *,
+    finished: bool = True,
 ) -> Aligned:
     """The teacher rows for one example whose target tokens have the bytes `student` and ids
-    `targets`, starting at the first byte of `answer` (see the module docstring)."""
+    `targets`, starting at the first byte of `answer`; `finished`: the teacher ended the answer
+    itself (see the module docstring)."""
     n = len(targets)
     ids = np.zeros((n, k), dtype=np.int32)
     lps = np.full((n, k), -np.inf, dtype=np.float32)
-    ids[:, 0], lps[:, 0] = targets, 0.0  # unaligned: the answer's own token, with certainty
     starts = np.concatenate([[0], np.cumsum([len(b) for b in student])]).astype(np.int64)
-    answer_tokens = int(np.sum(starts[:-1] < len(answer)))
+    inside = starts[:-1] < len(answer)
+    certain = inside | finished  # unaligned: the target itself, with certainty; else no row at all
+    ids[:, 0] = targets
+    lps[certain, 0] = 0.0
+    answer_tokens, empty = int(inside.sum()), int((~certain).sum())
     if teacher is None:
-        return Aligned(ids, lps, answer_tokens, 0)
+        return Aligned(ids, lps, answer_tokens, 0, empty)
     teacher_text = b"".join(teacher.tokens)
     seen = _common_prefix(b"".join(student), teacher_text)
     at: dict[int, int] = {}
@@ -99,8 +115,9 @@ def align(
         row = _row(teacher, found, target, to_id, k)
         ids[i, : len(row)] = [t for t, _ in row]
         lps[i, : len(row)] = [lp for _, lp in row]
-        aligned += int(starts[i] < len(answer))
-    return Aligned(ids, lps, answer_tokens, aligned)
+        aligned += int(inside[i])
+        empty -= int(not certain[i])
+    return Aligned(ids, lps, answer_tokens, aligned, empty)
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -153,21 +170,24 @@ def prepare_collected(
     by_row = {ex.row: ex for ex in examples}
     by_pair = collected_logprobs(store_path)
     splits = {s: TokenizedSplit.load(files.data / s) for s in ("train", "val")}
-    wanted: dict[int, int] = {}  # file row → response id
+    wanted: dict[int, tuple[int, str | None]] = {}  # file row → (response id, finish reason)
     for split in splits.values():
         for row in split.rows.tolist():
             ex = by_row[int(row)]
-            if ex.single_turn and (rid := by_pair.get((ex.messages[-2]["content"], ex.messages[-1]["content"]))):
-                wanted[int(row)] = rid
+            if ex.single_turn and (hit := by_pair.get((ex.messages[-2]["content"], ex.messages[-1]["content"]))):
+                wanted[int(row)] = hit
     found: dict[int, ResponseLogprobs] = {}
     if wanted:
         with Store(store_path, readonly=True) as store:
-            found = {r.response_id: r for r in stored.for_responses(store, sorted(set(wanted.values())))}
+            ids = sorted({rid for rid, _ in wanted.values()})
+            found = {r.response_id: r for r in stored.for_responses(store, ids)}
     k = min(cfg.distill.top_k, max((r.k for r in found.values()), default=1))
     metas = {}
     for name, split in splits.items():
         answers = {
-            row: (by_row[row].messages[-1]["content"].encode(), found.get(wanted.get(row, -1)))
+            row: Answer(by_row[row].messages[-1]["content"].encode(), found.get(hit[0]), hit[1] != "length")
+            if (hit := wanted.get(row))
+            else Answer(by_row[row].messages[-1]["content"].encode(), None, True)
             for row in split.rows.tolist()
         }
         metas[name] = _write_split(split, answers, table, to_id, k, files.teacher(name))
@@ -191,7 +211,7 @@ def prepare_collected(
 
 def _write_split(
     split: TokenizedSplit,
-    answers: dict[int, tuple[bytes, ResponseLogprobs | None]],
+    answers: dict[int, Answer],
     table: list[bytes],
     to_id: dict[bytes, int],
     k: int,
@@ -201,7 +221,7 @@ def _write_split(
     (written by the caller once alignment is accepted)."""
     folder.mkdir(parents=True, exist_ok=True)
     n_targets = int(split.target_counts.sum())
-    counts = {"answer_tokens": 0, "aligned": 0, "with_logprobs": 0}
+    counts = {"answer_tokens": 0, "aligned": 0, "empty": 0, "with_logprobs": 0}
     with atomic.output_file(folder / "ids.npy") as ids_tmp, atomic.output_file(folder / "logprobs.npy") as lps_tmp:
         ids = np.lib.format.open_memmap(ids_tmp, mode="w+", dtype=np.int32, shape=(n_targets, k))
         lps = np.lib.format.open_memmap(lps_tmp, mode="w+", dtype=np.float16, shape=(n_targets, k))
@@ -209,14 +229,17 @@ def _write_split(
         for i in range(len(split)):
             _, targets = split.tokens(i)
             want = targets[targets != IGNORE].tolist()
-            answer, teacher = answers[int(split.rows[i])]
-            got = align([table[t] for t in want], want, answer, teacher, to_id, k)
+            answer = answers[int(split.rows[i])]
+            got = align(
+                [table[t] for t in want], want, answer.text, answer.logprobs, to_id, k, finished=answer.finished
+            )
             ids[at : at + len(want)] = got.ids
             lps[at : at + len(want)] = got.logprobs
             at += len(want)
             counts["answer_tokens"] += got.answer_tokens
             counts["aligned"] += got.aligned
-            counts["with_logprobs"] += teacher is not None
+            counts["empty"] += got.empty
+            counts["with_logprobs"] += answer.logprobs is not None
         ids.flush()
         lps.flush()
         del ids, lps

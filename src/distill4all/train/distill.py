@@ -38,15 +38,17 @@ def kd_loss(
 ) -> torch.Tensor:
     """Summed KD loss over n positions: student_logits (n, V), teacher_ids / teacher_logprobs (n, k).
     An entry whose logprob is -inf is padding (a position with fewer than k known tokens) and takes
-    no part; every row has at least one finite entry."""
+    no part; a row with none known adds nothing."""
     z = student_logits.float()
     ids = teacher_ids.long()
     lp = teacher_logprobs.float()
     known = torch.isfinite(lp)
+    rows = known.any(-1)
     lp = torch.where(known, lp, 0.0)  # finite everywhere, so that no 0 · inf reaches the gradient
+    known[:, 0] |= ~rows  # an empty row is computed on a stand-in entry (logprob 0), then weighted 0
     t = cfg.temperature
     if cfg.tail == "rest":
-        return _forward_kl_rest(z, ids, lp, known).sum()
+        return (_forward_kl_rest(z, ids, lp, known) * rows).sum()
     teacher = _masked_log_softmax(lp / t, known)
     if cfg.loss == "forward_kl":
         student = F.log_softmax(z / t, dim=-1).gather(1, ids)
@@ -58,7 +60,7 @@ def kd_loss(
         else:
             mid = torch.logsumexp(torch.stack([teacher, student]), dim=0) - torch.log(torch.tensor(2.0))
             loss = 0.5 * _expect(teacher, teacher - mid, known) + 0.5 * _expect(student, student - mid, known)
-    return (loss * t * t).sum()
+    return (loss * rows * t * t).sum()
 
 
 def _masked_log_softmax(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
