@@ -114,7 +114,10 @@ def run_trl(work: Path, student: Path, collected: Path, epochs: float) -> dict[s
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    try:  # trl 1.x keeps it under experimental; 0.x exported it at the top
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        from trl import GKDConfig, GKDTrainer  # type: ignore[attr-defined,no-redef]
 
     from distill4all.models import resolve_model
     from distill4all.train.model import cpu_has_bf16

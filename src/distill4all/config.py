@@ -332,7 +332,13 @@ class DistillConfig(Section):
     teacher: str | None = Field(
         None, min_length=1, description="the local teacher, a model name or path; default: train.base_model"
     )
-    top_k: int = Field(64, ge=1, le=4096, description="teacher tokens kept per position (at most what was collected)")
+    top_k: int = Field(
+        64,
+        ge=1,
+        le=262_144,
+        description="teacher tokens kept per position: at most what was collected; a local teacher's whole "
+        "vocabulary keeps its full distribution (6 bytes a token a position, on disk)",
+    )
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl", description="forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); jsd: β=0.5"
     )

@@ -116,12 +116,22 @@ def student_vs_teacher(layout: RunLayout, summary: Any, *, measure: bool = True)
         return None
     gaps = []
     for metric, per_model in ((summary or {}).get("summaries") or {}).items():
-        medians = {label: per_model[label]["median"] for label in ("base", "pruned", "trained") if label in per_model}
+        # unclipped: a pruned student's median is often past the figure's clip at 100
+        medians = {
+            label: per_model[label].get("median_unclipped", per_model[label]["median"])
+            for label in ("base", "pruned", "trained")
+            if label in per_model
+        }
         if len(medians) < 3 or not all(isinstance(v, float | int) and v > 0 for v in medians.values()):
             continue
         teacher, start, trained = (math.log(medians[k]) for k in ("base", "pruned", "trained"))
         closed = (start - trained) / (start - teacher) if start > teacher else None
-        gaps.append({"metric": metric, **medians, "closed": closed})
+        tests = ((summary or {}).get("paired") or {}).get(metric) or []
+        vs_start: dict[str, Any] = next(
+            (t for t in tests if t.get("model") == "trained" and t.get("baseline") == "pruned"), {}
+        )
+        gaps.append({"metric": metric, **medians, "closed": closed, "lower": vs_start.get("share_lower_unclipped"),
+                     "p": vs_start.get("p_lower_unclipped")})  # fmt: skip
     files = [(p.name, p.stat().st_size) for p in layout.export.ggufs()]
     return {"prune": prune, "gaps": gaps, "files": files, "speed": decode_speeds(layout, prune) if measure else []}
 

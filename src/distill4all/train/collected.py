@@ -184,12 +184,11 @@ def prepare_collected(
     k = min(cfg.distill.top_k, max((r.k for r in found.values()), default=1))
     metas = {}
     for name, split in splits.items():
-        answers = {
-            row: Answer(by_row[row].messages[-1]["content"].encode(), found.get(hit[0]), hit[1] != "length")
-            if (hit := wanted.get(row))
-            else Answer(by_row[row].messages[-1]["content"].encode(), None, True)
-            for row in split.rows.tolist()
-        }
+        answers = {}
+        for row in split.rows.tolist():
+            text = by_row[row].messages[-1]["content"].encode("utf-8", "replace")  # a lone surrogate aligns nowhere
+            hit = wanted.get(row)
+            answers[row] = Answer(text, found.get(hit[0]), hit[1] != "length") if hit else Answer(text, None, True)
         metas[name] = _write_split(split, answers, table, to_id, k, files.teacher(name))
     train = metas["train"]
     share = train["aligned"] / max(train["answer_tokens"], 1)
