@@ -375,3 +375,54 @@ def test_static_embedder_is_distilled_once_and_cached(model_cache: Path) -> None
     assert v[0] @ v[1] > v[0] @ v[2]
     again = embed.load_embedder("minilm-static")
     assert again.key == e.key and (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+HOSTILE = ["<!--<script>", "</script><script>document.body.innerHTML=''</script>", "$x^$", "$\\frac{x}{$",
+           "line\u2028sep\u2029para", "a & b > c <b>bold</b>", "\ud800 lone", "qqdocsepqq", "\x00nul"]  # fmt: skip
+
+
+def test_no_text_changes_how_the_map_parses_or_draws(tmp_path: Path) -> None:
+    """Texts and source names that once blanked the page (`<!--<script>`) or crashed the static
+    map (matplotlib's mathtext on `$x^$`): every point and legend entry is drawn, names as written."""
+    from distill4all.curate.datamap import MapData, write_html, write_png
+
+    n = len(HOSTILE)
+    xy = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    data = MapData(xy, HOSTILE, HOSTILE[::-1], [True] * n, [""] * n, {"source": (HOSTILE, list(range(n)))})
+    write_html(tmp_path / "map.html", data, title="<!--<script>", subtitle="$x^$")
+    write_png(tmp_path / "map.png", xy, HOSTILE, list(range(n)), title="$\\frac{x}{$")
+    assert (tmp_path / "map.png").stat().st_size > 1000
+    with chromium_page(800) as (page, errors):
+        page.goto((tmp_path / "map.html").as_uri())
+        page.wait_for_function("window.__datamap !== undefined")
+        state = page.evaluate("window.__datamap")
+        assert state["points"] == state["drawn"] == n
+        legend = page.locator("#legend").inner_text()
+        assert all(name in legend for name in ("<!--<script>", "$x^$", "a & b > c <b>bold</b>")), legend
+        assert page.locator("h1").inner_text() == "<!--<script>"
+    assert errors == []
+
+
+def test_report_md_writes_any_name_as_plain_text(curated: Path) -> None:
+    """Source names, reasons, topic labels and rule examples as written: no HTML passes through and
+    no `|` or newline breaks a table (rendered by markdown-it, as GitHub renders CommonMark)."""
+    from markdown_it import MarkdownIt
+
+    from distill4all.curate.outputs import report_markdown
+
+    report = json.loads((curated / "curate" / "report.json").read_text())
+    hostile = "<script>alert(1)</script> a|b\nc *x* [l](u) `c`"
+    for s in report["sources"]:
+        s["source"], s["reasons"] = hostile, [hostile]
+    for t in report["topics"]:
+        t["label"] = hostile
+        for sub in t["subtopics"]:
+            sub["label"] = hostile
+    for info in report["rules"].values():
+        info["examples"][0] |= {"detail": hostile, "response": hostile}
+    page = MarkdownIt("commonmark").enable("table").render(report_markdown(report, hostile))
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; a|b c *x* [l](u) `c`" in page
+    for table in page.split("<table>")[1:]:
+        rows = table.split("</table>")[0].split("<tr>")[1:]
+        widths = {row.count("<td") + row.count("<th") for row in rows}
+        assert len(widths) == 1, widths  # every row as wide as its header

@@ -85,6 +85,11 @@ def test_exact_key_ignores_case_punctuation_and_spacing() -> None:
     assert edges.tolist() == [[0, 2], [1, 3]]
 
 
+def test_texts_without_words_are_no_ones_duplicates() -> None:
+    keys = [dedup.exact_key(t) for t in ["???", "!!!", "...", "—", "", "a?", "A!"]]
+    assert dedup.exact_duplicate_edges(keys).tolist() == [[5, 6]]
+
+
 def test_minhash_estimates_jaccard() -> None:
     hasher = dedup.MinHasher(num_perm=256, shingle_words=3)
     a = corpus(1, 200, seed=1)[0]
@@ -100,6 +105,21 @@ def test_minhash_estimates_jaccard() -> None:
     assert (sig[0] == sig[2]).mean() < 0.05
     # the same text in another batch gets the same signature: hashes are stable
     assert (hasher.signatures([b])[0] == sig[1]).all()
+
+
+def test_no_text_can_forge_the_boundary_between_texts_of_a_batch() -> None:
+    """A text may hold any word, NULs and lone surrogates: each text's signature in a batch is its
+    signature alone, and the batch has one row per text (a forged boundary was an IndexError)."""
+    texts = ["qqdocsepqq", "see QQDocSepQQ, and qqdocsepqq! in the middle of a sentence here",
+             "a\x00b \x00 c d e f g", "\ud800 lone surrogate words \udfff here and there", "",
+             " ".join(corpus(1, 30, seed=4)[0].split()[:30])]  # fmt: skip
+    hasher = dedup.MinHasher(num_perm=64, shingle_words=3)
+    batched = hasher.signatures(texts)
+    assert batched.shape == (len(texts), 64)
+    for i, t in enumerate(texts):
+        assert (hasher.signatures([t])[0] == batched[i]).all(), repr(t)
+    assert dedup.exact_key("qqdocsepqq") == dedup.exact_key("QQDOCSEPQQ.")  # still just a word
+    assert dedup.exact_key("\ud800") != dedup.exact_key("")
 
 
 def test_near_duplicates_found_like_datasketch() -> None:

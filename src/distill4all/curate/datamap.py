@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,24 @@ class MapData:
     kept: list[bool]
     rules: list[str]  # "" when kept
     categories: dict[str, tuple[list[str], list[int]]]  # colour mode → (names, code per point)
+
+
+# In a <script> element, "</script" ends it and "<!--" switches the parser into a state where it
+# does; escaped as JSON \u escapes, no text can change how the page parses. U+2028/2029 are escaped
+# too, for the JavaScript engines that once treated them as line ends in strings.
+_SCRIPT_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def script_json(payload: object) -> str:
+    """JSON safe to place inside a <script> element, whatever its strings hold."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_ESCAPES)
+    # a lone surrogate cannot be written as UTF-8; as a \u escape it is the same JavaScript string
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def categorical(values: Sequence[str], order: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
@@ -95,13 +114,18 @@ def write_html(path: Path, data: MapData, *, title: str, subtitle: str = "", def
         "cats": {k: {"names": names, "codes": codes} for k, (names, codes) in data.categories.items()},
         "default_color": default_color,
     }
-    # "</" inside the JSON would end the <script> element early
-    blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    blob = script_json(payload)
     script = resources.files("distill4all.curate").joinpath("datamap.js").read_text(encoding="utf-8")
     atomic.write_text(
         path,
         _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), data=blob, script=script),
     )
+
+
+def _plain(text: str) -> str:
+    """Text matplotlib draws as written: a pair of $ would start its mathtext parser, which raises on
+    what is not valid TeX (`$x^$`); a lone surrogate cannot be drawn."""
+    return text.replace("$", r"\$").encode("utf-8", "replace").decode("utf-8")
 
 
 def write_png(path: Path, xy: NDArray[np.float32], names: list[str], codes: list[int], *, title: str) -> None:
@@ -111,6 +135,8 @@ def write_png(path: Path, xy: NDArray[np.float32], names: list[str], codes: list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = [_plain(n) for n in names]
+    title = _plain(title)
     codes_arr = np.asarray(codes)
     counts = np.bincount(codes_arr[codes_arr >= 0], minlength=len(names))
     top = [int(c) for c in np.argsort(-counts)[:12] if counts[c] > 0]

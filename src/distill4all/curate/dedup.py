@@ -24,12 +24,15 @@ from numpy.typing import NDArray
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-# punctuation → space with str.translate: ~18× faster than a [\W_]+ regex on a million characters
-_PUNCT = str.maketrans(dict.fromkeys(string.punctuation + "“”‘’«»—–…¿¡·•", " "))
+# punctuation → space with str.translate: ~18× faster than a [\W_]+ regex on a million characters;
+# NUL too, so that no text can hold the separator word below
+_PUNCT = str.maketrans(dict.fromkeys(string.punctuation + "“”‘’«»—–…¿¡·•\x00", " "))
 _MAX_HASH = np.uint64((1 << 32) - 1)
 _LITTLE_ENDIAN = sys.byteorder == "little"
-_SEP = " qqdocsepqq "  # word characters only, so it survives normalization as one word
-_SEP_WORD = _SEP.strip()
+# Texts of a batch are joined after normalization with a NUL word, which normalization has removed
+# from every text: no text can forge a boundary (a word made of letters could be written by anyone).
+_SEP_WORD = "\x00"
+_SEP = f" {_SEP_WORD} "
 _BOUNDARY = 1 << 32  # no crc32 is this large: the hash that marks the separator between texts
 
 
@@ -43,7 +46,7 @@ def exact_key(text: str) -> bytes:
 
 
 def normalized_key(normalized: str) -> bytes:
-    return hashlib.blake2b(normalized.encode(), digest_size=12).digest()
+    return hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=12).digest()
 
 
 class MinHasher:
@@ -64,7 +67,8 @@ class MinHasher:
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
         for lo in range(0, len(texts), batch):
             part = texts[lo : lo + batch]
-            out[lo : lo + batch] = self._batch(_SEP.join(part).casefold().translate(_PUNCT).split(), len(part))
+            words = _SEP.join(t.casefold().translate(_PUNCT) for t in part).split()
+            out[lo : lo + batch] = self._batch(words, len(part))
         return out
 
     def _word_hashes(self, words: list[str]) -> NDArray[np.uint64]:
@@ -125,7 +129,7 @@ class _WordHashes(dict[str, int]):
     """word → crc32 of its UTF-8, computed on first sight; the separator word → `_BOUNDARY`."""
 
     def __missing__(self, word: str) -> int:
-        value = self[word] = _BOUNDARY if word == _SEP_WORD else zlib.crc32(word.encode())
+        value = self[word] = _BOUNDARY if word == _SEP_WORD else zlib.crc32(word.encode("utf-8", "surrogatepass"))
         return value
 
 
@@ -178,14 +182,21 @@ def near_duplicate_edges(
 
 
 def exact_duplicate_edges(keys: Sequence[bytes]) -> NDArray[np.int64]:
-    """Link each repeated key to its first occurrence."""
+    """Link each repeated key to its first occurrence. Texts with no words (`???`, `...`) have the
+    empty normal form: they are not the same text as each other, so they link nothing (as a text
+    without words matches nothing near)."""
     first: dict[bytes, int] = {}
     edges = []
     for i, k in enumerate(keys):
+        if k == _EMPTY_KEY:
+            continue
         j = first.setdefault(k, i)
         if j != i:
             edges.append((j, i))
     return np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+
+
+_EMPTY_KEY = normalized_key("")
 
 
 def semantic_duplicate_edges(emb: NDArray[np.float32], threshold: float) -> NDArray[np.int64]:

@@ -13,7 +13,9 @@ map-source.png, map-topic.png   static maps like the paper's Figures 1–2
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -170,14 +172,23 @@ def build_report(c: Curation, cfg: CurateConfig, *, seed: int, split: tuple[int,
     }
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|~>])")
+
+
+def _md(text: object) -> str:
+    """Any text as plain Markdown on one line: HTML escaped, Markdown's own characters (and `|`,
+    which splits table cells) backslashed, newlines made spaces."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
+
+
 def _md_cell(text: str, n: int = 80) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= n else text[: n - 1] + "…"
+    text = " ".join(str(text).split())
+    return _md(text if len(text) <= n else text[: n - 1] + "…")
 
 
 def report_markdown(r: dict[str, Any], title: str) -> str:
     out = [
-        f"# Curation report: {title}",
+        f"# Curation report: {_md(title)}",
         "",
         f"{r['pairs']:,} pairs → **{r['kept']:,} kept**, {r['dropped']:,} dropped.",
         "",
@@ -199,23 +210,24 @@ def report_markdown(r: dict[str, Any], title: str) -> str:
         conc = "-" if s["cluster_concentration"] is None else f"{s['cluster_concentration']:.0%}"
         flag = "**yes**" if s["homogeneous"] else "no"
         if s["excluded"]:
-            flag += f" (excluded: {s['excluded']})"
+            flag += f" (excluded: {_md(s['excluded'])})"
         out.append(
-            f"| {s['source']} | {s['total']:,} | {s['kept']:,} | {s['short_answer_share']:.0%} | {s['distinct_2']:.2f} "
+            f"| {_md(s['source'])} | {s['total']:,} | {s['kept']:,} | {s['short_answer_share']:.0%} "
+            f"| {s['distinct_2']:.2f} "
             f"| {s['prompt_gzip_ratio']:.2f} | {s['template_share']:.0%} | {s['near_dup_rate']:.0%} | {spread} "
             f"| {conc} | {flag} |"
         )
     for s in r["sources"]:
         if s["reasons"]:
-            out.append(f"\n- **{s['source']}**: " + "; ".join(s["reasons"]))
+            out.append(f"\n- **{_md(s['source'])}**: " + "; ".join(_md(x) for x in s["reasons"]))
     out += ["", "## Topics", ""]
     for t in r["topics"][:15]:
-        subs = ", ".join(f"{x['label']} ({x['size']})" for x in t["subtopics"][:5])
-        out.append(f"- **{t['id']} {t['label']}** ({t['size']:,}): {subs}")
+        subs = ", ".join(f"{_md(x['label'])} ({x['size']})" for x in t["subtopics"][:5])
+        out.append(f"- **{t['id']} {_md(t['label'])}** ({t['size']:,}): {subs}")
     sp = r["split"]
     out += ["", "## Outputs", "", f"Split: {sp['train']:,} train / {sp['validation']:,} validation "
             f"({sp['fraction']:.0%}, seed {sp['seed']}). Embeddings: `{r['embedding_model']}`.", ""]  # fmt: skip
-    out += [f"- `{p}`" for p in r.get("outputs", [])]
+    out += [f"- {_md(p)}" for p in r.get("outputs", [])]
     out += ["", "## Steps", "", "| step | rows | seconds | rows/s | peak RSS MB |", "|---|---:|---:|---:|---:|"]
     for name, s in r["steps"].items():
         rate = "-" if s["rows_per_s"] is None else f"{s['rows_per_s']:,.0f}"
