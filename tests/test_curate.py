@@ -207,6 +207,16 @@ def test_bad_pairs_file_is_one_clear_error(tmp_path: Path) -> None:
     ]
     r = run_cli("curate", tmp_path / "missing.parquet", "--out", tmp_path / "run2")
     assert r.code == 2 and "pairs file not found" in r.stderr
+    ok = '{"prompt": "a \\ud83d\\ude00", "response": "b"}\n'  # an escaped pair of surrogates is one emoji
+    for name, second, message in [
+        ("surrogate.jsonl", b'{"prompt": "c", "response": "d \\ud800"}\n', "a lone surrogate \\ud800 in a string"),
+        ("latin1.jsonl", '{"prompt": "caf\u00e9", "response": "d"}\n'.encode("latin-1"), "not UTF-8 (byte 0xe9"),
+    ]:
+        (tmp_path / name).write_bytes(ok.encode() + second)
+        r = run_cli("curate", tmp_path / name, "--out", tmp_path / f"run-{name}")
+        assert r.code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / name}:2: {message}"), lines
 
 
 def test_parquet_pairs_file(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ pairs, training data and eval items (collect's sources add skip-or-fail handling
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,39 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".parquet":
         yield from parquet_rows(path)
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if _MAY_HOLD_SURROGATE.search(line) and (bad := _lone_surrogate(row)):
+                raise DataError(f"{path}:{lineno}: a lone surrogate \\u{ord(bad):04x} in a string (not text)")
             yield f"{path}:{lineno}", row
+
+
+# A JSON escape of a surrogate code point; a pair of them decodes to one character and leaves none.
+_MAY_HOLD_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string of a decoded JSON value (keys included), if any."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return m.group() if m else None
+    if isinstance(value, dict):
+        return next((s for item in value.items() for v in item if (s := _lone_surrogate(v))), None)
+    if isinstance(value, list):
+        return next((s for v in value if (s := _lone_surrogate(v))), None)
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
