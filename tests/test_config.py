@@ -192,3 +192,22 @@ def test_a_judge_asked_for_several_samples_is_refused_not_ignored(tmp_path: Path
     text = "name: j\nrun_dir: run\neval:\n  data: items.jsonl\n  judge:\n    judge:\n      model: m\n      samples: 3\n"
     with pytest.raises(ConfigError, match=r"eval.judge: judge.samples must be 1"):
         load_config(write(tmp_path, text))
+
+
+def test_yaml_aliases_that_loop_or_explode_are_one_line_errors(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("name: x\nrun_dir: r\nextra: &x [1, *x]\n")
+    laughs = ["name: x", "run_dir: r", "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    laughs += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]  # 10^9 values
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(laughs) + "\n")
+    for path, message in ((loop, "a YAML alias refers to a value that contains it"),
+                          (bomb, "the config expands to more than 1,000,000 values")):  # fmt: skip
+        r = run_cli("config", "check", path)
+        assert r.code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {message}"), lines
+    shared = tmp_path / "shared.yaml"  # an alias used twice, without a loop, is fine
+    shared.write_text("name: x\nrun_dir: r\nseed: &s 3\nx-note: [*s, *s]\n")
+    with pytest.raises(ConfigError, match="x-note"):  # an unknown key, found past the aliases
+        load_config(shared)

@@ -589,9 +589,13 @@ def _fmt_path(path: KeyPath) -> str:
 def _line_map(text: str) -> dict[KeyPath, int]:
     """Map each key path to the 1-based YAML line where its value (or key) starts."""
     lines: dict[KeyPath, int] = {}
+    walked: set[int] = set()  # an alias's node is walked once, at its anchor: no loops, no blow-up
 
     def walk(node: yaml.Node, path: KeyPath) -> None:
         lines.setdefault(path, node.start_mark.line + 1)
+        if id(node) in walked:
+            return
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 key_path = (*path, str(k.value))
@@ -800,6 +804,8 @@ def load_config(
         raise ConfigError(f"cannot read config {path}: {e}") from None
     try:
         raw = yaml.safe_load(text)
+        if isinstance(raw, dict):
+            _check_tree(raw, path)
         lines = _line_map(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -820,6 +826,26 @@ def load_config(
         raise ConfigError(_describe(e, src)) from None
     _resolve_paths(config, path.parent.resolve())
     return LoadedConfig(config=config, path=path.resolve(), env_paths=env_paths)
+
+
+_MAX_NODES = 1_000_000
+
+
+def _check_tree(raw: Any, path: Path) -> None:
+    """YAML aliases may make a value contain itself (`a: &x [*x]`) or expand into billions of nodes
+    (nested aliases): refuse both before anything walks the tree."""
+    seen = 0
+    stack: list[tuple[Any, frozenset[int]]] = [(raw, frozenset())]
+    while stack:
+        node, above = stack.pop()
+        seen += 1
+        if seen > _MAX_NODES:
+            raise ConfigError(f"{path}: the config expands to more than {_MAX_NODES:,} values (nested YAML aliases?)")
+        if isinstance(node, dict | list):
+            if id(node) in above:
+                raise ConfigError(f"{path}: a YAML alias refers to a value that contains it (a recursive anchor)")
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, above | {id(node)}) for child in children)
 
 
 def _describe(err: ValidationError, src: _Source) -> str:
