@@ -211,3 +211,17 @@ def test_yaml_aliases_that_loop_or_explode_are_one_line_errors(tmp_path: Path) -
     shared.write_text("name: x\nrun_dir: r\nseed: &s 3\nx-note: [*s, *s]\n")
     with pytest.raises(ConfigError, match="x-note"):  # an unknown key, found past the aliases
         load_config(shared)
+
+
+def test_credentials_in_a_url_never_reach_the_manifest(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text('{"prompt": "q"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "name: x\nrun_dir: run\ncollect:\n  sources: [{name: s, path: p.jsonl}]\n"
+        "  teachers: [{name: t, model: m, max_retries: 0, base_url: 'http://alice:s3cret@127.0.0.1:9/v1'}]\n"
+    )
+    r = run_cli("config", "show", cfg)
+    assert r.code == 0 and "s3cret" not in r.stdout and "http://***@127.0.0.1:9/v1" in r.stdout, r.output
+    run_cli("run", cfg, "--no-report")  # no server there: it fails, but writes its manifest first
+    manifest = (tmp_path / "run" / "manifest.json").read_text()
+    assert "s3cret" not in manifest and "alice" not in manifest and "***@127.0.0.1:9" in manifest

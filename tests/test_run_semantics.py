@@ -175,3 +175,15 @@ def test_a_crashed_train_worker_is_an_internal_error_and_the_stage_failed(tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["train"]["status"] == "failed"
     assert "WorkerCrashed" in manifest["stages"]["train"]["error"]
+
+
+def test_an_out_folder_that_is_a_file_is_a_user_error(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "response": "b"}\n')
+    (tmp_path / "taken").write_text("a file the user keeps\n")
+    for out, message in ((tmp_path / "taken", "a file is there, where a folder must be"),
+                         (tmp_path / "taken" / "run", "a file is in its path, where a folder must be")):  # fmt: skip
+        r = run_cli("curate", pairs, "--out", out)
+        assert r.code == 2, r.output
+        assert r.stderr.strip().splitlines() == [f"error: cannot write {out}: {message}"]
+    assert (tmp_path / "taken").read_text() == "a file the user keeps\n"

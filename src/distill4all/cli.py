@@ -834,6 +834,17 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # a path the user named (or its folder) is a file where a folder must be, or not writable
+        if debug:
+            raise
+        what = {
+            FileExistsError: "a file is there, where a folder must be",
+            NotADirectoryError: "a file is in its path, where a folder must be",
+            IsADirectoryError: "it is a folder, not a file",
+        }.get(type(e), e.strerror)
+        print(f"error: cannot write {e.filename or 'a file'}: {what or e}", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         if debug:
             raise

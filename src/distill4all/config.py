@@ -623,7 +623,8 @@ class LoadedConfig:
         data: dict[str, Any] = self.config.model_dump(mode="json")
         for key_path, raw in self.env_paths.items():
             _set_path(data, key_path, raw)
-        return data
+        public: dict[str, Any] = _without_userinfo(data)
+        return public
 
     def stage_hash(self, stage: str, reads: tuple[str, ...] = ()) -> str:
         """Hash of what a stage's result depends on in the config: its section, the seed, and the
@@ -636,6 +637,21 @@ class LoadedConfig:
 
     def hash(self) -> str:
         return _hash(self.public_dict())
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+
+
+def _without_userinfo(node: Any) -> Any:
+    """URLs with their `user:password@` masked, wherever they are: a config may carry credentials in
+    a base_url, and what this form is written to (the manifest, `config show`) must not."""
+    if isinstance(node, dict):
+        return {k: _without_userinfo(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_without_userinfo(v) for v in node]
+    if isinstance(node, str) and "@" in node:
+        return _USERINFO.sub(r"\1***@", node)
+    return node
 
 
 # Settings added after run directories existed, with their defaults: left out of fingerprints
