@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import socket
@@ -161,6 +162,17 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server: Server) 
         (server.post("/v1/nothing", json=ok), 404, "not_found"),
         (httpx.post(f"{server.url}{chat}", json=ok, headers={"Authorization": "Bearer nope"}), 401, "invalid_api_key"),
         (httpx.post(f"{server.url}{chat}", json=ok), 401, "invalid_api_key"),
+        # bodies that were a 500: nesting past the parser's depth, lone surrogates, numbers past the engines
+        (server.post(chat, content=b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"), 400, "invalid_json"),
+        (server.post(chat, content=b'{"model": "tiny-chat", "max_tokens": 5, '
+                                   b'"messages": [{"role": "user", "content": "x \\ud800"}]}'), 400, "invalid_json"),
+        (server.post(chat, content=b'{"model": "\\udfff", "messages": [{"role": "user", "content": "x"}]}'),
+         400, "invalid_json"),
+        (server.post("/v1/completions", content=b'{"model": "tiny-chat", "prompt": "\\ud83d"}'), 400, "invalid_json"),
+        (server.post(chat, json={**ok, "seed": 2**64}), 422, "invalid_value"),
+        (server.post(chat, json={**ok, "repeat_penalty": 1e-300}), 422, "invalid_value"),
+        (server.post(chat, content=json.dumps({**ok, "repeat_penalty": float("inf")}).encode()), 422, "invalid_value"),
+        (server.post(chat, json={**ok, "top_k": 10**30}), 422, "invalid_value"),
     ]  # fmt: skip
     for response, status, code in cases:
         assert response.status_code == status, response.text
@@ -173,6 +185,10 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server: Server) 
     with pytest.raises(openai.BadRequestError, match="context"):
         server.client().completions.create(model="tiny-chat", prompt="word " * 400)
     assert server.post(chat, json=ok).status_code == 200  # still serving
+    emoji = b'{"model": "tiny-chat", "max_tokens": 2, "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    assert server.post(chat, content=emoji).status_code == 200  # a surrogate pair is one character
+    for seed in (2**63 - 1, -(2**63)):  # any 64-bit seed works
+        assert server.post(chat, json={**ok, "seed": seed, "temperature": 1.0}).status_code == 200
 
 
 def test_a_concurrent_burst_is_served_one_at_a_time_without_mixing(server: Server) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -114,6 +115,16 @@ def test_learns_a_small_task_and_saves_a_reloadable_adapter(tmp_path: Path, pair
         assert (answer, stopped) == (f"The {animal} is {color}.", True)
 
 
+class _Planted:
+    """Unpickling it touches a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
 def kill_past_checkpoint(config: Path, run_dir: Path, step: int) -> None:
     """Run `config` and SIGKILL it a little after its checkpoint at `step`, before it finishes."""
     proc = subprocess.Popen(cli_command("-q", "run", config), env={**os.environ, **ENV},
@@ -135,10 +146,16 @@ def test_resume_after_sigkill_continues_the_same_loss_curve(tmp_path: Path, pair
     assert run_cli("run", whole, env=ENV).code == 0
 
     kill_past_checkpoint(killed, tmp_path / "killed", step=10)
+    # A checkpoint is a file in the run directory, not code: a pickle planted where accelerate keeps
+    # custom objects' state must not run when training resumes.
+    ran = tmp_path / "planted-pickle-ran"
+    for ckpt in (tmp_path / "killed" / "train" / "checkpoints").glob("step-*"):
+        (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(str(ran))))
 
     r = run_cli("run", killed, env=ENV)
     assert r.code == 0, r.output
     assert "resuming at step" in r.stderr
+    assert not ran.exists()
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
     assert val_losses(tmp_path / "killed") == val_losses(tmp_path / "whole")
     a, b = adapter(tmp_path / "whole"), adapter(tmp_path / "killed")

@@ -47,25 +47,28 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if _MAY_HOLD_SURROGATE.search(line) and (bad := _lone_surrogate(row)):
+            if _MAY_HOLD_SURROGATE.search(line) and (bad := lone_surrogate(row)):
                 raise DataError(f"{path}:{lineno}: a lone surrogate \\u{ord(bad):04x} in a string (not text)")
             yield f"{path}:{lineno}", row
 
 
 # A JSON escape of a surrogate code point; a pair of them decodes to one character and leaves none.
 _MAY_HOLD_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _lone_surrogate(value: Any) -> str | None:
-    """The first lone surrogate in any string of a decoded JSON value (keys included), if any."""
-    if isinstance(value, str):
-        m = _SURROGATE.search(value)
-        return m.group() if m else None
-    if isinstance(value, dict):
-        return next((s for item in value.items() for v in item if (s := _lone_surrogate(v))), None)
-    if isinstance(value, list):
-        return next((s for v in value if (s := _lone_surrogate(v))), None)
-    return None
-
-
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string of a decoded JSON value (keys included), if any;
+    iterative, so that no nesting depth can exhaust the stack."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if m := _SURROGATE.search(node):
+                return m.group()
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None

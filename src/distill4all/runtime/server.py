@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill4all import __version__
 from distill4all.errors import ContextLengthError, UserError
+from distill4all.records import lone_surrogate
 from distill4all.runtime.engine import (
     Completion,
     Engine,
@@ -98,16 +99,16 @@ class _Sampling(_Body):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # extension, as llama.cpp's server and vLLM accept
+    top_k: int = Field(0, ge=0, le=2**31 - 1)  # extension, as llama.cpp's server and vLLM accept
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension
-    repeat_penalty: float = Field(1.0, gt=0.0)  # extension
+    repeat_penalty: float = Field(1.0, ge=0.01, le=100.0)  # extension; beyond, logits overflow
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
 
     def sampling(self, max_tokens: int, choice: int) -> SamplingParams:
         if self.frequency_penalty or self.presence_penalty:
@@ -121,7 +122,7 @@ class _Sampling(_Body):
             top_k=self.top_k,
             min_p=self.min_p,
             repeat_penalty=self.repeat_penalty,
-            seed=None if self.seed is None else self.seed + choice,
+            seed=None if self.seed is None else (self.seed + choice) % 2**32,  # the engines' seeds are 32-bit
             stop=stop,
         )
 
@@ -202,12 +203,19 @@ async def _read_json(request: Request, model: type[T]) -> T:
             break
     if size > MAX_BODY_BYTES:
         raise too_large
+    body = b"".join(chunks)
     try:
-        data = json.loads(b"".join(chunks))
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise APIError(400, "the request body nests too deep", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    # "\ud800" is valid JSON but not text, which nothing can tokenize; only an escape can write one
+    if (b"\\ud" in body or b"\\uD" in body) and (bad := lone_surrogate(data)):
+        message = f"the request holds a lone surrogate \\u{ord(bad):04x}, which is not text"
+        raise APIError(400, message, code="invalid_json")
     try:
         return model.model_validate(data)  # type: ignore[attr-defined, no-any-return]
     except ValidationError as e:

@@ -1,8 +1,9 @@
 """Resumable checkpoints, written whole or not at all.
 
-A checkpoint is accelerate's `save_state` (weights, optimizer, the registered LR scheduler, every
-process's Python/NumPy/torch RNG states; sharded the FSDP/DeepSpeed way when those are used) plus
-`trainer_state.json` (the step, which with the seed fixes the data order). All processes write into
+A checkpoint is accelerate's `save_state` (weights, optimizer, every process's Python/NumPy/torch
+RNG states; sharded the FSDP/DeepSpeed way when those are used; all loaded back with
+`weights_only=True`) plus `trainer_state.json` (the step, which with the seed fixes the data order,
+and the LR scheduler's state, as JSON: nothing in a run directory is unpickled). All processes write into
 `step-NNNNNNNN.tmp-`, and the main process renames it to `step-NNNNNNNN` once everything is on
 disk, so a SIGKILL at any moment leaves either a complete checkpoint or a temp folder that the next
 run sweeps away.
@@ -82,6 +83,13 @@ def save(accelerator: Any, root: Path, step: int, state: dict[str, Any], keep: i
 
 
 def load(accelerator: Any, path: Path) -> dict[str, Any]:
+    # No custom objects are registered: accelerate would unpickle their files with
+    # weights_only=False (code in a file of the run directory would run), and refuses a folder that
+    # holds any. Older checkpoints kept the LR scheduler there; its state follows from the step.
+    if accelerator.is_local_main_process:
+        for planted in path.glob("custom_checkpoint_*.pkl"):
+            planted.unlink()
+    accelerator.wait_for_everyone()
     accelerator.load_state(str(path))
     state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
     return state

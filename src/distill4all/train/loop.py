@@ -164,8 +164,8 @@ class Trainer:
         _configure_deepspeed(acc, cfg)
         self.net, self.optimizer = acc.prepare(CausalLMLoss(model, cfg.distill), optimizer)
         # The scheduler is stepped by us once per optimizer step; accelerate's prepared scheduler
-        # would step once per process. It is still saved and restored with every checkpoint.
-        acc.register_for_checkpointing(self.scheduler)
+        # would step once per process. Its state goes into trainer_state.json, not into accelerate's
+        # custom-object pickle: loading that would unpickle (run code from) a file in the run dir.
         if cfg.method != "full":
             checkpoint.keep_trainable_only(acc)
 
@@ -184,7 +184,21 @@ class Trainer:
         if found != expected or state.get("seed") != self.job.seed:
             raise StageError(f"checkpoint {path} was made with other data or settings; rerun with --force")
         self.start, self.tokens_seen, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
+        self._restore_scheduler(state.get("scheduler"), self.start)
         self.console.print(f"train: resuming at step {self.start} of {self.total} from {path.name}")
+
+    def _restore_scheduler(self, saved: dict[str, Any] | None, step: int) -> None:
+        """The LR scheduler as it was at `step`: from its JSON state, or, for a checkpoint that has
+        none, set to the step (its rate is a function of the step alone)."""
+        if saved is not None:
+            self.scheduler.load_state_dict({**saved, "lr_lambdas": [None] * len(self.scheduler.optimizer.param_groups)})
+            return
+        self.scheduler.last_epoch = step
+        factor = lr_factor(step, self.cfg.warmup_steps, self.total, self.cfg.schedule)
+        groups = self.scheduler.optimizer.param_groups
+        for group, base in zip(groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [g["lr"] for g in groups]
 
     def _inputs(self, batch: Any) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.model_inputs().items()}
@@ -266,6 +280,7 @@ class Trainer:
         state = {
             "n_train": len(self.train_data), "global_batch_size": self.cfg.global_batch_size, "seed": self.job.seed,
             "total_steps": self.total, "tokens": self.tokens_seen, "train_seconds": self.train_seconds,
+            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
         }  # fmt: skip
         checkpoint.save(self.accelerator, self.ckpt_root, step, state, self.cfg.keep_checkpoints)
 
