@@ -173,6 +173,8 @@ def test_bad_requests_get_openai_errors_and_the_server_survives(server: Server) 
         (server.post(chat, json={**ok, "repeat_penalty": 1e-300}), 422, "invalid_value"),
         (server.post(chat, content=json.dumps({**ok, "repeat_penalty": float("inf")}).encode()), 422, "invalid_value"),
         (server.post(chat, json={**ok, "top_k": 10**30}), 422, "invalid_value"),
+        (server.post(chat, json={**ok, "max_tokens": "5"}), 422, "invalid_value"),  # numbers are numbers
+        (server.post(chat, json={**ok, "max_tokens": True}), 422, "invalid_value"),
     ]  # fmt: skip
     for response, status, code in cases:
         assert response.status_code == status, response.text
@@ -215,3 +217,11 @@ def test_a_concurrent_burst_is_served_one_at_a_time_without_mixing(server: Serve
         next(r.iter_lines())
     assert ask(0) == CHATS[prompts[0]]
     assert server.proc.poll() is None
+
+
+def test_a_context_window_below_any_prompt_is_refused_before_loading() -> None:
+    from conftest import run_cli
+
+    for value in ("-5", "0", "15"):
+        r = run_cli("serve", "tiny", "--n-ctx", value)
+        assert r.code == 2 and "--n-ctx" in r.stderr, r.output

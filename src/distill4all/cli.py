@@ -712,7 +712,9 @@ ModelArg = Annotated[
     str, typer.Argument(help="GGUF file, HF checkpoint folder, LoRA adapter folder or model name.", show_default=False)
 ]
 BackendOpt = Annotated[str, typer.Option(help="auto (GGUF → llama.cpp, HF → transformers), llama.cpp or transformers.")]
-CtxOpt = Annotated[int | None, typer.Option("--n-ctx", help="Context window in tokens (default: the model's, ≤4096).")]
+CtxOpt = Annotated[
+    int | None, typer.Option("--n-ctx", min=16, help="Context window in tokens (default: the model's, ≤4096).")
+]
 
 
 def _load_engine(model: str, backend: str, n_ctx: int | None) -> Any:

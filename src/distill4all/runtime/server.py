@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill4all import __version__
@@ -99,16 +99,16 @@ class _Sampling(_Body):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=2**31 - 1)  # extension, as llama.cpp's server and vLLM accept
+    top_k: StrictInt = Field(0, ge=0, le=2**31 - 1)  # extension, as llama.cpp's server and vLLM accept
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension
     repeat_penalty: float = Field(1.0, ge=0.01, le=100.0)  # extension; beyond, logits overflow
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    n: int = Field(1, ge=1, le=16)
+    n: StrictInt = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
 
     def sampling(self, max_tokens: int, choice: int) -> SamplingParams:
         if self.frequency_penalty or self.presence_penalty:
@@ -129,19 +129,19 @@ class _Sampling(_Body):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)  # OpenAI's default; 0 with echo scores the prompt only
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: StrictInt = Field(16, ge=0)  # OpenAI's default; 0 with echo scores the prompt only
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: StrictInt | None = Field(None, ge=1)
 
 
 # --- state -------------------------------------------------------------------------------------
