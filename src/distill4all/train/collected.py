@@ -64,6 +64,17 @@ class Answer(NamedTuple):
     finished: bool  # the teacher ended it (any finish reason but `length`)
 
 
+def has_collected_logprobs(store_path: Path) -> bool:
+    """Whether the run's store holds any answer's logprobs (a count, not the whole map)."""
+    from distill4all.store import Store
+    from distill4all.store import logprobs as stored
+
+    if not store_path.is_file():
+        return False
+    with Store(store_path, readonly=True) as store:
+        return stored.totals(store).responses > 0
+
+
 def collected_logprobs(store_path: Path) -> dict[tuple[str, str], tuple[int, str | None]]:
     """(prompt, answer) → (response id, finish reason), for the store's answers with logprobs;
     empty with no store."""

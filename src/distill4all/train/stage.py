@@ -92,14 +92,14 @@ def _pruned_student(cfg: TrainConfig, files: TrainLayout, data: Path, ctx: Stage
 def _prepare_distill(cfg: TrainConfig, data: Path, ctx: StageContext) -> None:
     """The teacher's top-k at every trained position: from the answers' collected logprobs, or
     from a local teacher (distill.source; auto takes the collected ones when the store has any)."""
-    from distill4all.train.collected import collected_logprobs, prepare_collected
+    from distill4all.train.collected import has_collected_logprobs, prepare_collected
     from distill4all.train.teacher_topk import prepare_teacher
 
     assert cfg.distill is not None
     files, store = ctx.layout.train, ctx.layout.store
     source = cfg.distill.source
     if source == "auto":
-        source = "collected" if collected_logprobs(store) else "local"
+        source = "collected" if has_collected_logprobs(store) else "local"
     if source == "collected":
         prepare_collected(cfg, data, store, files, ctx.console)
     else:
