@@ -54,7 +54,7 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 # A JSON escape of a surrogate code point; a pair of them decodes to one character and leaves none.
 _MAY_HOLD_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate code point: not text
 
 
 def lone_surrogate(value: Any) -> str | None:
@@ -64,7 +64,7 @@ def lone_surrogate(value: Any) -> str | None:
     while stack:
         node = stack.pop()
         if isinstance(node, str):
-            if m := _SURROGATE.search(node):
+            if m := SURROGATE.search(node):
                 return m.group()
         elif isinstance(node, dict):
             stack.extend(node.keys())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from distill4all import atomic
+from distill4all.records import SURROGATE
 
 
 @dataclass
@@ -36,14 +36,11 @@ _SCRIPT_ESCAPES = str.maketrans(
 )
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def script_json(payload: object) -> str:
     """JSON safe to place inside a <script> element, whatever its strings hold."""
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_ESCAPES)
     # a lone surrogate cannot be written as UTF-8; as a \u escape it is the same JavaScript string
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def categorical(values: Sequence[str], order: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
