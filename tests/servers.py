@@ -166,10 +166,10 @@ class FaultProxy:
 class Background:
     """Run a handler's server on 127.0.0.1 in a thread with its own event loop."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, port: int = 0) -> None:
         self.loop = asyncio.new_event_loop()
         self.server = self.loop.run_until_complete(
-            asyncio.start_server(lambda r, w: _serve_conn(r, w, handler), "127.0.0.1", 0, backlog=1024)
+            asyncio.start_server(lambda r, w: _serve_conn(r, w, handler), "127.0.0.1", port, backlog=1024)
         )
         self.port = self.server.sockets[0].getsockname()[1]
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

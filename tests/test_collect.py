@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -364,22 +365,63 @@ def test_batch_export_and_ingest(tmp_path: Path, stub_process: str) -> None:
     assert r.code == 2 and f"{bad}:1: custom_id 'nope:api:0' names no prompt of this run" in r.stderr
 
 
-def test_wrong_api_key_fails_tasks_without_retry_and_leaks_nothing(tmp_path: Path) -> None:
+def test_a_wrong_api_key_stops_at_the_first_answer_and_leaks_nothing(tmp_path: Path) -> None:
     stub = StubTeacher(api_key="sk-right")
-    server = Background(stub.handle)
+    upstream = Background(stub.handle)
+    proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=0.0)  # counts what arrives
+    server = Background(proxy.handle)
     try:
-        config = api_config(tmp_path, server.url, 3)
+        config = api_config(tmp_path, server.url, 40, concurrency=4)
         r = run_cli("run", config, env={"D4A_KEY": "sk-wrong-SECRET"})
     finally:
         server.stop()
-    assert r.code == 0, r.output  # the stage finishes; the failures are in the ledger
+        upstream.stop()
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.code == 2 and len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1], r.output
+    assert "teacher api" in r.stderr and "HTTP 401: Incorrect API key provided" in r.stderr
+    assert "nothing to curate" not in r.output and len(proxy.arrivals) <= 4  # not one request per prompt
     db = sqlite3.connect(tmp_path / "run" / "store.sqlite")
-    assert db.execute(
-        "SELECT COUNT(*), MIN(permanent), MAX(attempts) FROM tasks WHERE state = 'failed'"
-    ).fetchone() == (3, 1, 1)
-    assert "HTTP 401" in db.execute("SELECT last_error FROM tasks").fetchone()[0]
+    assert db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall() == [("pending", 40)]
     for f in (tmp_path / "run").rglob("*"):
         if f.is_file():
             assert b"sk-wrong-SECRET" not in f.read_bytes()
     data = yaml.safe_load(config.read_text())
     assert data["collect"]["teachers"][0]["api_key"] == "${D4A_KEY}"
+
+
+def test_a_teacher_that_is_down_leaves_collect_unfinished_and_a_rerun_retries(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = api_config(tmp_path, f"http://127.0.0.1:{port}/v1", 6, max_retries=1)
+    env = {"D4A_KEY": "k"}
+    r = run_cli("collect", "run", config, env=env)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.code == 2 and len(errors) == 1, r.output
+    assert "6 answers failed for reasons that may pass" in r.stderr
+    assert "connection error ×6 (first: teacher api: gave up after 2 attempts: connection error" in r.stderr
+    status = run_cli("status", tmp_path / "run")
+    assert "failed" in status.stdout and "connection error ×6" in status.stdout, status.output
+
+    server = Background(StubTeacher().handle, port=port)  # the teacher is back
+    try:
+        r = run_cli("collect", "run", config, env=env)
+    finally:
+        server.stop()
+    assert r.code == 0, r.output
+    db = sqlite3.connect(tmp_path / "run" / "store.sqlite")
+    assert db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall() == [("done", 6)]
+    assert count_responses(tmp_path / "run") == 6
+
+
+def test_a_streak_of_failures_stops_sending(tmp_path: Path) -> None:
+    """A teacher that is down is not asked once per prompt, each waiting out its retries."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    store = Store(tmp_path / "s.sqlite")
+    fill(store, [f"q{i}" for i in range(60)])
+    outcome = run_collect(store, TeacherConfig(name="t", model="m", concurrency=2), client_for(url, max_retries=0))
+    assert outcome.stopped == "unavailable" and outcome.answered == 0
+    assert 8 <= outcome.failed <= 10  # the streak (8), and what was in flight
+    assert store.count("SELECT COUNT(*) FROM tasks WHERE state = 'pending'") == 60 - outcome.failed

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import contextlib
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +24,7 @@ import numpy as np
 import openai
 import pytest
 
-from distill4all.runtime.engine import load_engine
+from distill4all.runtime.engine import SamplingParams, load_engine
 from runtime_models import CHATS, trained_export
 
 KEY = "test-key-9f2c"
@@ -36,7 +41,11 @@ class Server:
 
     def post(self, path: str, **kwargs: object) -> httpx.Response:
         headers = {"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}  # type: ignore[dict-item]
-        return httpx.post(f"{self.url}{path}", headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("timeout", 60)
+        return httpx.post(f"{self.url}{path}", headers=headers, **kwargs)  # type: ignore[arg-type]
+
+    def health(self) -> dict[str, object]:
+        return httpx.get(f"{self.url}/health", timeout=10).json()  # type: ignore[no-any-return]
 
 
 def free_port() -> int:
@@ -45,15 +54,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@contextlib.contextmanager
+def running_server(log: Path, *args: str) -> Iterator[Server]:
     gguf = trained_export()
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "distill4all", "serve", str(gguf / "model-q8_0.gguf"), "--port", str(port),
-             "--model-name", "tiny-chat", "--n-ctx", "256", "--max-queue", "32"],
+             "--model-name", "tiny-chat", "--n-ctx", "256", *args],
             env={**os.environ, "DISTILL4ALL_API_KEY": KEY}, stdout=out, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -65,10 +73,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         except httpx.TransportError:
             time.sleep(0.2)
         assert proc.poll() is None, log.read_text()
-    yield Server(url, gguf / "model-q8_0.gguf", proc)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
+    try:
+        yield Server(url, gguf / "model-q8_0.gguf", proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
     assert KEY not in log.read_text()  # the key is never logged
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(log, "--max-queue", "32", "--read-timeout", "2") as s:
+        yield s
 
 
 def test_models_and_health(server: Server) -> None:
@@ -217,6 +234,126 @@ def test_a_concurrent_burst_is_served_one_at_a_time_without_mixing(server: Serve
         next(r.iter_lines())
     assert ask(0) == CHATS[prompts[0]]
     assert server.proc.poll() is None
+
+
+def slow_body(prompts: int) -> dict[str, object]:
+    """A completion request that keeps the engine busy for a while: `prompts` prompts of 200 tokens."""
+    rng = random.Random(0)
+    return {"model": "tiny-chat", "prompt": [[rng.randrange(1, 200) for _ in range(200)] for _ in range(prompts)],
+            "max_tokens": 1}  # fmt: skip
+
+
+def wait_idle(server: Server, limit: float) -> float:
+    """Seconds until the server has nothing running or waiting (at most `limit`)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        health = server.health()
+        if not health["busy"] and not health["waiting"]:
+            break
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_the_queue_limit_holds_for_streaming_and_non_streaming_requests(tmp_path: Path) -> None:
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 5}
+    with running_server(tmp_path / "server.log", "--max-queue", "4") as s, cf.ThreadPoolExecutor(51) as pool:
+        blocker = pool.submit(s.post, "/v1/completions", json=slow_body(800))
+        while not s.health()["busy"]:
+            time.sleep(0.01)
+        burst = [pool.submit(s.post, "/v1/chat/completions", json={**chat, "stream": bool(i % 2)}) for i in range(50)]
+        while sum(f.done() for f in burst) < 46 and not blocker.done():
+            time.sleep(0.02)
+        during = s.health()
+        statuses = Counter(f.result().status_code for f in burst)
+        assert blocker.result().status_code == 200
+    assert during["busy"] and during["waiting"] == 4, during  # the blocker ran all along: 4 waited, no more
+    assert statuses == {200: 4, 503: 46}
+
+
+def test_the_work_of_clients_that_left_is_dropped(server: Server) -> None:
+    t0 = time.monotonic()
+    assert server.post("/v1/completions", json=slow_body(300)).status_code == 200
+    one = time.monotonic() - t0  # what each request below would cost if it ran to its end
+
+    def leave() -> None:
+        with contextlib.suppress(httpx.TimeoutException):
+            server.post("/v1/completions", json=slow_body(300), timeout=one / 3)
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: leave(), range(4)))
+    # four requests' work (4 × one, less what ran before they left) unless it is dropped
+    assert wait_idle(server, 3 * one) < one, server.health()
+    ok = {"model": "tiny-chat", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2}
+    assert server.post("/v1/chat/completions", json=ok).status_code == 200
+
+
+def test_slow_bodies_huge_headers_and_too_many_stops_get_clear_errors(server: Server) -> None:
+    ok = {"model": "tiny-chat", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2}
+    r = server.post("/v1/chat/completions", json={**ok, "stop": ["x"] * 100})
+    assert r.status_code == 422 and "at most 4 stop sequences" in r.json()["error"]["message"]
+
+    # a body shorter than its Content-Length: answered after the read timeout (2 s here), not never
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")  # fmt: skip
+        t0, answer = time.monotonic(), b""
+        while b"request_timeout" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    waited = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, (answer, waited)
+
+    for headers in ({"X-Big": "a" * (1 << 20)}, {f"X-H{i}": "v" for i in range(20_000)}):
+        r = server.post("/v1/chat/completions", json=ok, headers=headers)
+        assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    assert server.post("/v1/chat/completions", json=ok).status_code == 200
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event_and_done() -> None:
+    """What a client sees when generation breaks after the answer has begun: the official client
+    raises with the server's message instead of a connection cut short."""
+    from fastapi import FastAPI
+
+    from distill4all.runtime import server as srv
+
+    engine = load_engine(str(trained_export() / "model-q8_0.gguf"))
+    state = srv.ServerState(engine, "tiny-chat")
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> object:
+        head = {"id": "chatcmpl-1", "created": 0, "model": "tiny-chat"}
+        params = SamplingParams(max_tokens=20, temperature=0)
+        events = srv._chat_chunks(state, head, engine.chat_ids([{"role": "user", "content": "ping"}]), [params], False)
+
+        def breaking() -> Iterator[str]:
+            yield from itertools.islice(events, 2)
+            raise RuntimeError("the engine broke")
+
+        return srv._stream_response(state.admit(), breaking())
+
+    async def ask() -> tuple[list[str], str]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            raw = (await http.post("/v1/chat/completions")).text
+            client = openai.AsyncOpenAI(base_url="http://x/v1", api_key="k", http_client=http)
+            stream = await client.chat.completions.create(model="tiny-chat", messages=[], stream=True)
+            pieces = []
+            with pytest.raises(openai.APIError) as caught:
+                async for chunk in stream:
+                    pieces.append(chunk.choices[0].delta.content or "")
+        return pieces, raw, str(caught.value)
+
+    try:
+        pieces, raw, error = asyncio.run(ask())
+    finally:
+        engine.close()
+    events = [e.removeprefix("data: ") for e in raw.strip().split("\n\n")]
+    assert len(events) == 4 and events[-1] == "[DONE]", raw
+    assert json.loads(events[2])["error"] == {"message": "internal error: RuntimeError", "type": "server_error",
+                                              "param": None, "code": None}  # fmt: skip
+    assert len(pieces) == 2 and "internal error: RuntimeError" in error
+    assert state.waiting == 0 and not state.lock.locked()
 
 
 def test_a_context_window_below_any_prompt_is_refused_before_loading() -> None:

@@ -319,6 +319,10 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show
         shown = "interrupted" if row.status == "running" and _stale(run_dir) else row.status
         table.add_row(name, shown, str(row.attempts), started, f"{row.seconds:.1f}s", _counts_text(row.counts))
     out.print(table)
+    for name in configured:  # why a stage stopped, as `run` said it
+        row = rows.get(name)
+        if row is not None and row.status == "failed" and row.error:
+            out.print(f"{name}: {row.error}", markup=False, soft_wrap=True)
 
 
 def _stale(run_dir: Path) -> bool:
@@ -798,6 +802,7 @@ def serve(
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="The model id clients use (default: its name).")] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait; more get 503.")] = 64,
+    read_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request body may stall before a 408.")] = 30.0,
     backend: BackendOpt = "auto",
     n_ctx: CtxOpt = None,
 ) -> None:
@@ -810,7 +815,7 @@ def serve(
     err.print(f"serving {model_id} ({engine.backend}) at http://{host}:{port}/v1 — {auth}; Ctrl-C stops")
     try:
         server.serve(engine, host=host, port=port, api_key=api_key, model_id=model_id, max_queue=max_queue,
-                     quiet=_state["quiet"])  # fmt: skip
+                     read_timeout=read_timeout, quiet=_state["quiet"])  # fmt: skip
     finally:
         engine.close()
 

@@ -10,7 +10,9 @@
     │   ├── TemplateError        a chat template cannot be used with this tokenizer or these examples
     │   ├── ExportError          a checkpoint cannot be exported (architecture, tokenizer, quantization)
     │   ├── ContextLengthError   a prompt does not fit in the model's context window
-    │   └── BudgetReached        the collection budget is spent; what was paid for is stored
+    │   ├── BudgetReached        the collection budget is spent; what was paid for is stored
+    │   ├── TeacherRefused       a teacher refuses every request (401/403, a 404 model or URL)
+    │   └── TeacherUnavailable   some answers failed for reasons that may pass; rerun retries them
     └── StageFailure         not the user's doing: a crashed worker, a broken invariant. The runner
         │                    marks the stage failed; the CLI says "internal error", exit code 1
         └── WorkerCrashed        a stage's subprocess (e.g. the training processes) exited abnormally
@@ -70,6 +72,16 @@ class ContextLengthError(UserError):
 
 class BudgetReached(UserError):
     """The budget is spent; everything paid for is stored and the rest stays pending."""
+
+
+class TeacherRefused(UserError):
+    """A teacher answered 401, 403 or 404: its key, access or model is wrong, so no request of
+    the run could succeed. Nothing is stored as failed; the tasks stay pending."""
+
+
+class TeacherUnavailable(UserError):
+    """Answers failed for reasons that may pass (connection refused, timeouts, 5xx, 429 after
+    every retry): the stage stays unfinished and a rerun asks for them again."""
 
 
 class StageFailure(Distill4allError):

@@ -2,7 +2,10 @@
 pending task; export the pairs.
 
 Resumable by construction: prompts and tasks are inserted idempotently, tasks left in flight by a
-killed run are requeued, and every answer commits with its task's state (see collector.py).
+killed run are requeued, and every answer commits with its task's state (see collector.py). The
+stage is done only when every task is answered or failed for good (a 400 for that prompt): a
+failure that may pass (connection refused, timeouts, 5xx, 429 after every retry) leaves it
+unfinished with the first error of each kind, and a rerun asks again.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from distill4all.collect.answering import answer_teacher
 from distill4all.collect.gather import load_sources
 from distill4all.collect.pairs_file import write_pairs
 from distill4all.config import RunConfig
-from distill4all.errors import BudgetReached, StageError
+from distill4all.errors import BudgetReached, StageError, TeacherUnavailable
 from distill4all.run import StageContext, StageResult
 from distill4all.store import tasks
+from distill4all.teacher.client import failure_kind
 from distill4all.teacher.cost import Budget
 
 UPSTREAM: tuple[str, ...] = ()
@@ -58,10 +62,43 @@ def run(ctx: StageContext) -> StageResult:
                 "require_logprobs: false to collect without them"
             )
 
+    _stop_unless_settled(ctx, [t.name for t in cfg.teachers])
+    if permanent := tasks.failures(ctx.store, permanent=True):
+        ctx.console.print(f"collect: {len(permanent)} prompts failed for good (not asked again): "
+                          f"{_kinds(permanent)}", markup=False, soft_wrap=True)  # fmt: skip
+
     pairs = ctx.layout.collect.pairs
     write_pairs(ctx.store, pairs, "jsonl")
     counts = tasks.counts(ctx.store, final=True)
     return StageResult(counts=counts, costs={"collect_usd": counts["cost_usd"]}, artifacts=[pairs])
+
+
+def _stop_unless_settled(ctx: StageContext, teachers: list[str]) -> None:
+    """TeacherUnavailable when answers are missing for reasons that may pass; a rerun retries them."""
+    transient = [(t, e) for t, e in tasks.failures(ctx.store, permanent=False) if t in teachers]
+    pending = sum(tasks.count_pending(ctx.store, t) for t in teachers) - len(transient)
+    if not transient and not pending:
+        return
+    parts = [f"{len(transient)} answers failed for reasons that may pass"] if transient else []
+    parts += [f"{pending} were not asked"] if pending else []
+    raise TeacherUnavailable(
+        f"collect is not finished: {' and '.join(parts)}; rerun to ask again (what was answered is kept)"
+        + (f" — {_kinds(transient)}" if transient else "")
+    )
+
+
+def _kinds(failures: list[tuple[str, str]], width: int = 240) -> str:
+    """Each kind of failure with its count and its first error: "HTTP 503 ×4 (first: teacher t: …)"."""
+    first: dict[str, tuple[str, str]] = {}
+    count: dict[str, int] = {}
+    for teacher, error in failures:
+        kind = failure_kind(error)
+        first.setdefault(kind, (teacher, error))
+        count[kind] = count.get(kind, 0) + 1
+    return "; ".join(
+        f"{kind} ×{count[kind]} (first: teacher {t}: {e if len(e) <= width else e[: width - 1] + '…'})"
+        for kind, (t, e) in first.items()
+    )
 
 
 def reset(ctx: StageContext) -> None:

@@ -5,11 +5,16 @@ POST /v1/completions (with `logprobs` and `echo`, so lm-evaluation-harness can s
 both with SSE streaming. Chat `top_logprobs` goes up to MAX_TOP_LOGPROBS (128), past OpenAI's 20,
 for collecting a teacher's distribution. Errors have OpenAI's body, {"error": {message, type, param, code}}, and
 status: 400 bad request or prompt too long for the context, 401 bad API key, 404 unknown model or
-route, 413 body too large, 422 wrong field types or values, 503 queue full.
+route, 408 body slower than the read timeout, 413 body too large, 422 wrong field types or values,
+431 headers too large, 503 queue full. A streamed answer that fails after its first event ends with
+an `{"error": …}` event and `[DONE]`, as OpenAI's stream does.
 
 One engine serves every request: requests take turns on an asyncio lock (generation runs in a
-worker thread, so the event loop stays free to accept, validate and reject), and at most
-`max_queue` requests wait; more get 503 at once rather than hanging.
+worker thread, so the event loop stays free to accept, validate and reject). A request holds a
+`Ticket` from the moment it is admitted until it holds the engine, so at most `max_queue` requests
+wait, streaming or not; more get 503 at once rather than hanging. A request whose client has gone
+stops: a stream when its next event cannot be sent, any other request at its next generated piece
+(or while it waits for its turn).
 """
 
 from __future__ import annotations
@@ -19,18 +24,23 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar
+from http import HTTPStatus
+from typing import Any, Literal, TypeVar
 
 import anyio
+import h11
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from distill4all import __version__
 from distill4all.errors import ContextLengthError, UserError
@@ -40,6 +50,7 @@ from distill4all.runtime.engine import (
     Engine,
     Message,
     SamplingParams,
+    TextStream,
     TokenLogprob,
     log_softmax,
 )
@@ -47,7 +58,11 @@ from distill4all.runtime.engine import (
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_TOP_LOGPROBS = 128  # chat's top_logprobs: OpenAI caps it at 20; distilling a teacher wants more
 DRAIN_BYTES = 64 * 1024 * 1024
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+READ_TIMEOUT = 30.0  # seconds the body may stall between two chunks
 API_KEY_ENV = "DISTILL4ALL_API_KEY"
+
+log = logging.getLogger("distill4all.serve")
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -60,9 +75,21 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _internal_error(exc: BaseException) -> APIError:
+    """What a client sees of a bug: its kind only; the traceback goes to the server's log."""
+    log.error("internal error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
 
 
 # --- request bodies ----------------------------------------------------------------------------
@@ -92,7 +119,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+Stop = str | list[str] | None
 
 
 class _Sampling(_Body):
@@ -109,6 +136,13 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _few_stops(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(value)}")
+        return value
 
     def sampling(self, max_tokens: int, choice: int) -> SamplingParams:
         if self.frequency_penalty or self.presence_penalty:
@@ -153,28 +187,43 @@ class ServerState:
     model_id: str
     api_key: str | None = None
     max_queue: int = 64
+    read_timeout: float = READ_TIMEOUT
     created: int = field(default_factory=lambda: int(time.time()))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    waiting: int = 0
+    waiting: int = 0  # admitted requests that do not hold the engine yet
 
-    def admit(self) -> None:
-        """Refuse at once when the queue is full, before anything is streamed."""
+    def admit(self) -> Ticket:
+        """A place in the queue, or a 503 at once when it is full (before anything is streamed)."""
         if self.waiting >= self.max_queue:
             raise APIError(503, f"the server is busy ({self.waiting} requests waiting); retry later",
                            type_="server_error", code="server_busy")  # fmt: skip
+        self.waiting += 1
+        return Ticket(self)
+
+
+class Ticket:
+    """A request's place in the queue: counted from admission until it holds the engine or gives
+    up, whichever comes first (`leave` is idempotent, so every exit path may call it)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state, self.queued = state, True
+
+    def leave(self) -> None:
+        if self.queued:
+            self.queued = False
+            self.state.waiting -= 1
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         """Wait for the engine; the one place requests are serialized."""
-        self.waiting += 1
         try:
-            await self.lock.acquire()
+            await self.state.lock.acquire()
         finally:
-            self.waiting -= 1
+            self.leave()
         try:
             yield
         finally:
-            self.lock.release()
+            self.state.lock.release()
 
 
 T = TypeVar("T")
@@ -187,7 +236,7 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-async def _read_json(request: Request, model: type[T]) -> T:
+async def _body(request: Request, read_timeout: float) -> bytes:
     # An oversized body is still read (and dropped) up to DRAIN_BYTES: a server that answers
     # before the client has finished sending makes most clients see a reset, not the 413.
     too_large = APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
@@ -195,7 +244,15 @@ async def _read_json(request: Request, model: type[T]) -> T:
     if declared is not None and declared.isdigit() and int(declared) > DRAIN_BYTES:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:  # a body that stalls (one shorter than its Content-Length) must not hold a connection forever
+            chunk = await asyncio.wait_for(anext(stream), read_timeout)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise APIError(408, f"the request body stalled for {read_timeout:g} s before its end",
+                           code="request_timeout") from None  # fmt: skip
         size += len(chunk)
         if size <= MAX_BODY_BYTES:
             chunks.append(chunk)
@@ -203,7 +260,11 @@ async def _read_json(request: Request, model: type[T]) -> T:
             break
     if size > MAX_BODY_BYTES:
         raise too_large
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def _read_json(state: ServerState, request: Request, model: type[T]) -> T:
+    body = await _body(request, state.read_timeout)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -292,9 +353,17 @@ def _chat_logprobs(engine: Engine, prompt: list[int], c: Completion, top: int) -
 
 
 async def chat_completions(state: ServerState, request: Request) -> Any:
-    req = await _read_json(request, ChatRequest)
+    req = await _read_json(state, request, ChatRequest)
     _check_model(state, req.model)
-    state.admit()
+    ticket = state.admit()
+    try:
+        return await _chat(state, ticket, request, req)
+    except BaseException:
+        ticket.leave()  # a streamed answer's response owns the ticket; any other exit gives it up
+        raise
+
+
+async def _chat(state: ServerState, ticket: Ticket, request: Request, req: ChatRequest) -> Any:
     engine = state.engine
     max_tokens = req.max_completion_tokens or req.max_tokens or engine.n_ctx
     if req.stream and req.logprobs:
@@ -315,20 +384,72 @@ async def chat_completions(state: ServerState, request: Request) -> Any:
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream_response(state, _chat_chunks(state, head, prompt, params, include_usage))
+        return _stream_response(ticket, _chat_chunks(state, head, prompt, params, include_usage))
 
-    def run() -> dict[str, Any]:
+    def run(gone: threading.Event) -> dict[str, Any]:
         choices, used = [], 0
         for i, p in enumerate(params):
-            c = engine.generate_ids(prompt, p)
+            c = _collect(engine.stream_ids(prompt, p), gone)
             used += c.completion_tokens
             logprobs = _chat_logprobs(engine, prompt, c, req.top_logprobs or 0) if req.logprobs else None
             choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
                             "logprobs": logprobs, "finish_reason": c.finish_reason})  # fmt: skip
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), used)}
 
-    async with state.turn():
-        return await _in_thread(run)
+    return await _answer(request, ticket, run)
+
+
+def _collect(stream: TextStream, gone: threading.Event) -> Completion:
+    """Generate to the end, or stop at the next piece once the client is gone."""
+    try:
+        if gone.is_set():
+            raise ClientGone
+        for _ in stream:
+            if gone.is_set():
+                raise ClientGone
+    finally:
+        stream.close()
+    assert stream.completion is not None
+    return stream.completion
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes its connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # a pipelined request's data: not ours to read
+
+
+async def _answer(request: Request, ticket: Ticket, run: Callable[[threading.Event], T]) -> T:
+    """`run(gone)` on the engine in this request's turn. If the client leaves first, a request still
+    waiting leaves the queue, and one generating gets `gone` set and stops at its next piece (its
+    thread is never abandoned: the engine is not free until it returns); then ClientGone."""
+    gone = threading.Event()
+    generating = False
+
+    async def work() -> T:
+        nonlocal generating
+        async with ticket.turn():
+            if gone.is_set():
+                raise ClientGone
+            generating = True
+            return await _in_thread(lambda: run(gone))
+
+    working = asyncio.ensure_future(work())
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not working.done():
+            gone.set()
+            if not generating:
+                working.cancel()
+    if working.done() and not working.cancelled():
+        return working.result()
+    await asyncio.wait({working})
+    if not working.cancelled():
+        working.exception()  # retrieved: it is ClientGone, or an answer no one is there to read
+    raise ClientGone
 
 
 def _chat_chunks(
@@ -358,34 +479,44 @@ def _chat_chunks(
 
 
 class _EngineStream(StreamingResponse):
-    """A streaming response that always closes its body, whatever ends it.
+    """A streaming response that always closes its body and gives up its ticket, whatever ends it.
 
     When a client goes away mid-stream, Starlette may leave the body generator suspended at a
     `yield`, holding the engine until garbage collection; closing it here (shielded from the
-    cancellation) stops the generation and hands the engine to the next request at once."""
+    cancellation) stops the generation and hands the engine to the next request at once. A
+    client gone before its turn never starts the body, so the ticket is given up here too."""
+
+    def __init__(self, ticket: Ticket, body: AsyncIterator[str]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.ticket = ticket
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.ticket.leave()
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-def _stream_response(state: ServerState, events: Iterator[str]) -> StreamingResponse:
-    """SSE from `events`: the engine is held from the first event to the last."""
+def _stream_response(ticket: Ticket, events: Iterator[str]) -> StreamingResponse:
+    """SSE from `events`: the engine is held from the first event to the last. A failure after
+    the response has begun cannot change its status, so it becomes an error event and `[DONE]`."""
 
     async def body() -> AsyncIterator[str]:
-        async with state.turn():
+        async with ticket.turn():
             try:
                 while (event := await _in_thread(lambda: next(events, None))) is not None:
                     yield event
+            except Exception as e:
+                yield _sse((e if isinstance(e, APIError) else _internal_error(e)).body())
+                yield "data: [DONE]\n\n"
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
                     close()  # quick: it only unwinds the generators
 
-    return _EngineStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _EngineStream(ticket, body())
 
 
 # --- completions -------------------------------------------------------------------------------
@@ -442,9 +573,17 @@ def _completion_logprobs(engine: Engine, prompt: list[int], c: Completion | None
 
 
 async def completions(state: ServerState, request: Request) -> Any:
-    req = await _read_json(request, CompletionRequest)
+    req = await _read_json(state, request, CompletionRequest)
     _check_model(state, req.model)
-    state.admit()
+    ticket = state.admit()
+    try:
+        return await _complete(state, ticket, request, req)
+    except BaseException:
+        ticket.leave()
+        raise
+
+
+async def _complete(state: ServerState, ticket: Ticket, request: Request, req: CompletionRequest) -> Any:
     if req.suffix:
         raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
     if req.best_of not in (None, req.n):
@@ -466,14 +605,14 @@ async def completions(state: ServerState, request: Request) -> Any:
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream_response(state, _completion_chunks(state, head, prompts, params, req.echo, include_usage))
+        return _stream_response(ticket, _completion_chunks(state, head, prompts, params, req.echo, include_usage))
 
-    def run() -> dict[str, Any]:
+    def run(gone: threading.Event) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
         used = 0
         for text, ids in prompts:
             for p in params:
-                c = engine.generate_ids(ids, p) if req.max_tokens > 0 else None
+                c = _collect(engine.stream_ids(ids, p), gone) if req.max_tokens > 0 else None
                 used += c.completion_tokens if c else 0
                 out = (text if req.echo else "") + (c.text if c else "")
                 logprobs = _completion_logprobs(engine, ids, c, req) if req.logprobs is not None else None
@@ -482,8 +621,7 @@ async def completions(state: ServerState, request: Request) -> Any:
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return {**head, "object": "text_completion", "choices": choices, "usage": _usage(prompt_tokens, used)}
 
-    async with state.turn():
-        return await _in_thread(run)
+    return await _answer(request, ticket, run)
 
 
 def _completion_chunks(state: ServerState, head: dict[str, Any], prompts: list[tuple[str, list[int]]],
@@ -521,8 +659,8 @@ def _completion_chunks(state: ServerState, head: dict[str, Any], prompts: list[t
 
 
 def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | None = None,
-               max_queue: int = 64) -> FastAPI:  # fmt: skip
-    state = ServerState(engine, model_id or engine.name, api_key or None, max_queue)
+               max_queue: int = 64, read_timeout: float = READ_TIMEOUT) -> FastAPI:  # fmt: skip
+    state = ServerState(engine, model_id or engine.name, api_key or None, max_queue, read_timeout)
     app = FastAPI(title="distill4all", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.distill4all = state
 
@@ -535,9 +673,13 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         message = f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
         return APIError(exc.status_code, str(message), code="not_found" if exc.status_code == 404 else None).response()
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> JSONResponse:
+        return APIError(499, "the client closed the connection", code="client_closed_request").response()
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
+        return _internal_error(exc).response()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -571,12 +713,56 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     return app
 
 
+class HTTPProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, answering a request it cannot parse instead of resetting it.
+
+    uvicorn answers headers past h11's buffer limit (16 KiB) with a 400 and closes at once, so a
+    client still sending its headers sees a connection reset. Here the status is h11's own hint
+    (431 for headers too large), the body is an OpenAI error, and the rest of what the client
+    sends is read and dropped (up to DRAIN_BYTES, for at most READ_TIMEOUT) so it can read it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused_with = 400
+        self.draining = 0
+        parse = self.conn.next_event
+
+        def next_event() -> Any:
+            try:
+                return parse()
+            except h11.RemoteProtocolError as e:
+                self.refused_with = e.error_status_hint
+                raise
+
+        self.conn.next_event = next_event  # type: ignore[method-assign]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.draining:
+            super().data_received(data)
+            return
+        self.draining += len(data)
+        if self.draining > DRAIN_BYTES:
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        status = self.refused_with
+        message = "the request headers are too large" if status == 431 else f"invalid HTTP request ({msg})"
+        error = APIError(status, message, code="headers_too_large" if status == 431 else "invalid_request")
+        body = json.dumps(error.body()).encode()
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+        self.transport.write(head.encode("latin-1") + body)
+        self.draining = 1
+        self.loop.call_later(READ_TIMEOUT, self.transport.close)
+
+
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 4891, api_key: str | None = None,
-          model_id: str | None = None, max_queue: int = 64, quiet: bool = False) -> None:  # fmt: skip
+          model_id: str | None = None, max_queue: int = 64, read_timeout: float = READ_TIMEOUT,
+          quiet: bool = False) -> None:  # fmt: skip
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
-    app = create_app(engine, model_id=model_id, api_key=api_key, max_queue=max_queue)
+    app = create_app(engine, model_id=model_id, api_key=api_key, max_queue=max_queue, read_timeout=read_timeout)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info",
-                            timeout_graceful_shutdown=5)  # fmt: skip
+                            http=HTTPProtocol, timeout_graceful_shutdown=5)  # fmt: skip
     uvicorn.Server(config).run()

@@ -188,6 +188,16 @@ def counts(store: Store, *, final: bool = False) -> dict[str, Any]:
     } | ({"answers_without_logprobs": logprobs_table.missing(store)} if final else {})
 
 
+def failures(store: Store, *, permanent: bool) -> list[tuple[str, str]]:
+    """(teacher, error) of each failed task, permanent ones or those a rerun asks again, oldest first."""
+    rows = store.db.execute(
+        "SELECT teacher, COALESCE(last_error, '') FROM tasks WHERE state = 'failed' AND permanent = ?"
+        " ORDER BY updated_at, prompt_id",
+        (int(permanent),),
+    )
+    return [(str(t), str(e)) for t, e in rows]
+
+
 def spent_usd(store: Store) -> float:
     return float(store.db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0])
 

@@ -7,6 +7,12 @@ The writer commits whatever has arrived in one transaction (group commit): one a
 when answers trickle in, up to `batch_size` when they pour in, so a kill loses at most the answers
 that arrived in the last few milliseconds. The first Ctrl-C stops sending and lets the answers in
 flight (already paid for) land and be stored; a second one stops at once.
+
+Two answers from the teacher stop the sending early. A 401, 403 or 404 means no request can
+succeed (key, access, model or URL): TeacherRefused at once, nothing stored as failed, every task
+still pending — not one doomed request per prompt. And a streak of requests that failed after
+all their retries (connection refused, timeouts, 5xx) stops with "unavailable": the teacher is
+down, and the rest stays pending for a rerun instead of each prompt waiting out its backoff.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distill4all.config import Price, TeacherConfig
-from distill4all.errors import TeacherError
+from distill4all.errors import TeacherError, TeacherRefused
 from distill4all.store import Store, tasks
-from distill4all.teacher.client import Reply, estimate_prompt_tokens
+from distill4all.teacher.client import REFUSING_STATUS, Reply, estimate_prompt_tokens
 from distill4all.teacher.cost import Budget, cost_usd
 from distill4all.teacher.limiter import Window
 
@@ -45,7 +51,8 @@ class AnswerProgress:
 class AnswerOutcome:
     answered: int
     failed: int
-    stopped: str | None  # None: all done; "budget" | "interrupt" | "no-logprobs": stopped early, resumable
+    # None: all done; "budget" | "interrupt" | "no-logprobs" | "unavailable": stopped early, resumable
+    stopped: str | None
     without_logprobs: int = 0
 
 
@@ -86,6 +93,8 @@ async def answer_pending(
     on_progress: Callable[[AnswerProgress], None] | None = None,
 ) -> AnswerOutcome:
     progress = AnswerProgress()
+    refusal: list[str] = []
+    failing = {"streak": 0, "limit": max(8, 2 * teacher.concurrency)}
     queue: asyncio.Queue[tasks.Task | None] = asyncio.Queue(maxsize=teacher.concurrency * 2)
     results: asyncio.Queue[tasks.Answer | tasks.Failure | None] = asyncio.Queue()
     window = Window(teacher.concurrency)
@@ -120,8 +129,17 @@ async def answer_pending(
                 reply = await client.complete(body, est + teacher.max_tokens, window)
             except TeacherError as e:
                 budget.settle(worst, 0.0)
+                if e.status in REFUSING_STATUS:
+                    stop["why"] = "refused"
+                    refusal.append(str(e))
+                    claimed_unsent.add(task)  # not a failure of this task: it stays pending
+                    continue
+                failing["streak"] = 0 if e.permanent else failing["streak"] + 1
+                if failing["streak"] >= failing["limit"] and stop["why"] is None:
+                    stop["why"] = "unavailable"
                 await results.put(tasks.Failure(task, str(e), e.permanent))
                 continue
+            failing["streak"] = 0
             actual = cost_usd(price, reply.prompt_tokens, reply.completion_tokens)
             budget.settle(worst, actual)
             if body.get("logprobs") and reply.logprobs is None:
@@ -178,6 +196,12 @@ async def answer_pending(
             await writer_task
             if claimed_unsent:
                 tasks.release(store, list(claimed_unsent))
+    if refusal:
+        where = teacher.base_url or "served locally"
+        raise TeacherRefused(
+            f"teacher {teacher.name} ({teacher.model}, {where}) refused the request: {refusal[0]} — check its "
+            "api_key, model and base_url; nothing was stored as failed and every answer is still pending"
+        )
     return AnswerOutcome(progress.answered, progress.failed, stop["why"], progress.without_logprobs)
 
 

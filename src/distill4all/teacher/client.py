@@ -15,6 +15,7 @@ import asyncio
 import email.utils
 import json
 import random
+import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from distill4all.store import logprobs
 from distill4all.teacher.limiter import RateLimiter, Window
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+REFUSING_STATUS = frozenset({401, 403, 404})  # the key, the access or the model/URL: no request can succeed
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,14 @@ def _token_bytes(entry: Mapping[str, Any]) -> bytes:
     # `bytes` holds a token's exact bytes (part of a character, too); some servers leave it null
     raw = entry.get("bytes")
     return bytes(raw) if raw is not None else str(entry["token"]).encode()
+
+
+def failure_kind(error: str) -> str:
+    """What kind of failure a stored error is, to summarize many: "HTTP 503", "timeout",
+    "connection error", "malformed response body"…"""
+    reason = error.split(": ", 1)[1] if error.startswith("gave up after ") else error
+    kind = re.match(r"HTTP \d+|[a-z ]+", reason)
+    return kind.group(0).strip() if kind and kind.group(0).strip() else reason[:40]
 
 
 def _error_text(raw: bytes) -> str:
