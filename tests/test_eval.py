@@ -263,3 +263,15 @@ def test_conditioned_context_uses_the_models_template(model_dir: Path) -> None:
     rendered = engine.render_chat([{"role": "user", "content": ITEMS[1].instruction}])
     assert rendered.endswith("<|im_start|>assistant\n")
     assert conditioned_context(engine, ITEMS[1]) == engine.tokenize(rendered, add_special=False)
+
+
+def test_results_with_unicode_line_separators_resume(tmp_path: Path) -> None:
+    """A model's output may hold U+2028 or U+0085: written raw (ensure_ascii=False), they are text
+    inside a JSONL line, not line ends, so resuming reads each result whole."""
+    from distill4all.evaluate.runner import _read_done
+
+    path = tmp_path / "results.jsonl"
+    rows = [{"id": "a", "output": "one\u2028two\x85three\u2029"}, {"id": "b", "output": "plain"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + '{"id": "c", "outp', "utf-8")
+    assert _read_done(path) == {"a": rows[0], "b": rows[1]}  # and the torn last line is cut off
+    assert path.read_text("utf-8").endswith('"plain"}\n')

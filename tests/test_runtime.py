@@ -61,6 +61,11 @@ def test_sampling_is_reproducible_by_seed(engines: dict[str, Engine], backend: s
     greedy = e.generate("Numbers:", SamplingParams(max_tokens=20, temperature=0.0, seed=None))
     topk1 = e.generate("Numbers:", SamplingParams(max_tokens=20, temperature=1.0, top_k=1, seed=None))
     assert greedy.token_ids == topk1.token_ids
+    # a temperature near zero is greedy (a denormal one once overflowed the logits to inf - inf)
+    for t in (1e-6, 2.2e-311):
+        assert (
+            e.generate("Numbers:", SamplingParams(max_tokens=20, temperature=t, seed=3)).token_ids == greedy.token_ids
+        )
 
 
 def test_logits_and_logprobs_agree_across_backends(engines: dict[str, Engine], gguf_file: Path) -> None:

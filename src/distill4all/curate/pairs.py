@@ -78,7 +78,7 @@ def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000) -> i
             raise DataError(f"{where}: expected an object with prompt and response")
         prompt, response = row.get("prompt"), row.get("response")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{where}: no string field 'prompt'")
+            raise DataError(f"{where}: 'prompt' is missing, not a string, or blank")
         if response is not None and not isinstance(response, str):
             raise DataError(f"{where}: 'response' must be a string or null")
         source = row.get("source") or default_source

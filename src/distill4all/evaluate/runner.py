@@ -51,7 +51,7 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
         with open(path, "r+b") as f:
             f.truncate(end)
     done = {}
-    for line in data[:end].decode("utf-8").splitlines():
+    for line in data[:end].decode("utf-8").split("\n")[:-1]:  # not splitlines: U+2028 and U+0085 are text
         row = json.loads(line)
         done[row["id"]] = row
     return done

@@ -76,7 +76,7 @@ def gather(layout: RunLayout, *, chats: bool = True) -> dict[str, Any]:
     metrics = []
     mpath = layout.train.metrics
     if mpath.is_file():
-        for line in mpath.read_text().splitlines():
+        for line in mpath.read_text(encoding="utf-8").split("\n"):  # JSONL: U+2028 and U+0085 are text
             try:
                 metrics.append(json.loads(line))
             except json.JSONDecodeError:

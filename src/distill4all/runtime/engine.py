@@ -646,9 +646,10 @@ class TransformersEngine(Engine):
             TopPLogitsWarper,
         )
 
-        processors = LogitsProcessorList()
+        penalty = LogitsProcessorList()
         if params.repeat_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repeat_penalty))
+            penalty.append(RepetitionPenaltyLogitsProcessor(params.repeat_penalty))
+        processors = LogitsProcessorList()
         sampling = params.temperature > 0
         if sampling:
             processors.append(TemperatureLogitsWarper(params.temperature))
@@ -666,7 +667,10 @@ class TransformersEngine(Engine):
             while True:
                 out = self.model(input_ids=step_input, cache=cache, use_cache=True)
                 cache = out.cache
-                scores = processors(seen, out.logits[:, -1, :].float())
+                # float64, best logit at 0, then the temperature: a tiny one (1e-300, which float32 rounds
+                # to 0) gives 0 and -inf, which is greedy, instead of 0/0 or inf - inf
+                scores = penalty(seen, out.logits[:, -1, :].double())
+                scores = processors(seen, scores - scores.max(dim=-1, keepdim=True).values)
                 if sampling:
                     token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
                 else:

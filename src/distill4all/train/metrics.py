@@ -24,7 +24,7 @@ def read_metrics(path: Path, tail_bytes: int | None = None) -> list[dict[str, An
             f.seek(max(0, path.stat().st_size - tail_bytes))
         text = f.read().decode("utf-8", errors="replace")
     rows = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # JSONL: U+2028 and U+0085 are text, not line ends
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
