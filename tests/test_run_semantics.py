@@ -187,3 +187,32 @@ def test_an_out_folder_that_is_a_file_is_a_user_error(tmp_path: Path) -> None:
         assert r.code == 2, r.output
         assert r.stderr.strip().splitlines() == [f"error: cannot write {out}: {message}"]
     assert (tmp_path / "taken").read_text() == "a file the user keeps\n"
+
+
+def test_a_read_only_run_directory_is_a_user_error(tmp_path: Path) -> None:
+    """Exit 2 naming the file that could not be written. Root may write anywhere, so as root the
+    folder is made immutable (chattr +i) instead of read-only."""
+    import shutil
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a?", "response": "b."}\n')
+    out = tmp_path / "run"
+    out.mkdir()
+    as_root = os.geteuid() == 0
+    if as_root:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)]).returncode != 0:
+            pytest.skip("running as root on a file system without immutable folders")
+    else:
+        out.chmod(0o555)
+    try:
+        r = run_cli("curate", pairs, "--out", out)
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(out)], check=True)
+        else:
+            out.chmod(0o755)
+    assert r.code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out}/"), r.stderr
+    assert ("Operation not permitted" if as_root else "Permission denied") in lines[0]
+    assert list(out.iterdir()) == []
