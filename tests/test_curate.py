@@ -436,3 +436,44 @@ def test_report_md_writes_any_name_as_plain_text(curated: Path) -> None:
         rows = table.split("</table>")[0].split("<tr>")[1:]
         widths = {row.count("<td") + row.count("<th") for row in rows}
         assert len(widths) == 1, widths  # every row as wide as its header
+
+
+def test_the_paper_config_curates_by_the_papers_rules_only(tmp_path: Path) -> None:
+    """examples/gpt4all-paper.yaml's curate section: failures, values that are not text and P3 go
+    (clean.py, then P3); refusals, duplicates and every other answer stay, as in the report."""
+    import yaml
+
+    paper = yaml.safe_load((REPO / "examples" / "gpt4all-paper.yaml").read_text())["curate"]
+    chip2 = chip2_pairs()[:12]
+    refusal = {"prompt": "Tell me a secret.", "response": "As an AI language model, I cannot share secrets.",
+               "source": "chip2"}  # fmt: skip
+    failures = [{"prompt": "Empty?", "response": "", "source": "chip2"},
+                {"prompt": "Null?", "response": None, "source": "chip2"}]  # fmt: skip
+    malformed = [{"prompt": "A number?", "response": 42, "source": "chip2"},
+                 {"prompt": {"text": "no value"}, "response": "x", "source": "chip2"},
+                 {"prompt": "   ", "response": "blank prompt", "source": "chip2"}]  # fmt: skip
+    unwrapped = {
+        "prompt": {"value": "Wrapped prompt?"},
+        "response": {"description": "A wrapped answer."},
+        "source": "chip2",
+    }  # fmt: skip — clean.py read these as their text
+    rows = [*chip2, chip2[0], refusal, *failures, *malformed, unwrapped, *p3_pairs()[:10]]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = {**paper, "embed": {"model": "minilm", "max_chars": 300}, "map": {"max_points": 1000}}
+    write_config(tmp_path / "cfg.yaml", {"name": "x", "run_dir": "r", "curate": cfg})
+    r = run_cli("curate", tmp_path / "pairs.jsonl", "--out", tmp_path / "run", "--config", tmp_path / "cfg.yaml")
+    assert r.code == 0, r.output
+    db = sqlite3.connect(tmp_path / "run" / "store.sqlite")
+    rows_ = db.execute(
+        "SELECT p.source, r.text, d.kept, d.rules FROM decisions d JOIN responses r ON r.id = d.response_id"
+        " JOIN prompts p ON p.id = r.prompt_id"
+    ).fetchall()
+    db.close()
+    dropped = sorted((source, json.loads(rules)[0]) for source, _, kept, rules in rows_ if not kept)
+    assert dropped == [("chip2", "failure.api"), ("chip2", "failure.empty")] + [("chip2", "failure.malformed")] * 3 + [
+        ("p3", "source.excluded")] * 10  # fmt: skip
+    kept = [text for _, text, k, _ in rows_ if k]
+    assert len(kept) == 12 + 1 + 1 + 1  # every chip2 answer and its duplicate, the refusal, the unwrapped one
+    assert refusal["response"] in kept and "A wrapped answer." in kept and kept.count(chip2[0]["response"]) == 2
+    report = json.loads((tmp_path / "run" / "curate" / "report.json").read_text())
+    assert [f["remaining"] for f in report["funnel"]] == [len(rows), len(rows) - 5, len(rows) - 15]

@@ -275,3 +275,41 @@ def test_results_with_unicode_line_separators_resume(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + '{"id": "c", "outp', "utf-8")
     assert _read_done(path) == {"a": rows[0], "b": rows[1]}  # and the torn last line is cut off
     assert path.read_text("utf-8").endswith('"plain"}\n')
+
+
+def test_the_conditioned_boundary_is_where_training_put_it(tmp_path: Path) -> None:
+    """On a LLaMA-style SentencePiece tokenizer, the context and the scored output are exactly the
+    ids training built before and after its loss mask (EOS aside): for the paper's layout (no
+    template, or the paper template) and for a chat template (Alpaca here, as alpaca-lora's)."""
+    from transformers import AutoTokenizer
+
+    from distill4all.evaluate.perplexity import conditioned_ids
+    from distill4all.train.data import Example
+    from distill4all.train.templates import IGNORE, load_template
+    from test_export import sentencepiece_llama_with_bos
+
+    model_dir = sentencepiece_llama_with_bos(tmp_path / "sp")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = load_engine(str(model_dir))
+    items = [Item("a", "Name a color.", "", "Blue, like the sky."),
+             Item("b", "Translate:", "l'été", " Summer, with a leading space.")]  # fmt: skip
+    for layout, installed in (("paper", False), ("paper", True), ("alpaca", True)):
+        template = load_template(layout, tok, max_length=256)
+        if installed:  # else: the model has no chat template at all, which is the paper's layout
+            engine.use_chat_template(template.jinja)
+        for item in items:
+            user = item.instruction if not item.input else f"{item.instruction}\n\n{item.input}"
+            example = Example(
+                ({"role": "user", "content": user}, {"role": "assistant", "content": item.output}), "s", 0
+            )
+            enc = template.encode([example])[0]
+            first = next(i for i, label in enumerate(enc.labels) if label != IGNORE)
+            assert enc.input_ids[-1] == tok.eos_token_id
+            assert conditioned_ids(engine, item) == (enc.input_ids[:first], enc.input_ids[first:-1]), (layout, item.id)
+    engine.use_chat_template(load_template("paper", tok, max_length=256).jinja)
+    for item in items:  # chat and serve prompt a paper-trained model with the same ids
+        user = item.instruction if not item.input else f"{item.instruction}\n\n{item.input}"
+        assert engine.chat_ids([{"role": "user", "content": user}]) == conditioned_ids(engine, item)[0]
+    engine.use_chat_template(load_template("alpaca", tok, max_length=256).jinja)
+    alone = engine.tokenize(items[0].output, add_special=False)
+    assert conditioned_ids(engine, items[0])[1] != alone  # after "### Response:\n" the answer has no `▁`

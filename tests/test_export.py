@@ -272,6 +272,14 @@ def sentencepiece_llama(dest: Path) -> Path:
     return model_dir
 
 
+def sentencepiece_llama_with_bos(dest: Path) -> Path:
+    """sentencepiece_llama, with BOS added in front of every text as LLaMA-1/2's tokenizer does
+    (so `tokenize("\\n")` is `<s> ▁ \\n`)."""
+    model_dir = sentencepiece_llama(dest)
+    AutoTokenizer.from_pretrained(model_dir, add_bos_token=True).save_pretrained(model_dir)
+    return model_dir
+
+
 @pytest.mark.parametrize("keep_model_file", [True, False])
 def test_sentencepiece_llama_tokenizer_exports_and_matches(tmp_path: Path, keep_model_file: bool) -> None:
     """LLaMA-7B's tokenizer family (the paper's base model): llama.cpp's SentencePiece tokenizer

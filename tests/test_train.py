@@ -101,7 +101,8 @@ def test_learns_a_small_task_and_saves_a_reloadable_adapter(tmp_path: Path, pair
     info = json.loads((model_dir / "adapter_config.json").read_text())
     assert info["base_model_name_or_path"] == str(tiny_model) and info["r"] == 16
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    assert tok.chat_template == "{{ bos_token }}" + (
+    assert tok.chat_template == "{# distill4all: paper layout (prompt, newline and answer tokenized apart) #}" + (
+        "{{ bos_token }}"
         "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
         "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
     )  # the paper layout, as the model was trained

@@ -121,10 +121,21 @@ def test_paper_template_eos_only_when_nothing_was_cut(tok: Any) -> None:
         assert trained(cut.labels) == trained(full.labels)[:-cut_by]  # the same prompt mask, fewer targets
 
 
-def test_paper_template_cuts_a_long_prompt_as_the_original(tok: Any) -> None:
+def test_paper_template_cuts_a_long_prompt_to_half_the_tokens_as_the_original(tok: Any) -> None:
     long_prompt = " ".join(f"word{i}" for i in range(200))
     max_length = 64
     enc = load_template("paper", tok, max_length=max_length).encode([pair(long_prompt)])[0]
+    head = list(tok(long_prompt, truncation=True, max_length=max_length // 2)["input_ids"])  # BOS + 31 tokens
+    first = len(head) + len(plain(tok, "\n"))
+    assert len(head) == max_length // 2 and enc.input_ids[:first] == [*head, *plain(tok, "\n")]
+    assert trained(enc.labels) == list(range(first, len(enc.input_ids)))
+    assert enc.input_ids[first:] == [*plain(tok, RESPONSE), tok.eos_token_id]
+
+
+def test_paper_april_template_cuts_a_long_prompt_by_characters(tok: Any) -> None:
+    long_prompt = " ".join(f"word{i}" for i in range(200))
+    max_length = 64
+    enc = load_template("paper-april", tok, max_length=max_length).encode([pair(long_prompt)])[0]
     cut = long_prompt[: min(max_length // 2, len(long_prompt) // 2)]  # 32 characters
     cut_ids = plain(tok, cut)
     assert len(cut_ids) + 1 < max_length // 2
@@ -132,6 +143,58 @@ def test_paper_template_cuts_a_long_prompt_as_the_original(tok: Any) -> None:
     assert enc.input_ids[:first] == [tok.bos_token_id, *cut_ids, *plain(tok, "\n")]
     assert trained(enc.labels) == list(range(first, len(enc.input_ids)))
     assert enc.input_ids[first:] == [*plain(tok, RESPONSE), tok.eos_token_id]
+
+
+def march_data_py(tok: Any, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """nomic-ai/gpt4all's data.py at 252676ff (March 2023), re-written from its description with no
+    code shared with distill4all: the prompt truncated to max_length // 2 tokens (BOS included),
+    then tokenize("\\n") less its first id (LLaMA's BOS), then the response truncated to the room
+    left plus one and less its first id (BOS again), then EOS only if the sequence is still short;
+    labels mask everything before the response."""
+    prompt_ids = tok(prompt, truncation=True, max_length=max_length // 2)["input_ids"]
+    newline_ids = tok("\n")["input_ids"][1:]
+    remaining = max_length - len(prompt_ids) - len(newline_ids) + 1
+    target_ids = tok(response, truncation=True, max_length=remaining)["input_ids"][1:]
+    ids = [*prompt_ids, *newline_ids, *target_ids]
+    if len(ids) < max_length:
+        ids.append(tok.eos_token_id)
+    start = len(prompt_ids) + len(newline_ids)
+    return ids, [IGNORE] * start + ids[start:]
+
+
+def test_paper_template_is_token_identical_to_the_march_code_on_a_llama_tokenizer(tmp_path: Path) -> None:
+    """On a LLaMA-style SentencePiece tokenizer (BPE, byte fallback, BOS added: the paper's), where
+    tokenizing the parts apart differs from tokenizing the joined text."""
+    from transformers import AutoTokenizer
+
+    from test_export import sentencepiece_llama_with_bos
+
+    tok = AutoTokenizer.from_pretrained(sentencepiece_llama_with_bos(tmp_path / "sp"))
+    newline = tok("\n")["input_ids"][1:]
+    assert tok.convert_ids_to_tokens(newline) == ["▁", "<0x0A>"]  # `▁ \n`: two ids, as LLaMA's
+    long = "Summarize this: " + " ".join(f"item {i} costs {i * 7} dollars;" for i in range(40))
+    prompts = ["What is 12 + 30?", " leading space", "def f(x):\n    return x ** 2", "Qu'est-ce que l'été ? 東京",
+               "  two spaces and a tab\t", "x", long]  # fmt: skip
+    responses = ["42", " It starts with a space.", "```python\nprint(f(3))\n```", "La saison chaude. 東京です。",
+                 "Done.", "y " * 300, "A list of items and their prices."]  # fmt: skip
+    examples = [pair(p, r, row=i) for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+    for max_length in (64, 128, 512):
+        encoded = load_template("paper", tok, max_length=max_length).encode(examples)
+        for ex, enc in zip(examples, encoded, strict=True):
+            ids, labels = march_data_py(tok, ex.messages[0]["content"], ex.messages[1]["content"], max_length)
+            assert enc.input_ids == ids and enc.labels == labels, (max_length, ex.messages)
+            head = len(tok(ex.messages[0]["content"], truncation=True, max_length=max_length // 2)["input_ids"])
+            whole = head + len(newline) + len(tok(ex.messages[1]["content"])["input_ids"]) - 1
+            fits = whole < max_length  # EOS is there exactly when the whole answer and it fit
+            assert (ids[-1] == tok.eos_token_id) == fits == (not enc.truncated) and len(ids) <= max_length
+    # what the joined text would have given instead: the first answer token is the one after the mask
+    joined = tok("What is 12 + 30?\n42</s>")["input_ids"]
+    ours = load_template("paper", tok, max_length=64).encode(examples[:1])[0]
+    assert joined != ours.input_ids
+    first = trained(ours.labels)[0]
+    assert tok.convert_ids_to_tokens(ours.input_ids[first]).startswith("▁")  # the answer keeps its `▁`
+    long_enc = load_template("paper", tok, max_length=128).encode(examples[-1:])[0]
+    assert trained(long_enc.labels)[0] == 64 + len(newline)  # the long prompt: cut to 64 tokens
 
 
 def test_paper_template_train_on_inputs_and_generation_prompt(tok: Any) -> None:

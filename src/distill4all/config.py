@@ -161,7 +161,7 @@ class CollectConfig(Section):
 
 
 FILTER_RULES: tuple[str, ...] = (
-    "failure.empty", "failure.api", "refusal", "truncated.length", "truncated.mid-sentence",
+    "failure.empty", "failure.api", "failure.malformed", "refusal", "truncated.length", "truncated.mid-sentence",
     "truncated.code-fence", "malformed.fence", "malformed.json", "malformed.mojibake", "malformed.echo",
     "malformed.repetition", "length.short", "length.long", "language",
 )  # fmt: skip
@@ -258,6 +258,9 @@ class CurateDiversityConfig(Section):
 class CurateConfig(Section):
     input: Path | None = Field(None, description="a pairs file (JSONL/Parquet: prompt, response, source)")
     import_teacher: str = Field("import", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    malformed: Literal["error", "drop"] = Field(
+        "error", description="an input row that is not text: a file:line error, or dropped (the original clean.py)"
+    )
     exclude_sources: list[str] = Field(default_factory=list)
     auto_exclude_homogeneous: bool = True
     validation_fraction: float = Field(0.05, ge=0, lt=1)
@@ -379,8 +382,10 @@ class TrainConfig(Section):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held out by seed, as the paper (5%)")
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    template: Literal["paper", "chat", "chatml", "alpaca"] = Field(
-        "paper", description="paper: <s>prompt\\nresponse</s> as the original; chat: the tokenizer's own template"
+    template: Literal["paper", "paper-april", "chat", "chatml", "alpaca"] = Field(
+        "paper",
+        description="paper: <s>prompt\\nresponse</s> as the March 2023 original; paper-april: the April data.py; "
+        "chat: the tokenizer's own template",
     )
     template_file: Path | None = Field(None, description="a Jinja chat template file; overrides template")
     train_on_inputs: bool = Field(False, description="also train on prompt tokens (default: response + EOS only)")
@@ -471,6 +476,11 @@ class ExportConfig(Section):
 class EvalModel(Section):
     name: str = Field(min_length=1, description="its label in tables and plots")
     model: str = Field(min_length=1, description="a model name or path (HF checkpoint, adapter, GGUF)")
+    template: Literal["own", "paper", "alpaca", "chatml"] = Field(
+        "own",
+        description="the prompt layout it was trained in: own (its chat template; the paper's without one) "
+        "or a named one (alpaca-lora: alpaca)",
+    )
 
 
 class JudgeConfig(Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -150,7 +151,9 @@ def write_png(path: Path, xy: NDArray[np.float32], names: list[str], codes: list
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2, frameon=False)
-    fig.tight_layout()
-    with atomic.output_file(path) as tmp:
-        fig.savefig(tmp, format="png")
+    with warnings.catch_warnings():  # a name in a script the font lacks is drawn as boxes: fine
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.tight_layout()
+        with atomic.output_file(path) as tmp:
+            fig.savefig(tmp, format="png")
     plt.close(fig)

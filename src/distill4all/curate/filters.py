@@ -127,7 +127,9 @@ class Filters:
     # --- failure ------------------------------------------------------------------------------
 
     def failure(self, pair: Pair) -> Hit | None:
-        """No answer at all, an API-side error, or an empty/whitespace answer."""
+        """No answer at all, an API-side error, an empty/whitespace answer, or a row that was not text."""
+        if pair.finish_reason == "malformed":  # curate/pairs.py: an imported row whose values were not text
+            return ("failure.malformed", "prompt or response not text")
         if pair.response is None:
             return ("failure.api", "no answer")
         if pair.finish_reason in ("error", "content_filter"):

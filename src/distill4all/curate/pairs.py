@@ -4,6 +4,12 @@ A pairs file is JSONL or Parquet in the GPT4All format — `prompt`, `response` 
 `source` (default: the file's name) and `finish_reason` — e.g. the released GPT4All data. Its
 rows become prompts + responses of the teacher `import`, so collected and imported pairs take
 the same path. Importing is idempotent: the n-th answer to a prompt in the file is its sample n.
+
+A row whose prompt or response is not text is an error naming its file and line, or, with
+`malformed: drop` (the original clean.py's rule), a pair that curation drops as
+`failure.malformed`: a `{"value": …}` or `{"description": …}` object is first read as its text,
+as clean.py did, and what is still not text (a number, another object, a blank prompt) is kept
+with its JSON as the prompt, so that the funnel counts every row of the file.
 """
 
 from __future__ import annotations
@@ -59,8 +65,19 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
     return read_records(path)
 
 
-def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000) -> int:
-    """Add the file's pairs to the store (those already there are left as they are); return the count read."""
+MALFORMED = "malformed"  # the finish reason of a row that was not text (malformed: drop)
+
+
+def _unwrap(value: Any) -> Any:
+    """clean.py's reading of an object field: its "value", else its "description"."""
+    if isinstance(value, dict):
+        return value.get("value", value.get("description", value))
+    return value
+
+
+def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000, malformed: str = "error") -> int:
+    """Add the file's pairs to the store (those already there are left as they are); return the
+    count read. `malformed`: "error" or "drop" (see the module doc)."""
     default_source = _SOURCE_OK.sub("-", path.name.split(".")[0]) or "import"
     samples: dict[str, int] = {}
     prompts: list[tuple[str, str, str, str]] = []
@@ -77,6 +94,13 @@ def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000) -> i
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with prompt and response")
         prompt, response = row.get("prompt"), row.get("response")
+        finish = row.get("finish_reason")
+        if malformed == "drop":
+            prompt, response = _unwrap(prompt), _unwrap(response)
+            text = isinstance(prompt, str) and bool(prompt.strip())
+            if not (text and isinstance(response, str | None)):
+                prompt = prompt if text else json.dumps(prompt, default=str)
+                response, finish = None, MALFORMED
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{where}: 'prompt' is missing, not a string, or blank")
         if response is not None and not isinstance(response, str):
@@ -84,7 +108,6 @@ def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000) -> i
         source = row.get("source") or default_source
         if not isinstance(source, str):
             raise DataError(f"{where}: 'source' must be a string")
-        finish = row.get("finish_reason")
         prompt = prompt.strip()
         pid = prompt_id(source, prompt)
         n = samples.get(pid, 0)

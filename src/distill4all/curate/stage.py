@@ -28,7 +28,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.curate
     assert cfg is not None
     if cfg.input is not None:
-        pairs.import_pairs(ctx.store, cfg.input, cfg.import_teacher)
+        pairs.import_pairs(ctx.store, cfg.input, cfg.import_teacher, malformed=cfg.malformed)
     result = curation.curate(
         ctx.store, cfg, ctx.dir, seed=ctx.config.seed, title=ctx.config.name, console=ctx.console, quiet=ctx.quiet
     )

@@ -1,5 +1,7 @@
-"""The paper's Figure 3, per metric: overlaid histograms of clipped perplexities (as the original
-figure script drew them, 50 bins, alpha 0.5) beside box + violin plots of the same values."""
+"""The paper's Figure 3, per metric: overlaid histograms of clipped perplexities, as the figure
+script of the report's release drew them (nomic-ai/gpt4all 252676ff, eval_figures.py:
+`plt.hist(values, alpha=.5)` — matplotlib's default 10 bins over each model's own range; the
+April script's 50 came later), beside box + violin plots of the same values."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ def perplexity_figure(results: dict[str, list[float]], path: Path, *, title: str
     values = [figure_values(results[n], clip) for n in names]
     fig, (hist, box) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for name, v in zip(names, values, strict=True):
-        hist.hist(v, bins=50, range=(0, clip), alpha=0.5, label=name)
+        hist.hist(v, alpha=0.5, label=name)  # the defaults, as the March script
     hist.set_xlabel(f"Perplexity (clipped at {clip:g})")
     hist.set_ylabel("Frequency")
     hist.legend()

@@ -37,7 +37,7 @@ def models_to_compare(config: RunConfig) -> list[ModelSpec]:
     # dequantized HF form), so that no difference between engines sits inside the comparison.
     if any(s.label in ("pruned", "trained") for s in specs):
         specs = [ModelSpec(s.label, s.spec, "transformers") if s.label == "base" else s for s in specs]
-    specs += [ModelSpec(m.name, m.model) for m in cfg.models]
+    specs += [ModelSpec(m.name, m.model, template=m.template) for m in cfg.models]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise StageError(f"eval: model labels must be unique: {', '.join(labels)}")

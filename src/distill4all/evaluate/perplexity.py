@@ -10,6 +10,7 @@ import math
 from typing import Protocol
 
 from distill4all.evaluate.data import Item
+from distill4all.models.chat_templates import is_paper_layout
 
 Message = dict[str, str]
 
@@ -70,23 +71,44 @@ def faithful_perplexity(engine: Scorer, item: Item, stride: int = 512) -> float:
     return _exp(nll / end)
 
 
-def conditioned_context(engine: Scorer, item: Item) -> list[int]:
-    """The prompt as the model was trained to see it: its own chat template (for a model trained
-    here, the training template saved with it), or `<s>prompt\\n` (the paper's) without one."""
+def conditioned_ids(engine: Scorer, item: Item) -> tuple[list[int], list[int]]:
+    """(context, target): the prompt as the model was trained to see it, and the reference output
+    tokenized at the boundary as training placed it.
+
+    - The paper's layout (a model trained with template `paper`, or one with no chat template):
+      as the original data.py built it, `tokenize(prompt)` + `tokenize("\\n")` + `tokenize(output)`,
+      each tokenized apart (BOS only in front), so on a SentencePiece tokenizer the newline is
+      `▁ \\n` and the output's first word keeps its `▁`, as in training.
+    - A chat template: training tokenized the rendered conversation once, so the output is
+      tokenized inside it: the tokens of the conversation up to the output's end, after those it
+      shares with the generation prompt."""
     user = item.instruction if not item.input else f"{item.instruction}\n\n{item.input}"
-    if engine.chat_template:
-        rendered = engine.render_chat([{"role": "user", "content": user}], add_generation_prompt=True)
-        return engine.tokenize(rendered, add_special=False)  # a template holds its own specials
-    return engine.tokenize(user + "\n", add_special=True)
+    template = engine.chat_template
+    if template is None or is_paper_layout(template):
+        context = engine.tokenize(user, add_special=True) + engine.tokenize("\n", add_special=False)
+        return context, engine.tokenize(item.output, add_special=False)
+    prompt = engine.render_chat([{"role": "user", "content": user}], add_generation_prompt=True)
+    full = engine.render_chat([{"role": "user", "content": user}, {"role": "assistant", "content": item.output}],
+                              add_generation_prompt=False)  # fmt: skip
+    at = full.find(item.output, len(prompt)) if full.startswith(prompt) else -1
+    upto = full[: at + len(item.output)] if at >= 0 else prompt + item.output
+    context = engine.tokenize(prompt, add_special=False)  # a template holds its own specials
+    joined = engine.tokenize(upto, add_special=False)
+    shared = next((i for i, (a, b) in enumerate(zip(context, joined, strict=False)) if a != b), len(context))
+    shared = max(shared, 1)  # the first token is context: it has no prediction
+    return joined[:shared], joined[shared:]
+
+
+def conditioned_context(engine: Scorer, item: Item) -> list[int]:
+    return conditioned_ids(engine, item)[0]
 
 
 def conditioned_perplexity(engine: Scorer, item: Item) -> float:
     """The corrected metric: perplexity of every reference output token given the templated prompt
-    and the output so far, in one pass. Output tokens are tokenized on their own so the boundary
-    is exact; no EOS is scored (references have none). A prompt too long for the context is cut
-    from the left (keeping at least its last token)."""
-    context = conditioned_context(engine, item)
-    target = engine.tokenize(item.output, add_special=False)
+    and the output so far, in one pass, tokenized as training placed them (conditioned_ids); no
+    EOS is scored (references have none). A prompt too long for the context is cut from the left
+    (keeping at least its last token)."""
+    context, target = conditioned_ids(engine, item)
     if not target:
         return math.nan
     excess = len(context) + len(target) - engine.n_ctx

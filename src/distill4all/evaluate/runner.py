@@ -23,6 +23,7 @@ from distill4all.evaluate.data import Item
 from distill4all.evaluate.figures import perplexity_figure
 from distill4all.evaluate.perplexity import conditioned_perplexity, faithful_perplexity
 from distill4all.layout import EvalLayout
+from distill4all.models.chat_templates import layout_jinja
 
 if TYPE_CHECKING:
     from distill4all.runtime.engine import Backend
@@ -35,6 +36,7 @@ class ModelSpec:
     label: str  # in tables and plots
     spec: str  # a model name or path the runtime loads
     backend: Backend = "auto"  # the engine that scores it (auto: llama.cpp for a GGUF, else transformers)
+    template: str = "own"  # the prompt layout it is scored in: its own chat template, or a named one
 
 
 def safe_label(label: str) -> str:
@@ -78,6 +80,8 @@ def score_model(
     todo = [it for it in items if it.id not in done]
     if todo:
         engine = load_engine(model.spec, model.backend)
+        if model.template != "own":
+            engine.use_chat_template(layout_jinja(model.template, engine.adds_bos))
         try:
             with open(path, "a", encoding="utf-8") as f:
                 for it in todo:

@@ -31,6 +31,7 @@ from distill4all import offline_defaults
 from distill4all.config import ENGINE_SAMPLING, SamplingDefaults
 from distill4all.errors import ContextLengthError, ModelError
 from distill4all.models import resolve_model
+from distill4all.models.chat_templates import is_paper_layout
 from distill4all.models.registry import quiet_hf
 
 Message = dict[str, str]
@@ -206,6 +207,16 @@ class Engine(ABC):
         """The conversation as the model's own chat template writes it."""
 
     @abstractmethod
+    def use_chat_template(self, jinja: str) -> None:
+        """Render chats with `jinja` from now on, e.g. a baseline in the layout it was trained in."""
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether tokenizing with special tokens puts a token in front of the text."""
+        plain, special = self.tokenize("a", add_special=False), self.tokenize("a", add_special=True)
+        return len(special) > len(plain) and special[1 : 1 + len(plain)] == plain
+
+    @abstractmethod
     def logits(self, ids: list[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: row i holds the next-token logits after ids[: i + 1]."""
 
@@ -236,6 +247,13 @@ class Engine(ABC):
         return [float(x) for x in logprobs[np.arange(len(ids) - 1), ids[1:]]]
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
+        if is_paper_layout(self.chat_template) and all(m["role"] != "assistant" for m in messages):
+            # a model trained in the paper's layout saw each text and the newline tokenized apart
+            # (BOS in front only): on SentencePiece `▁ \n`, which the joined text would not give
+            ids: list[int] = []
+            for m in messages:
+                ids += self.tokenize(m["content"], add_special=not ids) + self.tokenize("\n", add_special=False)
+            return ids
         # A rendered chat template holds every special token it wants (as apply_chat_template's
         # own tokenize=True path assumes), so nothing is added.
         return self.tokenize(self.render_chat(messages), add_special=False)
@@ -431,6 +449,10 @@ class LlamaCppEngine(Engine):
     def chat_template(self) -> str | None:
         return self._template
 
+    def use_chat_template(self, jinja: str) -> None:
+        self._template = jinja
+        self._formatters = {}
+
     def _token_str(self, key: str) -> str:
         tid = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
         return self.token_text(int(tid)) if tid is not None else ""
@@ -601,6 +623,9 @@ class TransformersEngine(Engine):
     def chat_template(self) -> str | None:
         template = self.tokenizer.chat_template
         return template if isinstance(template, str) else None
+
+    def use_chat_template(self, jinja: str) -> None:
+        self.tokenizer.chat_template = jinja
 
     def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:

@@ -1,21 +1,30 @@
 """Templates: how a conversation becomes token ids, and which of those tokens carry loss.
 
-`paper` reproduces the original GPT4All data.py (nomic-ai/gpt4all, April 2023) exactly:
+`paper` reproduces the data.py of the report's release (nomic-ai/gpt4all 252676ff, March 2023),
+token for token:
 
-    ids    = tokenize(prompt + "\\n" + response + eos_token), truncated to max_length, BOS as the
-             tokenizer adds it: EOS survives only when nothing was cut, so a truncated answer does
-             not teach the model to stop mid-code
-    labels = ids with the first len(tokenize(prompt)) + len(tokenize("\\n") without BOS) masked
-    a prompt of ≥ max_length // 2 tokens is first cut to min(max_length // 2, len(prompt) // 2)
-    characters, and its length recounted with truncation at max_length // 2
+    ids    = tokenize(prompt, truncated to max_length // 2 tokens)   (BOS as the tokenizer adds it)
+           + tokenize("\n") without its BOS
+           + tokenize(response) without its BOS, truncated to the room left
+           + EOS, only when it fits: a truncated answer does not teach the model to stop mid-code
+    labels = ids with the prompt and the newline masked
+
+Each part is tokenized on its own and the ids are concatenated, so on a SentencePiece tokenizer
+(the paper's LLaMA) the newline is `▁ \n` and the answer's first word keeps its `▁` — which
+tokenizing the joined text would not give.
+
+`paper-april` is the later data.py (April 2023, GPT4All-J): the joined text
+`prompt + "\n" + response + eos` tokenized once, truncated to max_length; a prompt of at least
+max_length // 2 tokens first cut to min(max_length // 2, len(prompt) // 2) *characters*.
 
 Every other template is a Jinja chat template (the tokenizer's own as `chat`, a named one, or a
 file): the rendered conversation is tokenized once with character offsets, and tokens that start
 inside an assistant turn, up to and including its EOS, carry loss.
 
 Whichever is used is saved as the tokenizer's `chat_template` next to the trained model, so that
-export, chat, serve and eval render prompts exactly as training did. For `paper` that template
-renders `bos + prompt + "\\n"` for generation.
+export, chat, serve and eval render prompts as training did. For `paper` that template renders
+`bos + prompt + "\n"` for generation and carries a marker (models/chat_templates.py) by which
+eval knows to score a paper-trained model at the boundary training saw.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from distill4all.errors import DataError, TemplateError
+from distill4all.models import chat_templates
+from distill4all.models.chat_templates import CHATML
 from distill4all.train.data import Example
 
 IGNORE = -100
@@ -56,77 +67,72 @@ def adds_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def _bos(tokenizer: Any) -> str:
-    return "{{ bos_token }}" if adds_bos(tokenizer) else ""
-
-
 def paper_jinja(tokenizer: Any) -> str:
-    """The `paper` layout as a chat template: user (and system) turns end in a newline, answers in EOS."""
-    return (
-        _bos(tokenizer) + "{% for message in messages %}"
-        "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-        "{% else %}{{ message['content'] + '\n' }}{% endif %}"
-        "{% endfor %}"
-    )
-
-
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-ALPACA_SYSTEM = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
+    return chat_templates.paper_jinja(adds_bos(tokenizer))
 
 
 def alpaca_jinja(tokenizer: Any) -> str:
-    return (
-        _bos(tokenizer) + "{% if messages[0]['role'] == 'system' %}"
-        "{{ messages[0]['content'] + '\n\n' }}{% set turns = messages[1:] %}"
-        "{% else %}{{ '" + ALPACA_SYSTEM + "\n\n' }}{% set turns = messages %}{% endif %}"
-        "{% for message in turns %}"
-        "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}"
-        "{% else %}{{ message['content'] + eos_token }}{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endif %}"
-        "{% endfor %}"
-    )
+    return chat_templates.alpaca_jinja(adds_bos(tokenizer))
 
 
-NAMED = ("paper", "chat", "chatml", "alpaca")
+NAMED = ("paper", "paper-april", "chat", "chatml", "alpaca")
 
 
 def _cut_prompt(text: str, max_length: int) -> str:
-    """The original's rule for a prompt of half the context or more: keep a prefix of its characters."""
+    """The April rule for a prompt of half the context or more: keep a prefix of its characters."""
     return text[: min(max_length // 2, len(text) // 2)]
 
 
-class PaperTemplate:
-    name = "paper"
+def without_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    """`ids` less a leading BOS (the original cut the first id blindly: its LLaMA always added one)."""
+    return ids[1:] if ids[:1] == [tokenizer.bos_token_id] and tokenizer.bos_token_id is not None else ids
 
-    def __init__(self, tokenizer: Any, max_length: int, train_on_inputs: bool = False) -> None:
+
+class PaperTemplate:
+    """The report's prompt/response layout; `april` selects the later data.py (see the module doc)."""
+
+    def __init__(self, tokenizer: Any, max_length: int, train_on_inputs: bool = False, *, april: bool = False) -> None:
         if tokenizer.eos_token is None:
             raise TemplateError("the tokenizer has no EOS token: a model trained without one could never stop")
+        self.name = "paper-april" if april else "paper"
         self.tok = tokenizer
         self.max_length = max_length
         self.train_on_inputs = train_on_inputs
+        self.april = april
         self.jinja = paper_jinja(tokenizer)
-        newline = tokenizer("\n")["input_ids"]
-        if newline[:1] == [tokenizer.bos_token_id]:  # "ignore bos", as the original
-            newline = newline[1:]
-        self.newline_len = len(newline)
+        self.newline = without_bos(tokenizer, list(tokenizer("\n")["input_ids"]))
+        self.starts_with_bos = adds_bos(tokenizer)
 
     def encode(self, examples: Sequence[Example]) -> list[Encoded]:
         prompts, responses = [], []
         for ex in examples:
             if [m["role"] for m in ex.messages] != ["user", "assistant"]:
                 raise DataError(
-                    f"row {ex.row + 1}: template 'paper' takes prompt/response pairs; "
+                    f"row {ex.row + 1}: template {self.name!r} takes prompt/response pairs; "
                     "use template: chat for conversations or system prompts"
                 )
             prompts.append(ex.messages[0]["content"])
             responses.append(ex.messages[1]["content"])
+        return self._april(prompts, responses) if self.april else self._march(prompts, responses)
+
+    def _march(self, prompts: list[str], responses: list[str]) -> list[Encoded]:
+        half, eos = self.max_length // 2, self.tok.eos_token_id
+        prompt_ids = self.tok(prompts, truncation=True, max_length=half)["input_ids"]
+        out = []
+        for head, response in zip(prompt_ids, responses, strict=True):
+            head = [*head, *self.newline]
+            room = self.max_length - len(head)
+            # the BOS that will be dropped counts toward the truncation, as in the original
+            drop = 1 if self.starts_with_bos else 0
+            answer = without_bos(self.tok, self.tok(response, truncation=True, max_length=room + drop)["input_ids"])
+            ids = [*head, *answer[:room]]
+            if len(ids) < self.max_length:
+                ids.append(eos)
+            masked = 0 if self.train_on_inputs else len(head)
+            out.append(Encoded(ids, [IGNORE] * masked + ids[masked:], truncated=ids[-1] != eos))
+        return out
+
+    def _april(self, prompts: list[str], responses: list[str]) -> list[Encoded]:
         half = self.max_length // 2
         prompt_lens = [len(ids) for ids in self.tok(prompts)["input_ids"]]
         for i, n in enumerate(prompt_lens):
@@ -138,7 +144,7 @@ class PaperTemplate:
         full = self.tok(texts, truncation=True, max_length=self.max_length)["input_ids"]
         out = []
         for ids, prompt_len in zip(full, prompt_lens, strict=True):
-            masked = 0 if self.train_on_inputs else min(prompt_len + self.newline_len, len(ids))
+            masked = 0 if self.train_on_inputs else min(prompt_len + len(self.newline), len(ids))
             labels = [IGNORE] * masked + ids[masked:]
             out.append(Encoded(list(ids), labels, truncated=ids[-1] != self.tok.eos_token_id))
         return out
@@ -233,15 +239,15 @@ class JinjaTemplate:
 def load_template(
     name: str, tokenizer: Any, max_length: int, train_on_inputs: bool = False, file: Path | None = None
 ) -> Template:
-    """`paper`, `chat` (the tokenizer's own chat template), `chatml`, `alpaca`, or a Jinja file."""
+    """`paper`, `paper-april`, `chat` (the tokenizer's own chat template), `chatml`, `alpaca`, or a Jinja file."""
     if file is not None:
         try:
             jinja = file.read_text(encoding="utf-8")
         except OSError as e:
             raise TemplateError(f"cannot read template file {file}: {e.strerror}") from None
         return JinjaTemplate(file.name, jinja, tokenizer, max_length, train_on_inputs)
-    if name == "paper":
-        return PaperTemplate(tokenizer, max_length, train_on_inputs)
+    if name in ("paper", "paper-april"):
+        return PaperTemplate(tokenizer, max_length, train_on_inputs, april=name == "paper-april")
     if name == "chat":
         if not tokenizer.chat_template:
             raise TemplateError(
