@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from distill4all import atomic
 from distill4all.config import ExportConfig
 from distill4all.errors import ExportError, ModelError
-from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, LlamaHparams, check_compat, write_gguf
+from distill4all.export.families import Hparams
+from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, check_compat, write_gguf
 from distill4all.export.merge import is_adapter, merge_adapter
 from distill4all.export.quant_report import REPORT_TEXTS, QuantRow, quant_report, report_table
 from distill4all.export.quantize import quantize
@@ -62,7 +63,7 @@ def export_model(
     # Everything that can reject the input happens before the progress bar starts.
     with console.status(f"reading {spec}…") if not quiet else contextlib.nullcontext():
         hf_dir, merged = source_checkpoint(spec, out_dir)
-        LlamaHparams.from_config(hf_dir)
+        Hparams.from_config(hf_dir)
     steps = len(kinds) + (len(REPORT_TEXTS) if cfg.report else 0)
     with Progress(
         TextColumn("export · {task.fields[step]}"),

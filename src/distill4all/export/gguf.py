@@ -1,4 +1,5 @@
-"""HF LLaMA checkpoint → GGUF (f32 or f16), with the tokenizer and chat template in its metadata.
+"""HF checkpoint → GGUF (f32 or f16), with the tokenizer and chat template in its metadata; the
+families it takes and what each needs are in families.py.
 
 Why a writer of our own: llama.cpp's converter (`convert_hf_to_gguf.py`) lives only in llama.cpp's
 source tree and no well-kept package ships it. The `gguf` package, which that converter itself is
@@ -27,6 +28,7 @@ import numpy as np
 
 from distill4all import atomic
 from distill4all.errors import ExportError
+from distill4all.export.families import Hparams, add_hparams, extra_tensors, transform
 from distill4all.export.quantize import native_stderr
 
 BaseType = Literal["f32", "f16"]
@@ -260,84 +262,6 @@ def _add_vocab(writer: Any, vocab: Vocab, pre: str) -> None:
         writer.add_chat_template(vocab.chat_template)
 
 
-@dataclass(frozen=True)
-class LlamaHparams:
-    n_vocab: int
-    n_ctx: int
-    n_embd: int
-    n_ff: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    rms_eps: float
-    rope_theta: float
-    rope_scaling: tuple[str, float] | None
-    tied: bool
-    name: str
-
-    @classmethod
-    def from_config(cls, hf_dir: Path) -> LlamaHparams:
-        try:
-            c = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ExportError(f"cannot read {hf_dir / 'config.json'}: {e}") from None
-        if c.get("model_type") not in ("llama", "mistral") or c.get("sliding_window"):
-            raise ExportError(
-                f"{hf_dir}: only LLaMA-architecture models can be exported (model_type llama), "
-                f"not {c.get('model_type')!r}"
-            )
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or rope.get("type") or "default"
-        if rope_type not in ("default", "linear"):
-            raise ExportError(f"{hf_dir}: rope scaling {rope_type!r} is not supported by this exporter")
-        n_head = int(c["num_attention_heads"])
-        return cls(
-            n_vocab=int(c["vocab_size"]),
-            n_ctx=int(c.get("max_position_embeddings", 2048)),
-            n_embd=int(c["hidden_size"]),
-            n_ff=int(c["intermediate_size"]),
-            n_layer=int(c["num_hidden_layers"]),
-            n_head=n_head,
-            n_head_kv=int(c.get("num_key_value_heads") or n_head),
-            head_dim=int(c.get("head_dim") or c["hidden_size"] // n_head),
-            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta") or c.get("rope_theta", 10000.0)),
-            rope_scaling=("linear", float(rope["factor"])) if rope_type == "linear" else None,
-            tied=bool(c.get("tie_word_embeddings", False)),
-            name=str(c.get("_name_or_path") or c.get("_model_name_or_path") or hf_dir.name),
-        )
-
-
-def _add_hparams(writer: Any, hp: LlamaHparams, base_type: BaseType) -> None:
-    import gguf
-
-    writer.add_name(Path(hp.name).name or "model")
-    writer.add_vocab_size(hp.n_vocab)
-    writer.add_context_length(hp.n_ctx)
-    writer.add_embedding_length(hp.n_embd)
-    writer.add_feed_forward_length(hp.n_ff)
-    writer.add_block_count(hp.n_layer)
-    writer.add_head_count(hp.n_head)
-    writer.add_head_count_kv(hp.n_head_kv)
-    writer.add_layer_norm_rms_eps(hp.rms_eps)
-    writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_rope_dimension_count(hp.head_dim)
-    if hp.head_dim != hp.n_embd // hp.n_head:
-        writer.add_key_length(hp.head_dim)
-        writer.add_value_length(hp.head_dim)
-    if hp.rope_scaling is not None:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(hp.rope_scaling[1])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if base_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-
-
-def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF stores q/k rows for rotate-half RoPE; GGUF LLaMA wants llama.cpp's interleaved order
-    (the same permutation as llama.cpp's converter, LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _hf_tensors(hf_dir: Path) -> Iterator[tuple[str, Any]]:
     """(name, torch tensor) for every tensor in the checkpoint's safetensors file(s)."""
     from safetensors import safe_open
@@ -351,22 +275,26 @@ def _hf_tensors(hf_dir: Path) -> Iterator[tuple[str, Any]]:
                 yield name, st.get_tensor(name)
 
 
-def convert_tensors(hf_dir: Path, hp: LlamaHparams, base_type: BaseType) -> Iterator[tuple[str, np.ndarray]]:
+def _file_type(base_type: BaseType) -> int:
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
+    return int(gguf.LlamaFileType.ALL_F32 if base_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+
+
+def convert_tensors(hf_dir: Path, hp: Hparams, base_type: BaseType) -> Iterator[tuple[str, np.ndarray]]:
+    import gguf
+
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[hp.family.arch]
+    names = gguf.get_tensor_name_map(arch, hp.n_layer)
+    yield from extra_tensors(hp).items()
     for name, tensor in _hf_tensors(hf_dir):
         if name.endswith("rotary_emb.inv_freq") or (hp.tied and name == "lm_head.weight"):
             continue
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise ExportError(f"{hf_dir}: tensor {name!r} has no GGUF LLaMA counterpart")
-        data = tensor.float().numpy()
-        if name.endswith("q_proj.weight"):
-            data = _permute_rope(data, hp.n_head)
-        elif name.endswith("k_proj.weight"):
-            data = _permute_rope(data, hp.n_head_kv)
-        # As llama.cpp's converter does: 1-D tensors (norms) stay f32.
+            raise ExportError(f"{hf_dir}: tensor {name!r} has no GGUF {hp.family.arch} counterpart")
+        data = transform(name, tensor.float().numpy(), hp)
+        # As llama.cpp's converter does: 1-D tensors (norms, biases) stay f32.
         dtype = np.float16 if base_type == "f16" and data.ndim > 1 else np.float32
         yield new, np.ascontiguousarray(data.astype(dtype))
 
@@ -383,12 +311,12 @@ def write_gguf(
     """Write `out` from the HF checkpoint in `hf_dir`; returns the vocabulary that went in."""
     import gguf
 
-    hp = LlamaHparams.from_config(hf_dir)
+    hp = Hparams.from_config(hf_dir)
     vocab = read_vocab(hf_dir, hp.n_vocab, pre_tokenizer)
     pre = COMPAT_PRE_TOKENIZERS.get(vocab.pre, vocab.pre) if compat else vocab.pre
     with atomic.output_file(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
-        _add_hparams(writer, hp, base_type)
+        writer = gguf.GGUFWriter(tmp, arch=hp.family.arch)
+        add_hparams(writer, hp, _file_type(base_type))
         _add_vocab(writer, vocab, pre)
         for name, data in convert_tensors(hf_dir, hp, base_type):
             writer.add_tensor(name, data)
@@ -406,10 +334,10 @@ def write_vocab_only(out: Path, hf_dir: Path, pre: str) -> None:
     """A GGUF with the tokenizer and no weights, as llama.cpp's own ggml-vocab-*.gguf test files."""
     import gguf
 
-    hp = LlamaHparams.from_config(hf_dir)
+    hp = Hparams.from_config(hf_dir)
     vocab = read_vocab(hf_dir, hp.n_vocab)
-    writer = gguf.GGUFWriter(out, arch="llama")
-    _add_hparams(writer, hp, "f32")
+    writer = gguf.GGUFWriter(out, arch=hp.family.arch)
+    add_hparams(writer, hp, _file_type("f32"))
     _add_vocab(writer, vocab, pre)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -1,0 +1,192 @@
+"""The model families the exporter writes, and what each needs in GGUF beyond the shared layout.
+
+llama.cpp's converter (`convert_hf_to_gguf.py`, one class per architecture) is the reference: the
+GGUF keys, tensor names and transforms below are the ones it writes and llama.cpp's loader reads
+(`gguf`'s own MODEL_ARCH and tensor-name tables do the naming). What differs between families is
+small and listed per family in FAMILIES:
+
+- llama / mistral (arch `llama`): q and k rows permuted from HF's rotate-half order to llama.cpp's
+  interleaved one; RoPE variants linear, yarn and llama3 (a `rope_freqs` tensor of per-frequency
+  divisors, computed as transformers computes the frequencies, from the `rope_scaling` block);
+  Mistral's sliding window is not a llama.cpp setting for this arch (full attention: the same
+  logits while the context is within the window).
+- qwen2: q/k/v biases, no permutation (llama.cpp applies NEOX-style RoPE for it).
+- qwen3: per-head q/k RMS norms; an explicit head_dim.
+
+Gemma 2/3 and Phi-3 need more (norm offsets, soft-capping, sliding/global layers, fused
+projections, long-RoPE factors) and are refused by name for now, with the nearest family.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill4all.errors import ExportError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as the docs' support table names it
+    arch: str  # llama.cpp's architecture (gguf.MODEL_ARCH_NAMES)
+    permute_qk: bool  # llama.cpp's `llama` arch wants interleaved RoPE rows
+    rope_dim_key: bool  # write rope.dimension_count and vocab_size (as the converter does for llama)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "llama", permute_qk=True, rope_dim_key=True),
+    "mistral": Family("mistral", "llama", permute_qk=True, rope_dim_key=True),
+    "qwen2": Family("qwen2", "qwen2", permute_qk=False, rope_dim_key=False),
+    "qwen3": Family("qwen3", "qwen3", permute_qk=False, rope_dim_key=False),
+}
+
+NEAREST: dict[str, str] = {
+    # model_type → the supported family it is closest to (for the error message)
+    "gemma": "llama", "gemma2": "qwen3", "gemma3": "qwen3", "gemma3_text": "qwen3", "phi3": "llama",
+    "phi": "llama", "phimoe": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
+    "olmo": "llama", "olmo2": "llama", "granite": "llama", "cohere": "llama", "stablelm": "llama",
+    "gpt2": "llama", "gpt_neox": "llama", "falcon": "llama", "starcoder2": "qwen2", "deepseek_v2": "llama",
+}  # fmt: skip
+
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class Hparams:
+    family: Family
+    n_vocab: int
+    n_ctx: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    rope: dict[str, Any] = field(default_factory=dict)  # the rope_scaling block, type in "rope_type"
+    tied: bool = False
+    name: str = "model"
+
+    @classmethod
+    def from_config(cls, hf_dir: Path) -> Hparams:
+        try:
+            c = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"cannot read {hf_dir / 'config.json'}: {e}") from None
+        model_type = str(c.get("model_type"))
+        family = FAMILIES.get(model_type)
+        if family is None:
+            nearest = NEAREST.get(model_type, "llama")
+            raise ExportError(
+                f"{hf_dir}: model_type {model_type!r} cannot be exported yet; supported: "
+                f"{', '.join(FAMILIES)} (the nearest is {nearest})"
+            )
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ROPE_TYPES:
+            raise ExportError(
+                f"{hf_dir}: rope scaling {rope_type!r} cannot be exported for {model_type}; "
+                f"supported: {', '.join(ROPE_TYPES)}"
+            )
+        rope["rope_type"] = rope_type
+        n_head = int(c["num_attention_heads"])
+        head_dim = int(c.get("head_dim") or c["hidden_size"] // n_head)
+        if family.arch == "llama" and c.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ExportError(f"{hf_dir}: partial rotary embeddings cannot be exported for {model_type}")
+        return cls(
+            family=family,
+            n_vocab=int(c["vocab_size"]),
+            n_ctx=int(c.get("max_position_embeddings", 2048)),
+            n_embd=int(c["hidden_size"]),
+            n_ff=int(c["intermediate_size"]),
+            n_layer=int(c["num_hidden_layers"]),
+            n_head=n_head,
+            n_head_kv=int(c.get("num_key_value_heads") or n_head),
+            head_dim=head_dim,
+            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta") or c.get("rope_theta", 10000.0)),
+            rope=rope,
+            tied=bool(c.get("tie_word_embeddings", False)),
+            name=str(c.get("_name_or_path") or c.get("_model_name_or_path") or hf_dir.name),
+        )
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope["rope_type"])
+
+
+def add_hparams(writer: Any, hp: Hparams, file_type: int) -> None:
+    """The family's hyperparameter keys, as llama.cpp's converter writes them."""
+    import gguf
+
+    writer.add_name(Path(hp.name).name or "model")
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_block_count(hp.n_layer)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_rope_freq_base(hp.rope_theta)
+    if hp.family.rope_dim_key:
+        writer.add_vocab_size(hp.n_vocab)
+        writer.add_rope_dimension_count(hp.head_dim)
+    if hp.head_dim != hp.n_embd // hp.n_head or hp.family.name == "qwen3":
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    if hp.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(hp.rope["factor"]))
+    elif hp.rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(hp.rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(hp.rope.get("original_max_position_embeddings") or hp.n_ctx))
+    writer.add_file_type(file_type)
+
+
+def extra_tensors(hp: Hparams) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp needs that the checkpoint does not hold: Llama 3's RoPE frequency divisors."""
+    if hp.rope_type != "llama3":
+        return {}
+    return {"rope_freqs.weight": llama3_rope_divisors(hp.rope_theta, hp.head_dim, hp.rope, hp.n_ctx)}
+
+
+def llama3_rope_divisors(theta: float, dim: int, rope: dict[str, Any], n_ctx: int) -> np.ndarray:
+    """What llama.cpp divides each RoPE frequency by so that it equals transformers' llama3 one.
+
+    transformers (modeling_rope_utils._compute_llama3_parameters) scales the low frequencies down
+    by `factor`, keeps the high ones, and blends in between; llama.cpp takes the ratio. The
+    original context length is read from the rope block, as transformers reads it."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope.get("original_max_position_embeddings") or n_ctx)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    final = np.where(medium, blended, scaled)
+    return (inv_freq / final).astype(np.float32)
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF stores q/k rows for rotate-half RoPE; GGUF `llama` wants llama.cpp's interleaved order
+    (the same permutation as llama.cpp's converter, LlamaModel.permute; biases too)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def transform(name: str, data: np.ndarray, hp: Hparams) -> np.ndarray:
+    """A checkpoint tensor as the family's GGUF holds it."""
+    if hp.family.permute_qk:
+        if ".q_proj." in name:
+            return permute_rope(data, hp.n_head)
+        if ".k_proj." in name:
+            return permute_rope(data, hp.n_head_kv)
+    return data

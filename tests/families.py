@@ -1,0 +1,124 @@
+"""Tiny models of the families the exporter takes, built with transformers' own classes and a
+tokenizer of the family's kind trained here on the demo data (nothing downloaded).
+
+Weights are random but not tiny (initializer_range 0.1, five times the usual), so next-token distributions are peaked
+enough that "the same top-1 at every position" tests the conversion, not floating-point luck.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill4all.export.gguf import _LLAMA3_REGEX, _QWEN2_REGEX
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo"
+MIXED = (
+    "Grüße aus München! ¿Qué tal? Привет. 東京は日本の首都です。 안녕하세요 🚀\n"
+    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # 12345 and 0.5%\n\n"
+    "\t\tindented    with   runs of  spaces   \r\n"
+    "SELECT id FROM t WHERE x >= 42;\n" + "The quick brown fox jumps over the lazy dog. " * 4
+)
+"""Multilingual prose, code, digits and whitespace runs: 128+ tokens with any of the tokenizers."""
+
+
+def _corpus() -> str:
+    return (DEMO / "chip2.jsonl").read_text() + (DEMO / "stackoverflow.csv").read_text() + MIXED
+
+
+def byte_level_tokenizer(dest: Path, regex: str, *, bos: str | None, eos: str, extra: list[str]) -> Any:
+    """A byte-level BPE of the Llama 3 / Qwen kind: a Split on the family's regex, then bytes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [t for t in (bos, eos, *extra) if t]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tk.train_from_iterator([_corpus()], trainer)
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))]
+        )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos)
+    tok.save_pretrained(dest)
+    return tok
+
+
+def llama3_tokenizer(dest: Path) -> Any:
+    return byte_level_tokenizer(dest, _LLAMA3_REGEX, bos="<|begin_of_text|>", eos="<|eot_id|>",
+                                extra=["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"])  # fmt: skip
+
+
+def qwen_tokenizer(dest: Path) -> Any:
+    return byte_level_tokenizer(dest, _QWEN2_REGEX, bos=None, eos="<|im_end|>",
+                                extra=["<|endoftext|>", "<|im_start|>"])  # fmt: skip
+
+
+def sentencepiece_tokenizer(dest: Path) -> Any:
+    """LLaMA-1/2 and Mistral v0.1's kind: SentencePiece BPE with byte fallback, BOS added."""
+    from transformers import AutoTokenizer
+
+    from test_export import sentencepiece_llama_with_bos
+
+    model_dir = sentencepiece_llama_with_bos(dest / "sp")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.save_pretrained(dest)
+    shutil.copy(model_dir / "tokenizer.model", dest / "tokenizer.model")
+    return tok
+
+
+COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 512, "initializer_range": 0.1}  # fmt: skip
+
+
+def _build(dest: Path, tokenizer: Callable[[Path], Any], config_class: str, model_class: str, **config: Any) -> Path:
+    import transformers
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer(dest)
+    cfg = getattr(transformers, config_class)(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **{**COMMON, **config}
+    )
+    torch.manual_seed(0)
+    getattr(transformers, model_class)(cfg).save_pretrained(dest)
+    return dest
+
+
+FAMILY_MODELS: dict[str, Callable[[Path], Path]] = {
+    # Llama 3.x: llama3 RoPE over three frequency bands (original context 64 splits head_dim 16's
+    # wavelengths across them), tied embeddings, GQA, a byte-level BPE with BOS.
+    "llama3": lambda d: _build(d, llama3_tokenizer, "LlamaConfig", "LlamaForCausalLM", tie_word_embeddings=True,
+                               rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 64}),
+    "llama-linear": lambda d: _build(d, llama3_tokenizer, "LlamaConfig", "LlamaForCausalLM",
+                                     rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama-yarn": lambda d: _build(d, llama3_tokenizer, "LlamaConfig", "LlamaForCausalLM",
+                                   rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 128}),
+    # Mistral v0.1: a sliding window (wider than the text: llama.cpp's llama arch attends fully),
+    # SentencePiece with byte fallback.
+    "mistral": lambda d: _build(d, sentencepiece_tokenizer, "MistralConfig", "MistralForCausalLM",
+                                sliding_window=4096),
+    # Qwen2.5: q/k/v biases, tied embeddings, rope_theta 1e6.
+    "qwen2": lambda d: _build(d, qwen_tokenizer, "Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True,
+                              rope_theta=1000000.0),
+    # Qwen3: per-head q/k norms, head_dim (32) unlike hidden_size / heads (16).
+    "qwen3": lambda d: _build(d, qwen_tokenizer, "Qwen3Config", "Qwen3ForCausalLM", head_dim=32,
+                              tie_word_embeddings=True, rope_theta=1000000.0),
+}  # fmt: skip
+
+
+def config_of(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "config.json").read_text())  # type: ignore[no-any-return]

@@ -1,0 +1,128 @@
+"""Each exported family computes what its checkpoint computes: a tiny model of each (families.py)
+exported to f32 and Q8_0 GGUF, then llama.cpp's log-probabilities on 128+ tokens of mixed text
+held to transformers' (f32: within 1e-3 everywhere and the same top-1 at every position; Q8_0:
+mean KL ≤ 1e-3), llama.cpp's tokenization to the HF tokenizer's, and greedy continuations at f32
+token for token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, write_config, write_jsonl
+from distill4all.export.gguf import PROBE_TEXT
+from distill4all.runtime.engine import load_engine, log_softmax
+from families import FAMILY_MODELS, MIXED, _build, qwen_tokenizer
+
+# Inside the text, any whitespace; not at its very start, where transformers 5's SentencePiece
+# conversion (Metaspace, prepend_scheme "first") adds no `▁` and SentencePiece and llama.cpp do.
+TEXTS = [MIXED, PROBE_TEXT, "Runs of  two   and\ttabs\t\tthen\n\n\n\nnewlines   ", "mixed 東京 — ü 🙂 1234567890 x"]
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_MODELS))
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    folder = tmp_path_factory.mktemp(request.param)
+    model = FAMILY_MODELS[request.param](folder / "hf")
+    r = run_cli("export", model, "-o", folder / "out", "--base-type", "f32", "--quant", "q8_0", "--no-report")
+    assert r.code == 0, r.output
+    return request.param, model, folder / "out"
+
+
+def hf_logprobs(model_dir: Path, ids: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1).numpy()
+
+
+class F32Llama:
+    """llama.cpp itself (llama-cpp-python) with an f32 KV cache: its default f16 cache rounds
+    keys and values to 11 bits, which alone moves log-probabilities by ~2e-3 on these models."""
+
+    def __init__(self, gguf_file: Path) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=512, logits_all=True, verbose=False,
+                                   type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # fmt: skip
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return log_softmax(np.asarray(self.llm.scores[: len(ids)], dtype=np.float64))
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        out = list(ids)
+        for _ in range(n):
+            out.append(int(self.logprobs(out)[-1].argmax()))
+        return out[len(ids) :]
+
+
+def hf_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+def test_the_gguf_computes_what_the_checkpoint_computes(exported: tuple[str, Path, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    name, model, out = exported
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = list(tok(MIXED)["input_ids"])
+    assert len(ids) >= 128, len(ids)
+    want = hf_logprobs(model, ids)
+    f32 = F32Llama(out / "model-f32.gguf")
+    got = f32.logprobs(ids)
+    assert np.abs(got - want).max() <= 1e-3, (name, float(np.abs(got - want).max()))
+    assert (got.argmax(-1) == want.argmax(-1)).all(), name
+    prompt = list(tok("The quick brown fox")["input_ids"])
+    assert f32.greedy(prompt, 32) == hf_greedy(model, prompt, 32), name
+    q = F32Llama(out / "model-q8_0.gguf").logprobs(ids)
+    kl = float((np.exp(want) * (want - q)).sum(-1).mean())
+    assert kl <= 1e-3, (name, kl)
+    q8 = load_engine(str(out / "model-q8_0.gguf"), n_ctx=512)  # as users run it
+    for text in TEXTS:
+        assert q8.tokenize(text) == list(tok(text)["input_ids"]), (name, text)
+    q8.close()
+
+
+def test_a_family_not_yet_exported_is_named_with_the_nearest(tmp_path: Path) -> None:
+    model = _build(tmp_path / "gemma2", qwen_tokenizer, "Gemma2Config", "Gemma2ForCausalLM", head_dim=16)
+    r = run_cli("export", model, "-o", tmp_path / "out", "--no-report")
+    assert r.code == 2, r.output
+    assert "model_type 'gemma2' cannot be exported yet; supported: llama, mistral, qwen2, qwen3" in r.stderr
+    assert "(the nearest is qwen3)" in r.stderr
+
+
+def test_two_lora_steps_merge_and_export(exported: tuple[str, Path, Path], tmp_path: Path) -> None:
+    """Each family trains (LoRA on q/k/v/o and the MLP), and its adapter merges and exports."""
+    name, model, _ = exported
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}.", "source": "s"} for i in range(12)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    train = {"base_model": str(model), "data": str(data), "val_fraction": 0.0, "global_batch_size": 4,
+             "micro_batch_size": 4, "max_steps": 2, "learning_rate": 1e-2, "warmup_steps": 0, "max_length": 64,
+             "precision": "fp32", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": modules}}  # fmt: skip
+    config = write_config(tmp_path / "run.yaml", {"name": name, "run_dir": "run", "seed": 1, "train": train})
+    r = run_cli("train", config, env={"OMP_NUM_THREADS": "1"})
+    assert r.code == 0, r.output
+    adapter = tmp_path / "run" / "train" / "model"
+    assert (adapter / "adapter_config.json").is_file()
+    r = run_cli("export", adapter, "-o", tmp_path / "out", "--base-type", "f32", "--quant", "f32", "--no-report")
+    assert r.code == 0, r.output
+    from safetensors.torch import load_file
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    delta = (
+        load_file(tmp_path / "out" / "merged" / "model.safetensors")[key] - load_file(model / "model.safetensors")[key]
+    )
+    assert delta.abs().max() > 1e-4  # the adapter is in the merged weights
+    assert F32Llama(tmp_path / "out" / "model-f32.gguf").logprobs([1, 2, 3]).shape[0] == 3
