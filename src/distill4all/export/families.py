@@ -126,6 +126,8 @@ def add_hparams(writer: Any, hp: Hparams, file_type: int) -> None:
     import gguf
 
     writer.add_name(Path(hp.name).name or "model")
+    if hp.family.rope_dim_key:
+        writer.add_vocab_size(hp.n_vocab)
     writer.add_context_length(hp.n_ctx)
     writer.add_embedding_length(hp.n_embd)
     writer.add_feed_forward_length(hp.n_ff)
@@ -135,7 +137,6 @@ def add_hparams(writer: Any, hp: Hparams, file_type: int) -> None:
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
     if hp.family.rope_dim_key:
-        writer.add_vocab_size(hp.n_vocab)
         writer.add_rope_dimension_count(hp.head_dim)
     if hp.head_dim != hp.n_embd // hp.n_head or hp.family.name == "qwen3":
         writer.add_key_length(hp.head_dim)
