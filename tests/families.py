@@ -114,6 +114,13 @@ FAMILY_MODELS: dict[str, Callable[[Path], Path]] = {
     # Qwen2.5: q/k/v biases, tied embeddings, rope_theta 1e6.
     "qwen2": lambda d: _build(d, qwen_tokenizer, "Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True,
                               rope_theta=1000000.0),
+    # Phi-3.5 / Phi-4-mini: fused qkv and gate_up, long-RoPE (long factors, as the context is
+    # longer than the original), partial rotary (0.75), tied embeddings; SentencePiece.
+    "phi3": lambda d: _build(d, sentencepiece_tokenizer, "Phi3Config", "Phi3ForCausalLM", tie_word_embeddings=True,
+                             original_max_position_embeddings=256, pad_token_id=0,
+                             rope_scaling={"rope_type": "longrope", "partial_rotary_factor": 0.75,
+                                           "long_factor": [1.0 + 0.4 * i for i in range(6)],
+                                           "short_factor": [1.0 + 0.1 * i for i in range(6)]}),
     # Qwen3: per-head q/k norms, head_dim (32) unlike hidden_size / heads (16).
     "qwen3": lambda d: _build(d, qwen_tokenizer, "Qwen3Config", "Qwen3ForCausalLM", head_dim=32,
                               tie_word_embeddings=True, rope_theta=1000000.0),

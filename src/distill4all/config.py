@@ -279,7 +279,12 @@ class LoraConfig(Section):
     r: int = Field(8, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="module names (the paper: q_proj, v_proj; Phi-3's are fused: qkv_proj, gate_up_proj), "
+        "or [all-linear]",
+    )
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {

@@ -12,9 +12,13 @@ small and listed per family in FAMILIES:
   logits while the context is within the window).
 - qwen2: q/k/v biases, no permutation (llama.cpp applies NEOX-style RoPE for it).
 - qwen3: per-head q/k RMS norms; an explicit head_dim.
+- phi3 (Phi-3, 3.5, 4-mini): fused qkv and gate_up projections kept fused (llama.cpp's phi3 arch
+  reads them so); partial rotary dimensions; long-RoPE as `rope_factors_long/short` tensors and
+  an attention factor, the original context length as the switch between them; llama.cpp runs
+  Phi-3's sliding window as full attention (the same logits while the context fits the window).
 
-Gemma 2/3 and Phi-3 need more (norm offsets, soft-capping, sliding/global layers, fused
-projections, long-RoPE factors) and are refused by name for now, with the nearest family.
+Gemma 2/3 need more (norm offsets, soft-capping, sliding/global layers) and are refused by name
+for now, with the nearest family.
 """
 
 from __future__ import annotations
@@ -43,17 +47,18 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("mistral", "llama", permute_qk=True, rope_dim_key=True),
     "qwen2": Family("qwen2", "qwen2", permute_qk=False, rope_dim_key=False),
     "qwen3": Family("qwen3", "qwen3", permute_qk=False, rope_dim_key=False),
+    "phi3": Family("phi3", "phi3", permute_qk=False, rope_dim_key=False),
 }
 
 NEAREST: dict[str, str] = {
     # model_type → the supported family it is closest to (for the error message)
-    "gemma": "llama", "gemma2": "qwen3", "gemma3": "qwen3", "gemma3_text": "qwen3", "phi3": "llama",
+    "gemma": "llama", "gemma2": "qwen3", "gemma3": "qwen3", "gemma3_text": "qwen3",
     "phi": "llama", "phimoe": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
     "olmo": "llama", "olmo2": "llama", "granite": "llama", "cohere": "llama", "stablelm": "llama",
     "gpt2": "llama", "gpt_neox": "llama", "falcon": "llama", "starcoder2": "qwen2", "deepseek_v2": "llama",
 }  # fmt: skip
 
-ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class Hparams:
     rope: dict[str, Any] = field(default_factory=dict)  # the rope_scaling block, type in "rope_type"
     tied: bool = False
     name: str = "model"
+    rope_dim: int = 0  # rotary dimensions per head (head_dim unless partial_rotary_factor < 1)
+    n_ctx_orig: int = 0  # original_max_position_embeddings (long-RoPE's switch), else n_ctx
+    sliding_window: int = 0
 
     @classmethod
     def from_config(cls, hf_dir: Path) -> Hparams:
@@ -95,14 +103,19 @@ class Hparams:
                 f"supported: {', '.join(ROPE_TYPES)}"
             )
         rope["rope_type"] = rope_type
+        if rope_type == "longrope" and family.name != "phi3":
+            raise ExportError(f"{hf_dir}: rope scaling 'longrope' is exported for phi3 only, not {model_type}")
         n_head = int(c["num_attention_heads"])
         head_dim = int(c.get("head_dim") or c["hidden_size"] // n_head)
-        if family.arch == "llama" and c.get("partial_rotary_factor", 1.0) != 1.0:
+        partial = float(rope.get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0)
+        if partial != 1.0 and family.name != "phi3":
             raise ExportError(f"{hf_dir}: partial rotary embeddings cannot be exported for {model_type}")
+        n_ctx = int(c.get("max_position_embeddings", 2048))
+        n_ctx_orig = rope.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
         return cls(
             family=family,
             n_vocab=int(c["vocab_size"]),
-            n_ctx=int(c.get("max_position_embeddings", 2048)),
+            n_ctx=n_ctx,
             n_embd=int(c["hidden_size"]),
             n_ff=int(c["intermediate_size"]),
             n_layer=int(c["num_hidden_layers"]),
@@ -114,6 +127,9 @@ class Hparams:
             rope=rope,
             tied=bool(c.get("tie_word_embeddings", False)),
             name=str(c.get("_name_or_path") or c.get("_model_name_or_path") or hf_dir.name),
+            rope_dim=int(partial * c["hidden_size"]) // n_head if family.name == "phi3" else head_dim,
+            n_ctx_orig=int(n_ctx_orig or n_ctx),
+            sliding_window=int(c.get("sliding_window") or 0),
         )
 
     @property
@@ -136,9 +152,14 @@ def add_hparams(writer: Any, hp: Hparams, file_type: int) -> None:
     writer.add_head_count_kv(hp.n_head_kv)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
-    if hp.family.rope_dim_key:
-        writer.add_rope_dimension_count(hp.head_dim)
-    if hp.head_dim != hp.n_embd // hp.n_head or hp.family.name == "qwen3":
+    if hp.family.rope_dim_key or hp.family.name == "phi3":
+        writer.add_rope_dimension_count(hp.rope_dim)
+    if hp.family.name == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(hp.n_ctx_orig)
+        writer.add_sliding_window(hp.sliding_window)
+        if hp.rope_type == "longrope":
+            writer.add_rope_scaling_attn_factors(longrope_attention_factor(hp))
+    elif hp.head_dim != hp.n_embd // hp.n_head or hp.family.name == "qwen3":
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
     if hp.rope_type == "linear":
@@ -152,10 +173,24 @@ def add_hparams(writer: Any, hp: Hparams, file_type: int) -> None:
 
 
 def extra_tensors(hp: Hparams) -> dict[str, np.ndarray]:
-    """Tensors llama.cpp needs that the checkpoint does not hold: Llama 3's RoPE frequency divisors."""
-    if hp.rope_type != "llama3":
-        return {}
-    return {"rope_freqs.weight": llama3_rope_divisors(hp.rope_theta, hp.head_dim, hp.rope, hp.n_ctx)}
+    """Tensors llama.cpp needs that the checkpoint does not hold: Llama 3's RoPE frequency
+    divisors, Phi-3's long-RoPE factors."""
+    if hp.rope_type == "llama3":
+        return {"rope_freqs.weight": llama3_rope_divisors(hp.rope_theta, hp.head_dim, hp.rope, hp.n_ctx)}
+    if hp.rope_type == "longrope":
+        long, short = (np.asarray(hp.rope[k], dtype=np.float32) for k in ("long_factor", "short_factor"))
+        if not len(long) == len(short) == hp.rope_dim // 2:
+            raise ExportError(f"long-RoPE factors must have {hp.rope_dim // 2} entries, not {len(long)}/{len(short)}")
+        return {"rope_factors_long.weight": long, "rope_factors_short.weight": short}
+    return {}
+
+
+def longrope_attention_factor(hp: Hparams) -> float:
+    """transformers' long-RoPE attention scaling (its `attention_factor` when the config has none)."""
+    if (given := hp.rope.get("attention_factor")) is not None:
+        return float(given)
+    scale = hp.n_ctx / hp.n_ctx_orig
+    return math.sqrt(1 + math.log(scale) / math.log(hp.n_ctx_orig)) if scale > 1.0 else 1.0
 
 
 def llama3_rope_divisors(theta: float, dim: int, rope: dict[str, Any], n_ctx: int) -> np.ndarray:

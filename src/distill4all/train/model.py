@@ -120,19 +120,26 @@ def load_model(cfg: TrainConfig, base: Path, tokenizer: Any, precision: str) -> 
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    modules = list(cfg.lora.target_modules)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        # peft's own shorthand for every linear layer but the output head (fused ones included)
+        target_modules="all-linear" if modules == ["all-linear"] else modules,
         task_type="CAUSAL_LM",
     )
     try:
         with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return get_peft_model(model, lora)
-    except ValueError as e:  # e.g. target modules that the architecture does not have
-        raise ConfigError(f"train.lora: {e}") from None
+    except ValueError as e:  # e.g. target modules that the architecture does not have (Phi-3's are fused)
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+        )
+        raise ConfigError(
+            f"train.lora: {e}; this model's linear layers are {', '.join(linear)} (or use all-linear)"
+        ) from None
 
 
 def base_of(model: Any) -> Any:
