@@ -78,6 +78,33 @@ def sentencepiece_tokenizer(dest: Path) -> Any:
     return tok
 
 
+def gemma_tokenizer(dest: Path) -> Any:
+    """Gemma's kind: SentencePiece BPE with byte fallback and no `▁` in front of the text
+    (Gemma's ids: pad 0, eos 1, bos 2, unk 3), BOS added."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    src = dest / "spm"
+    src.mkdir(parents=True)
+    corpus = src / "corpus.txt"
+    corpus.write_text(_corpus())
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(src / "sp"), vocab_size=700, model_type="bpe", byte_fallback=True,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, character_coverage=1.0, split_digits=True, num_threads=1,
+        minloglevel=2, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, add_dummy_prefix=False,
+    )  # fmt: skip
+    (src / "sp.model").rename(src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "add_bos_token": True,
+    }))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.save_pretrained(dest)
+    shutil.copy(src / "tokenizer.model", dest / "tokenizer.model")
+    return tok
+
+
 COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 512, "initializer_range": 0.1}  # fmt: skip
 
@@ -121,6 +148,14 @@ FAMILY_MODELS: dict[str, Callable[[Path], Path]] = {
                              rope_scaling={"rope_type": "longrope", "partial_rotary_factor": 0.75,
                                            "long_factor": [1.0 + 0.4 * i for i in range(6)],
                                            "short_factor": [1.0 + 0.1 * i for i in range(6)]}),
+    # Gemma 2: norms as 1 + w, post-attention and pre/post-feed-forward norms, soft-capping at
+    # 50 and 30 (the released values), alternating sliding/global layers (window wider than the
+    # text), query_pre_attn_scalar = head_dim, tied embeddings scaled by sqrt(hidden). Smaller
+    # weights: llama.cpp's CPU GELU reads a float16 table, off by ~1e-3 on activations this size.
+    "gemma2": lambda d: _build(d, gemma_tokenizer, "Gemma2Config", "Gemma2ForCausalLM", head_dim=16,
+                               initializer_range=0.05,
+                               query_pre_attn_scalar=16, sliding_window=4096, pad_token_id=0,
+                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     # Qwen3: per-head q/k norms, head_dim (32) unlike hidden_size / heads (16).
     "qwen3": lambda d: _build(d, qwen_tokenizer, "Qwen3Config", "Qwen3ForCausalLM", head_dim=32,
                               tie_word_embeddings=True, rope_theta=1000000.0),

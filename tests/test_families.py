@@ -99,11 +99,14 @@ def test_the_gguf_computes_what_the_checkpoint_computes(exported: tuple[str, Pat
 
 
 def test_a_family_not_yet_exported_is_named_with_the_nearest(tmp_path: Path) -> None:
-    model = _build(tmp_path / "gemma2", qwen_tokenizer, "Gemma2Config", "Gemma2ForCausalLM", head_dim=16)
+    model = _build(tmp_path / "gemma3", qwen_tokenizer, "Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16)
     r = run_cli("export", model, "-o", tmp_path / "out", "--no-report")
     assert r.code == 2, r.output
-    assert "model_type 'gemma2' cannot be exported yet; supported: llama, mistral, qwen2, qwen3, phi3" in r.stderr
-    assert "(the nearest is qwen3)" in r.stderr
+    assert (
+        "model_type 'gemma3_text' cannot be exported yet; supported: llama, mistral, qwen2, qwen3, phi3, gemma2"
+        in r.stderr
+    )
+    assert "(the nearest is gemma2)" in r.stderr
 
 
 def test_two_lora_steps_merge_and_export(exported: tuple[str, Path, Path], tmp_path: Path) -> None:

@@ -17,7 +17,12 @@ small and listed per family in FAMILIES:
   an attention factor, the original context length as the switch between them; llama.cpp runs
   Phi-3's sliding window as full attention (the same logits while the context fits the window).
 
-Gemma 2/3 need more (norm offsets, soft-capping, sliding/global layers) and are refused by name
+- gemma2: RMS norm weights stored as transformers' `1 + w` (every `*norm.weight`); the
+  post-attention and pre/post-feed-forward norms; attention and final logit soft-capping; the
+  sliding window; the embedding scale is llama.cpp's own; no output tensor (always tied).
+  llama.cpp scales attention by 1/sqrt(head_dim), so `query_pre_attn_scalar` must equal head_dim.
+
+Gemma 3 (sliding/global layers with two RoPE bases, q/k norms with the offset) is refused by name
 for now, with the nearest family.
 """
 
@@ -40,6 +45,7 @@ class Family:
     arch: str  # llama.cpp's architecture (gguf.MODEL_ARCH_NAMES)
     permute_qk: bool  # llama.cpp's `llama` arch wants interleaved RoPE rows
     rope_dim_key: bool  # write rope.dimension_count and vocab_size (as the converter does for llama)
+    norm_offset: bool = False  # RMS norms hold w where transformers multiplies by 1 + w (Gemma)
 
 
 FAMILIES: dict[str, Family] = {
@@ -48,11 +54,12 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2", "qwen2", permute_qk=False, rope_dim_key=False),
     "qwen3": Family("qwen3", "qwen3", permute_qk=False, rope_dim_key=False),
     "phi3": Family("phi3", "phi3", permute_qk=False, rope_dim_key=False),
+    "gemma2": Family("gemma2", "gemma2", permute_qk=False, rope_dim_key=False, norm_offset=True),
 }
 
 NEAREST: dict[str, str] = {
     # model_type → the supported family it is closest to (for the error message)
-    "gemma": "llama", "gemma2": "qwen3", "gemma3": "qwen3", "gemma3_text": "qwen3",
+    "gemma": "gemma2", "gemma3": "gemma2", "gemma3_text": "gemma2",
     "phi": "llama", "phimoe": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
     "olmo": "llama", "olmo2": "llama", "granite": "llama", "cohere": "llama", "stablelm": "llama",
     "gpt2": "llama", "gpt_neox": "llama", "falcon": "llama", "starcoder2": "qwen2", "deepseek_v2": "llama",
@@ -80,6 +87,7 @@ class Hparams:
     rope_dim: int = 0  # rotary dimensions per head (head_dim unless partial_rotary_factor < 1)
     n_ctx_orig: int = 0  # original_max_position_embeddings (long-RoPE's switch), else n_ctx
     sliding_window: int = 0
+    softcap: tuple[float, float] | None = None  # Gemma 2: attention and final logit soft-capping
 
     @classmethod
     def from_config(cls, hf_dir: Path) -> Hparams:
@@ -111,6 +119,11 @@ class Hparams:
         if partial != 1.0 and family.name != "phi3":
             raise ExportError(f"{hf_dir}: partial rotary embeddings cannot be exported for {model_type}")
         n_ctx = int(c.get("max_position_embeddings", 2048))
+        if family.name == "gemma2" and float(c.get("query_pre_attn_scalar") or head_dim) != head_dim:
+            raise ExportError(
+                f"{hf_dir}: query_pre_attn_scalar {c.get('query_pre_attn_scalar')} differs from head_dim {head_dim}; "
+                "llama.cpp scales Gemma 2's attention by 1/sqrt(head_dim)"
+            )
         n_ctx_orig = rope.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
         return cls(
             family=family,
@@ -130,6 +143,9 @@ class Hparams:
             rope_dim=int(partial * c["hidden_size"]) // n_head if family.name == "phi3" else head_dim,
             n_ctx_orig=int(n_ctx_orig or n_ctx),
             sliding_window=int(c.get("sliding_window") or 0),
+            softcap=(float(c.get("attn_logit_softcapping") or 0.0), float(c.get("final_logit_softcapping") or 0.0))
+            if family.name == "gemma2"
+            else None,
         )
 
     @property
@@ -159,6 +175,13 @@ def add_hparams(writer: Any, hp: Hparams, file_type: int) -> None:
         writer.add_sliding_window(hp.sliding_window)
         if hp.rope_type == "longrope":
             writer.add_rope_scaling_attn_factors(longrope_attention_factor(hp))
+    elif hp.family.name == "gemma2":
+        assert hp.softcap is not None
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+        writer.add_attn_logit_softcapping(hp.softcap[0])
+        writer.add_final_logit_softcapping(hp.softcap[1])
+        writer.add_sliding_window(hp.sliding_window)
     elif hp.head_dim != hp.n_embd // hp.n_head or hp.family.name == "qwen3":
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
@@ -220,6 +243,8 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def transform(name: str, data: np.ndarray, hp: Hparams) -> np.ndarray:
     """A checkpoint tensor as the family's GGUF holds it."""
+    if hp.family.norm_offset and name.endswith("norm.weight"):
+        return data + 1  # as llama.cpp's converter: transformers' Gemma norms compute x * (1 + w)
     if hp.family.permute_qk:
         if ".q_proj." in name:
             return permute_rope(data, hp.n_head)

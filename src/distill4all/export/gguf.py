@@ -288,7 +288,8 @@ def convert_tensors(hf_dir: Path, hp: Hparams, base_type: BaseType) -> Iterator[
     names = gguf.get_tensor_name_map(arch, hp.n_layer)
     yield from extra_tensors(hp).items()
     for name, tensor in _hf_tensors(hf_dir):
-        if name.endswith("rotary_emb.inv_freq") or (hp.tied and name == "lm_head.weight"):
+        tied = hp.tied or hp.family.name == "gemma2"  # llama.cpp's gemma2 has no output tensor
+        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
