@@ -156,6 +156,11 @@ FAMILY_MODELS: dict[str, Callable[[Path], Path]] = {
                                initializer_range=0.05,
                                query_pre_attn_scalar=16, sliding_window=4096, pad_token_id=0,
                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    # Gemma 3 (text): q/k norms with the offset, six layers (five sliding with RoPE base 1e4, one
+    # global with 1e6), no attention soft-capping.
+    "gemma3": lambda d: _build(d, gemma_tokenizer, "Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16,
+                               initializer_range=0.05, num_hidden_layers=6, query_pre_attn_scalar=16,
+                               sliding_window=512, pad_token_id=0),
     # Qwen3: per-head q/k norms, head_dim (32) unlike hidden_size / heads (16).
     "qwen3": lambda d: _build(d, qwen_tokenizer, "Qwen3Config", "Qwen3ForCausalLM", head_dim=32,
                               tie_word_embeddings=True, rope_theta=1000000.0),

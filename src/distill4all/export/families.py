@@ -22,8 +22,10 @@ small and listed per family in FAMILIES:
   sliding window; the embedding scale is llama.cpp's own; no output tensor (always tied).
   llama.cpp scales attention by 1/sqrt(head_dim), so `query_pre_attn_scalar` must equal head_dim.
 
-Gemma 3 (sliding/global layers with two RoPE bases, q/k norms with the offset) is refused by name
-for now, with the nearest family.
+- gemma3 (text): as gemma2, plus per-head q/k norms (with the offset too), no attention
+  soft-capping, and two RoPE bases: the global layers' and the sliding ones' (`freq_base_swa`).
+  llama.cpp fixes the layer pattern (five sliding layers, then a global one), so a config whose
+  `layer_types` differ is refused.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("qwen3", "qwen3", permute_qk=False, rope_dim_key=False),
     "phi3": Family("phi3", "phi3", permute_qk=False, rope_dim_key=False),
     "gemma2": Family("gemma2", "gemma2", permute_qk=False, rope_dim_key=False, norm_offset=True),
+    "gemma3_text": Family("gemma3", "gemma3", permute_qk=False, rope_dim_key=False, norm_offset=True),
 }
 
 NEAREST: dict[str, str] = {
     # model_type → the supported family it is closest to (for the error message)
-    "gemma": "gemma2", "gemma3": "gemma2", "gemma3_text": "gemma2",
+    "gemma": "gemma2", "gemma3": "gemma3_text (its text model)",
     "phi": "llama", "phimoe": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
     "olmo": "llama", "olmo2": "llama", "granite": "llama", "cohere": "llama", "stablelm": "llama",
     "gpt2": "llama", "gpt_neox": "llama", "falcon": "llama", "starcoder2": "qwen2", "deepseek_v2": "llama",
@@ -87,7 +90,8 @@ class Hparams:
     rope_dim: int = 0  # rotary dimensions per head (head_dim unless partial_rotary_factor < 1)
     n_ctx_orig: int = 0  # original_max_position_embeddings (long-RoPE's switch), else n_ctx
     sliding_window: int = 0
-    softcap: tuple[float, float] | None = None  # Gemma 2: attention and final logit soft-capping
+    softcap: tuple[float, float] | None = None  # Gemma: attention and final logit soft-capping (0: none)
+    rope_theta_swa: float = 0.0  # Gemma 3: the sliding layers' RoPE base
 
     @classmethod
     def from_config(cls, hf_dir: Path) -> Hparams:
@@ -104,6 +108,9 @@ class Hparams:
                 f"{', '.join(FAMILIES)} (the nearest is {nearest})"
             )
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        local = dict(rope.get("sliding_attention") or {})
+        if "full_attention" in rope:  # transformers 5's per-layer-type RoPE (Gemma 3)
+            rope = dict(rope["full_attention"])
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if rope_type not in ROPE_TYPES:
             raise ExportError(
@@ -119,10 +126,19 @@ class Hparams:
         if partial != 1.0 and family.name != "phi3":
             raise ExportError(f"{hf_dir}: partial rotary embeddings cannot be exported for {model_type}")
         n_ctx = int(c.get("max_position_embeddings", 2048))
-        if family.name == "gemma2" and float(c.get("query_pre_attn_scalar") or head_dim) != head_dim:
+        if family.name == "gemma3":
+            pattern = [
+                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(c["num_hidden_layers"])
+            ]
+            if c.get("layer_types", pattern) != pattern:
+                raise ExportError(f"{hf_dir}: llama.cpp runs Gemma 3 with five sliding layers to each global one, "
+                                  "and this config's layer_types differ")  # fmt: skip
+            if c.get("attn_logit_softcapping"):
+                raise ExportError(f"{hf_dir}: Gemma 3 with attention soft-capping cannot be exported")
+        if family.norm_offset and float(c.get("query_pre_attn_scalar") or head_dim) != head_dim:
             raise ExportError(
                 f"{hf_dir}: query_pre_attn_scalar {c.get('query_pre_attn_scalar')} differs from head_dim {head_dim}; "
-                "llama.cpp scales Gemma 2's attention by 1/sqrt(head_dim)"
+                "llama.cpp scales Gemma's attention by 1/sqrt(head_dim)"
             )
         n_ctx_orig = rope.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
         return cls(
@@ -144,8 +160,9 @@ class Hparams:
             n_ctx_orig=int(n_ctx_orig or n_ctx),
             sliding_window=int(c.get("sliding_window") or 0),
             softcap=(float(c.get("attn_logit_softcapping") or 0.0), float(c.get("final_logit_softcapping") or 0.0))
-            if family.name == "gemma2"
+            if family.norm_offset
             else None,
+            rope_theta_swa=float(local.get("rope_theta") or c.get("rope_local_base_freq") or 10000.0),
         )
 
     @property
@@ -175,13 +192,17 @@ def add_hparams(writer: Any, hp: Hparams, file_type: int) -> None:
         writer.add_sliding_window(hp.sliding_window)
         if hp.rope_type == "longrope":
             writer.add_rope_scaling_attn_factors(longrope_attention_factor(hp))
-    elif hp.family.name == "gemma2":
+    elif hp.family.norm_offset:  # Gemma 2 and 3
         assert hp.softcap is not None
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
-        writer.add_attn_logit_softcapping(hp.softcap[0])
-        writer.add_final_logit_softcapping(hp.softcap[1])
+        if hp.softcap[0]:
+            writer.add_attn_logit_softcapping(hp.softcap[0])
+        if hp.softcap[1]:
+            writer.add_final_logit_softcapping(hp.softcap[1])
         writer.add_sliding_window(hp.sliding_window)
+        if hp.family.name == "gemma3":
+            writer.add_rope_freq_base_swa(hp.rope_theta_swa)
     elif hp.head_dim != hp.n_embd // hp.n_head or hp.family.name == "qwen3":
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
