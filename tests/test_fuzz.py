@@ -15,10 +15,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +29,7 @@ from distill4all.curate import curation, pairs
 from distill4all.errors import UserError
 from distill4all.store import Store
 from runtime_models import trained_export, trained_tiny
-from test_server import free_port
+from test_server import running_server
 
 EXAMPLES = {"curate": 30, "serve": 200}
 
@@ -182,34 +178,13 @@ def request_body(draw: st.DrawFn) -> tuple[str, bytes]:
     return path, json.dumps(body, allow_nan=True).encode()
 
 
-def _serving(model: Path, log: Path) -> Iterator[str]:
-    port = free_port()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "distill4all", "serve", str(model), "--port", str(port), "--model-name",
-             "tiny-chat", "--n-ctx", "256", "--read-timeout", "5"], stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    assert proc.poll() is None, log.read_text()
-    try:
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
-
-
 @pytest.fixture(scope="module", params=["llama.cpp", "transformers"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     model = trained_export() / "model-q8_0.gguf" if request.param == "llama.cpp" else trained_tiny()
-    yield from _serving(model, tmp_path_factory.mktemp("fuzz-serve") / "server.log")
+    log = tmp_path_factory.mktemp("fuzz-serve") / "server.log"
+    with running_server(log, "--read-timeout", "5", model=model, key=None) as server:
+        yield server.url
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 def test_random_bodies_never_get_a_500_and_never_stop_the_server(served: str) -> None:

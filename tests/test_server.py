@@ -28,6 +28,7 @@ from distill4all.runtime.engine import SamplingParams, load_engine
 from runtime_models import CHATS, trained_export
 
 KEY = "test-key-9f2c"
+API_KEY = "DISTILL4ALL_API_KEY"
 
 
 @dataclass
@@ -55,14 +56,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(log: Path, *args: str) -> Iterator[Server]:
-    gguf = trained_export()
+def running_server(log: Path, *args: str, model: Path | None = None, key: str | None = KEY) -> Iterator[Server]:
+    """`distill4all serve` in a subprocess (by default the tiny chat model's Q8_0 file, with an API key)."""
+    model = model or trained_export() / "model-q8_0.gguf"
     port = free_port()
+    env = {**os.environ, "DISTILL4ALL_API_KEY": key} if key else {k: v for k, v in os.environ.items() if k != API_KEY}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "distill4all", "serve", str(gguf / "model-q8_0.gguf"), "--port", str(port),
+            [sys.executable, "-m", "distill4all", "serve", str(model), "--port", str(port),
              "--model-name", "tiny-chat", "--n-ctx", "256", *args],
-            env={**os.environ, "DISTILL4ALL_API_KEY": KEY}, stdout=out, stderr=subprocess.STDOUT, text=True,
+            env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -74,7 +77,7 @@ def running_server(log: Path, *args: str) -> Iterator[Server]:
             time.sleep(0.2)
         assert proc.poll() is None, log.read_text()
     try:
-        yield Server(url, gguf / "model-q8_0.gguf", proc)
+        yield Server(url, model, proc)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
