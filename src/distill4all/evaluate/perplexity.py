@@ -10,7 +10,7 @@ import math
 from typing import Protocol
 
 from distill4all.evaluate.data import Item
-from distill4all.models.chat_templates import is_paper_layout
+from distill4all.models.chat_templates import is_paper_layout, paper_prompt_ids
 
 Message = dict[str, str]
 
@@ -85,8 +85,7 @@ def conditioned_ids(engine: Scorer, item: Item) -> tuple[list[int], list[int]]:
     user = item.instruction if not item.input else f"{item.instruction}\n\n{item.input}"
     template = engine.chat_template
     if template is None or is_paper_layout(template):
-        context = engine.tokenize(user, add_special=True) + engine.tokenize("\n", add_special=False)
-        return context, engine.tokenize(item.output, add_special=False)
+        return paper_prompt_ids(engine.tokenize, [user]), engine.tokenize(item.output, add_special=False)
     prompt = engine.render_chat([{"role": "user", "content": user}], add_generation_prompt=True)
     full = engine.render_chat([{"role": "user", "content": user}, {"role": "assistant", "content": item.output}],
                               add_generation_prompt=False)  # fmt: skip

@@ -10,6 +10,8 @@ trained so at that boundary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 PAPER_MARK = "{# distill4all: paper layout (prompt, newline and answer tokenized apart) #}"
 
 CHATML = (
@@ -65,3 +67,12 @@ def layout_jinja(name: str, add_bos: bool) -> str:
 
 def is_paper_layout(template: str | None) -> bool:
     return template is not None and template.startswith(PAPER_MARK)
+
+
+def paper_prompt_ids(tokenize: Callable[..., list[int]], texts: list[str]) -> list[int]:
+    """The paper layout's prompt as training built it: each text and its newline tokenized apart,
+    BOS (where the tokenizer adds one) in front only — on SentencePiece `▁ \\n`, unlike the joined text."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenize(text, add_special=not ids) + tokenize("\n", add_special=False)
+    return ids

@@ -31,7 +31,7 @@ from distill4all import offline_defaults
 from distill4all.config import ENGINE_SAMPLING, SamplingDefaults
 from distill4all.errors import ContextLengthError, ModelError
 from distill4all.models import resolve_model
-from distill4all.models.chat_templates import is_paper_layout
+from distill4all.models.chat_templates import is_paper_layout, paper_prompt_ids
 from distill4all.models.registry import quiet_hf
 
 Message = dict[str, str]
@@ -248,12 +248,7 @@ class Engine(ABC):
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
         if is_paper_layout(self.chat_template) and all(m["role"] != "assistant" for m in messages):
-            # a model trained in the paper's layout saw each text and the newline tokenized apart
-            # (BOS in front only): on SentencePiece `▁ \n`, which the joined text would not give
-            ids: list[int] = []
-            for m in messages:
-                ids += self.tokenize(m["content"], add_special=not ids) + self.tokenize("\n", add_special=False)
-            return ids
+            return paper_prompt_ids(self.tokenize, [m["content"] for m in messages])
         # A rendered chat template holds every special token it wants (as apply_chat_template's
         # own tokenize=True path assumes), so nothing is added.
         return self.tokenize(self.render_chat(messages), add_special=False)
