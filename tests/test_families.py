@@ -15,7 +15,16 @@ import torch
 from conftest import run_cli, write_config, write_jsonl
 from distill4all.export.gguf import PROBE_TEXT
 from distill4all.runtime.engine import load_engine, log_softmax
-from families import FAMILY_MODELS, MIXED, _build, config_of, qwen_tokenizer
+from families import (
+    FAMILY_MODELS,
+    MIXED,
+    TURN_END,
+    _build,
+    chat_kind,
+    config_of,
+    qwen_tokenizer,
+    sentencepiece_tokenizer,
+)
 
 # Inside the text, any whitespace; not at its very start, where transformers 5's SentencePiece
 # conversion (Metaspace, prepend_scheme "first") adds no `▁` and SentencePiece and llama.cpp do.
@@ -28,6 +37,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     model = FAMILY_MODELS[request.param](folder / "hf")
     r = run_cli("export", model, "-o", folder / "out", "--base-type", "f32", "--quant", "q8_0", "--no-report")
     assert r.code == 0, r.output
+    assert "tokenizes chat prompts differently" not in r.output
     return request.param, model, folder / "out"
 
 
@@ -99,12 +109,23 @@ def test_the_gguf_computes_what_the_checkpoint_computes(exported: tuple[str, Pat
 
 
 def test_a_family_not_yet_exported_is_named_with_the_nearest(tmp_path: Path) -> None:
-    model = _build(tmp_path / "gemma", qwen_tokenizer, "GemmaConfig", "GemmaForCausalLM", head_dim=16)
+    model = _build(tmp_path / "gemma", qwen_tokenizer, "GemmaConfig", "GemmaForCausalLM", "chatml", head_dim=16)
     r = run_cli("export", model, "-o", tmp_path / "out", "--no-report")
     assert r.code == 2, r.output
     supported = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text"
     assert f"model_type 'gemma' cannot be exported yet; supported: {supported}" in r.stderr
     assert "(the nearest is gemma2)" in r.stderr
+
+
+def test_a_tokenizer_whose_chat_prompts_llama_cpp_splits_otherwise_is_warned_of(tmp_path: Path) -> None:
+    """A SentencePiece tokenizer converted with `legacy: false` puts no `▁` after a special token;
+    llama.cpp always does, so the GGUF's chat prompts differ from training's: export says so."""
+    model = _build(tmp_path / "hf", lambda d: sentencepiece_tokenizer(d, legacy=False), "MistralConfig",
+                   "MistralForCausalLM", "mistral")  # fmt: skip
+    r = run_cli("export", model, "-o", tmp_path / "out", "--base-type", "f32", "--quant", "f32", "--no-report")
+    assert r.code == 0, r.output
+    assert "llama.cpp tokenizes chat prompts differently from the HF tokenizer at token 1" in r.output
+    assert "legacy: false" in r.output
 
 
 def test_two_lora_steps_merge_and_export(exported: tuple[str, Path, Path], tmp_path: Path) -> None:
@@ -131,3 +152,86 @@ def test_two_lora_steps_merge_and_export(exported: tuple[str, Path, Path], tmp_p
     )
     assert delta.abs().max() > 1e-4  # the adapter is in the merged weights
     assert F32Llama(tmp_path / "out" / "model-f32.gguf").logprobs([1, 2, 3]).shape[0] == 3
+
+
+def test_the_family_template_trains_answers_up_to_its_turn_end(exported: tuple[str, Path, Path]) -> None:
+    """Training on the family's own chat template puts loss on the answer and the token that ends
+    the turn (EOS, or `<|eot_id|>` / `<end_of_turn>` / `<|end|>` / `<|im_end|>` where the template
+    writes one) and on nothing after it."""
+    from transformers import AutoTokenizer
+
+    from distill4all.train.data import Example
+    from distill4all.train.templates import IGNORE, load_template
+
+    _, model, _ = exported
+    tok = AutoTokenizer.from_pretrained(model)
+    end_id = tok.convert_tokens_to_ids(TURN_END[chat_kind(model)])
+    messages = ({"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"})
+    (enc,) = load_template("chat", tok, 64).encode([Example(messages=messages, source="s", row=0)])
+    trained = [t for t in enc.labels if t != IGNORE]
+    assert trained[-1] == end_id and trained.count(end_id) == 1, tok.convert_ids_to_tokens(trained)
+    assert tok.decode(trained[:-1]).strip() == "Hi there!"
+
+
+def test_a_model_trained_on_its_family_template_stops_on_both_engines_and_evaluates(
+    exported: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    """Fine-tuned until it knows one answer, each family's model says exactly that answer and stops
+    at its template's turn end through transformers and through its GGUF; eval scores both alike."""
+    import json
+
+    import gguf
+
+    from distill4all.runtime.engine import LlamaCppEngine, SamplingParams, TransformersEngine
+
+    name, model, _ = exported
+    end = TURN_END[chat_kind(model)]
+    rows = [{"prompt": "Say hi", "response": "Hi there!", "source": "s"}] * 8
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    train = {"base_model": str(model), "data": str(data), "val_fraction": 0.0, "global_batch_size": 8,
+             "micro_batch_size": 8, "max_steps": 40, "learning_rate": 3e-3, "warmup_steps": 0, "max_length": 64,
+             "precision": "fp32", "method": "full", "template": "chat"}  # fmt: skip
+    config = write_config(tmp_path / "run.yaml", {"name": name, "run_dir": "run", "seed": 1, "train": train})
+    r = run_cli("train", config, env={"OMP_NUM_THREADS": "1"})
+    assert r.code == 0, r.output
+    trained = tmp_path / "run" / "train" / "model"
+    r = run_cli("export", trained, "-o", tmp_path / "out", "--base-type", "f32", "--quant", "f32", "--no-report")
+    assert r.code == 0, r.output
+    gguf_file = tmp_path / "out" / "model-f32.gguf"
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained)
+    end_id = tok.convert_tokens_to_ids(end)
+    assert end_id in json.loads((trained / "generation_config.json").read_text())["eos_token_id"]
+    if end_id != tok.eos_token_id:
+        field = gguf.GGUFReader(gguf_file).get_field(gguf.Keys.Tokenizer.EOT_ID)
+        assert field is not None and int(field.contents()) == end_id
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    for engine in (TransformersEngine(trained), LlamaCppEngine(gguf_file)):
+        prompt = engine.chat_ids([{"role": "user", "content": "Say hi"}])
+        answer = engine.generate_ids(prompt, greedy)
+        assert (answer.text.strip(), answer.finish_reason) == ("Hi there!", "stop"), (engine.backend, answer)
+        # what it stopped at: the turn end, the token after the answer
+        assert int(engine.logits(prompt + answer.token_ids)[-1].argmax()) == end_id, engine.backend
+        engine.close()
+
+    items = write_jsonl(tmp_path / "items.jsonl", [{"instruction": "Say hi", "output": "Hi there!"},
+                                                   {"instruction": "Greet me.", "output": "Hello, friend."}])  # fmt: skip
+    r = run_cli("eval", "--data", items, "--model", f"hf={trained}", "--model", f"gguf={gguf_file}",
+                "--out", tmp_path / "eval", "--baseline", "hf")  # fmt: skip
+    assert r.code == 0, r.output
+    scores = {}
+    for label in ("hf", "gguf"):
+        for line in (tmp_path / "eval" / f"perplexity-{label}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            scores |= {(label, row["id"], metric): row[metric] for metric in ("faithful", "conditioned")}
+    assert len(scores) == 2 * 2 * 2 and all(np.isfinite(list(scores.values()))), scores
+    if name == "phi3":
+        # llama.cpp picks long-RoPE's long factors by context size (512 here, over the original
+        # 256), transformers by text length (these are short): docs/export.md.
+        return
+    for (label, item, metric), ppl in scores.items():
+        if label == "gguf":  # within the engine's float16 KV cache
+            assert ppl == pytest.approx(scores["hf", item, metric], rel=5e-3), (item, metric)

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from distill4all import atomic
 from distill4all.config import ExportConfig
 from distill4all.errors import ExportError, ModelError
 from distill4all.export.families import Hparams
-from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, check_compat, write_gguf
+from distill4all.export.gguf import COMPAT_PRE_TOKENIZERS, chat_token_difference, check_compat, write_gguf
 from distill4all.export.merge import is_adapter, merge_adapter
 from distill4all.export.quant_report import REPORT_TEXTS, QuantRow, quant_report, report_table
 from distill4all.export.quantize import quantize
@@ -33,6 +34,7 @@ class ExportOutcome:
     report: list[QuantRow] = field(default_factory=list)
     pre_tokenizer: str = ""  # the name written into the files
     compat_checked_tokens: int = 0  # tokens of the probe text both pre-tokenizer names split alike
+    chat_tokens: str | None = None  # how llama.cpp's chat-prompt tokens differ from training's, if they do
 
 
 def check_source(spec: str) -> None:
@@ -81,6 +83,9 @@ def export_model(
         if not base.is_file():
             write_gguf(hf_dir, base, cfg.base_type, pre_tokenizer=cfg.pre_tokenizer, compat=cfg.compat)
         outcome.pre_tokenizer = _pre_name(base)
+        outcome.chat_tokens = chat_token_difference(base, hf_dir)
+        if outcome.chat_tokens:
+            console.print(f"[yellow]warning:[/] {escape(outcome.chat_tokens)}")
         bar.advance(task)
 
         if cfg.compat and outcome.pre_tokenizer in COMPAT_PRE_TOKENIZERS.values():

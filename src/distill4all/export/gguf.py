@@ -30,6 +30,7 @@ from distill4all import atomic
 from distill4all.errors import ExportError
 from distill4all.export.families import Hparams, add_hparams, extra_tensors, transform
 from distill4all.export.quantize import native_stderr
+from distill4all.models.chat_templates import hf_stop_ids
 
 BaseType = Literal["f32", "f16"]
 
@@ -141,6 +142,16 @@ def _special_vocab(hf_dir: Path, n_vocab: int, *, merges: bool) -> Any:
     return gguf.SpecialVocab(hf_dir, load_merges=merges, n_vocab=n_vocab)
 
 
+def _with_answer_end(special_ids: dict[str, int], tok: Any) -> dict[str, int]:
+    """The special ids, with EOT when the chat template ends an answer in a token other than EOS
+    (`<|eot_id|>` over a base Llama 3's EOS, Gemma's `<end_of_turn>`): llama.cpp stops at it."""
+    ids = dict(special_ids)
+    ends = [t for t in hf_stop_ids(tok) if t != ids.get("eos", tok.eos_token_id)]
+    if ends and "eot" not in ids:
+        ids["eot"] = ends[0]
+    return ids
+
+
 def _adds(tok: Any) -> tuple[bool, bool]:
     """Whether the tokenizer adds BOS / EOS, as it really does (configs can disagree with it)."""
     probe = tok("a", add_special_tokens=True)["input_ids"]
@@ -199,7 +210,7 @@ def _sentencepiece_vocab(hf_dir: Path, tok: Any, tj: dict[str, Any], n_vocab: in
         tokens=tokens,
         token_types=[int(t) for t in types],
         merges=[],
-        special_ids=dict(_special_vocab(hf_dir, n_vocab, merges=False).special_token_ids),
+        special_ids=_with_answer_end(_special_vocab(hf_dir, n_vocab, merges=False).special_token_ids, tok),
         add_bos=bos,
         add_eos=eos,
         chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
@@ -233,7 +244,7 @@ def _byte_level_vocab(hf_dir: Path, tok: Any, tj: dict[str, Any], n_vocab: int, 
         tokens=tokens,
         token_types=[int(t) for t in types],
         merges=list(special.merges),
-        special_ids=dict(special.special_token_ids),
+        special_ids=_with_answer_end(special.special_token_ids, tok),
         add_bos=bos,
         add_eos=eos,
         chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
@@ -346,8 +357,9 @@ def write_vocab_only(out: Path, hf_dir: Path, pre: str) -> None:
     writer.close()
 
 
-def llama_tokenize(gguf_file: Path, text: str, *, add_special: bool = True) -> list[int]:
-    """How llama.cpp tokenizes `text` with the vocabulary in `gguf_file` (weights are not read)."""
+def llama_tokenize(gguf_file: Path, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    """How llama.cpp tokenizes `text` with the vocabulary in `gguf_file` (weights are not read);
+    `parse_special` reads special tokens written in the text as such, as chat prompts need."""
     import llama_cpp
     from llama_cpp import _logger
 
@@ -358,7 +370,7 @@ def llama_tokenize(gguf_file: Path, text: str, *, add_special: bool = True) -> l
     except (ValueError, RuntimeError) as e:
         raise ExportError(f"llama.cpp cannot read the vocabulary of {gguf_file}: {e}") from None
     try:
-        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False))
+        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
     finally:
         llm.close()
 
@@ -384,6 +396,45 @@ def check_tokenizer(gguf_file: Path, hf_dir: Path, text: str = PROBE_TEXT) -> No
             f"(llama.cpp {got[i : i + 5]} vs HF {want[i : i + 5]}); the pre-tokenizer name is probably "
             "wrong: set export.pre_tokenizer"
         )
+
+
+CHAT_PROBE = [
+    {"role": "user", "content": "Hi, who are you?"},
+    {"role": "assistant", "content": "A helpful assistant.\nAsk me anything."},
+    {"role": "user", "content": "Write one line of code."},
+]
+
+
+def chat_token_difference(gguf_file: Path, hf_dir: Path) -> str | None:
+    """How llama.cpp's tokens of a chat prompt (the model's template, special tokens parsed) first
+    differ from the HF tokenizer's, or None where they agree or there is no template.
+
+    Text right after a special token is where they can: llama.cpp's SentencePiece always puts a
+    `▁` in front of it (the original LLaMA tokenizer, HF's `legacy: true`); a tokenizer converted
+    with `legacy: false` does not. Plain text is checked by check_tokenizer."""
+    from transformers import AutoTokenizer
+
+    from distill4all.models.registry import quiet_hf
+
+    with quiet_hf():
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+    if not isinstance(tok.chat_template, str) or not tok.chat_template:
+        return None
+    try:
+        text = str(tok.apply_chat_template(CHAT_PROBE, tokenize=False, add_generation_prompt=True))
+    except Exception:  # a template that refuses this conversation (roles it does not take)
+        return None
+    want = list(tok(text, add_special_tokens=False)["input_ids"])
+    got = llama_tokenize(gguf_file, text, add_special=False, parse_special=True)
+    if got == want:
+        return None
+    i = _first_difference(got, want)
+    return (
+        f"llama.cpp tokenizes chat prompts differently from the HF tokenizer at token {i} "
+        f"(llama.cpp {tok.convert_ids_to_tokens(got[i : i + 3])} vs HF {tok.convert_ids_to_tokens(want[i : i + 3])}), "
+        "so the GGUF sees prompts slightly unlike training's; a SentencePiece tokenizer with `legacy: false` is "
+        "the usual cause (llama.cpp puts ▁ after every special token)"
+    )
 
 
 def check_compat(hf_dir: Path, name: str, compat: str, work: Path, text: str = PROBE_TEXT) -> int:

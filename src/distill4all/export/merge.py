@@ -6,6 +6,7 @@ from pathlib import Path
 
 from distill4all import atomic
 from distill4all.errors import ModelError
+from distill4all.models.chat_templates import hf_stop_ids
 from distill4all.models.registry import quiet_hf
 from distill4all.runtime.engine import adapter_base
 
@@ -30,6 +31,8 @@ def merge_adapter(adapter_dir: Path, out: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot merge the adapter in {adapter_dir} into {base}: {e}") from None
+    # What the model stops at: EOS and the end-of-turn token of the template it was trained with.
+    model.generation_config.eos_token_id = hf_stop_ids(tokenizer)
     with atomic.output_dir(out, replace=True) as tmp, quiet_hf():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

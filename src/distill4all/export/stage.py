@@ -51,6 +51,7 @@ def run(ctx: StageContext) -> StageResult:
         "files": len(outcome.files),
         "pre_tokenizer": outcome.pre_tokenizer,
         "compat_checked_tokens": outcome.compat_checked_tokens,
+        "chat_tokens_differ": outcome.chat_tokens,
         "quant_report": report,
     }
     return StageResult(counts=counts, artifacts=artifacts)

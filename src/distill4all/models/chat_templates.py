@@ -10,7 +10,8 @@ trained so at that boundary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 PAPER_MARK = "{# distill4all: paper layout (prompt, newline and answer tokenized apart) #}"
 
@@ -75,4 +76,52 @@ def paper_prompt_ids(tokenize: Callable[..., list[int]], texts: list[str]) -> li
     ids: list[int] = []
     for text in texts:
         ids += tokenize(text, add_special=not ids) + tokenize("\n", add_special=False)
+    return ids
+
+
+PROBE_ANSWER = "Hello"
+PROBE = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE_ANSWER})
+
+
+def answer_end(render: Callable[[Sequence[dict[str, str]]], str], specials: Iterable[str]) -> str | None:
+    """The special token that ends an assistant answer under a chat template: EOS in most, an
+    end-of-turn token in others (Llama 3's `<|eot_id|>` over a base model's `<|end_of_text|>`,
+    Gemma's `<end_of_turn>`, Phi-3's `<|end|>`, ChatML's `<|im_end|>` on a base Qwen). It is the
+    first of `specials` after the answer's text (the longest where two start there); None when
+    the answer ends in none, so a model trained with the template could never stop.
+    `render` writes a whole conversation (no generation prompt)."""
+    full = render(PROBE)
+    at = full.rfind(PROBE_ANSWER)
+    if at < 0:
+        return None
+    rest = full[at + len(PROBE_ANSWER) :]
+    found = [(rest.find(s), -len(s), s) for s in set(specials) if s and s in rest]
+    return min(found)[2] if found else None
+
+
+def hf_specials(tokenizer: object) -> set[str]:
+    """The special tokens of an HF tokenizer: its named ones and every added token marked special."""
+    names = set(getattr(tokenizer, "all_special_tokens", []))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return names | {t.content for t in added.values() if getattr(t, "special", False)}
+
+
+def hf_stop_ids(tokenizer: object, jinja: str | None = None) -> list[int]:
+    """EOS and the token that ends an answer under `jinja` (default: the tokenizer's own chat
+    template), as generation_config.eos_token_id lists them."""
+    tok: Any = tokenizer
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    template = jinja if jinja is not None else tok.chat_template
+    if isinstance(template, str) and template:
+        try:
+            end = answer_end(
+                lambda m: str(tok.apply_chat_template(list(m), chat_template=template, tokenize=False)),
+                hf_specials(tok),
+            )
+        except Exception:  # a template that cannot render the probe adds no stop token
+            end = None
+        if end is not None:
+            end_id = tok.convert_tokens_to_ids(end)
+            if isinstance(end_id, int) and end_id not in ids:
+                ids.append(end_id)
     return ids

@@ -31,7 +31,7 @@ from distill4all import offline_defaults
 from distill4all.config import ENGINE_SAMPLING, SamplingDefaults
 from distill4all.errors import ContextLengthError, ModelError
 from distill4all.models import resolve_model
-from distill4all.models.chat_templates import is_paper_layout, paper_prompt_ids
+from distill4all.models.chat_templates import answer_end, hf_stop_ids, is_paper_layout, paper_prompt_ids
 from distill4all.models.registry import quiet_hf
 
 Message = dict[str, str]
@@ -417,7 +417,8 @@ class LlamaCppEngine(Engine):
         self.metadata: dict[str, str] = dict(self.llm.metadata)
         self._vocab = self.llm._model.vocab
         self._n_vocab = self.llm.n_vocab()
-        self.eos_ids = {t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        self._eog = {t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        self.eos_ids = set(self._eog)
         self._template = self.metadata.get("tokenizer.chat_template")
         self._formatters: dict[bool, Any] = {}
         # Free llama.cpp's memory before interpreter shutdown tears down the bindings, which
@@ -445,8 +446,23 @@ class LlamaCppEngine(Engine):
         return self._template
 
     def use_chat_template(self, jinja: str) -> None:
+        """Also stops at the token that ends an answer under `jinja`, where the GGUF's own
+        end-of-generation tokens do not include it."""
         self._template = jinja
         self._formatters = {}
+        try:
+            end = answer_end(lambda m: self.render_chat(list(m), add_generation_prompt=False), self._control_tokens)
+        except ModelError:  # a template that rejects the probe conversation: its GGUF's stops only
+            end = None
+        self.eos_ids = self._eog | ({self._control_tokens[end]} if end is not None else set())
+
+    @functools.cached_property
+    def _control_tokens(self) -> dict[str, int]:
+        import llama_cpp
+
+        attr = llama_cpp.llama_vocab_get_attr
+        control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        return {self.token_text(t): t for t in range(self._n_vocab) if attr(self._vocab, t) & control}
 
     def _token_str(self, key: str) -> str:
         tid = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
@@ -582,9 +598,8 @@ class TransformersEngine(Engine):
         config = self.model.config
         self.n_ctx = n_ctx or int(getattr(config, "max_position_embeddings", 2048))
         eos = self.model.generation_config.eos_token_id
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._config_eos = {eos} if isinstance(eos, int) else set(eos or [])
+        self.eos_ids = self._config_eos | set(hf_stop_ids(self.tokenizer))
 
     @property
     def vocab_size(self) -> int:
@@ -621,6 +636,7 @@ class TransformersEngine(Engine):
 
     def use_chat_template(self, jinja: str) -> None:
         self.tokenizer.chat_template = jinja
+        self.eos_ids = self._config_eos | set(hf_stop_ids(self.tokenizer))
 
     def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:

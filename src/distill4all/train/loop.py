@@ -35,6 +35,7 @@ from distill4all import atomic
 from distill4all.config import TrainConfig
 from distill4all.errors import StageError, StageFailure
 from distill4all.layout import TrainLayout
+from distill4all.models.chat_templates import hf_stop_ids
 from distill4all.train import checkpoint
 from distill4all.train.batching import TeacherTopK, TokenizedSplit, collate, deal, step_examples, steps_per_epoch
 from distill4all.train.metrics import MetricsLog, plot_loss, read_metrics
@@ -293,6 +294,8 @@ class Trainer:
         if self.main:
             inner = acc.unwrap_model(self.net).model
             state = {k.removeprefix("model."): v for k, v in state.items()}
+            if self.cfg.method == "full":  # an adapter's loader computes them from its chat template
+                inner.generation_config.eos_token_id = hf_stop_ids(self.tokenizer)
             with atomic.output_dir(out, replace=True) as tmp:
                 inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)

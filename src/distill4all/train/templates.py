@@ -19,7 +19,10 @@ max_length // 2 tokens first cut to min(max_length // 2, len(prompt) // 2) *char
 
 Every other template is a Jinja chat template (the tokenizer's own as `chat`, a named one, or a
 file): the rendered conversation is tokenized once with character offsets, and tokens that start
-inside an assistant turn, up to and including its EOS, carry loss.
+inside an assistant turn, up to and including the special token that ends it, carry loss. That
+token is EOS, or an end-of-turn token the template writes instead (Llama 3's `<|eot_id|>`,
+Gemma's `<end_of_turn>`, Phi-3's `<|end|>`); the trained model lists it with EOS as a token
+generation stops at (generation_config, and the GGUF's EOT id).
 
 Whichever is used is saved as the tokenizer's `chat_template` next to the trained model, so that
 export, chat, serve and eval render prompts as training did. For `paper` that template renders
@@ -36,7 +39,7 @@ from typing import Any, Protocol
 
 from distill4all.errors import DataError, TemplateError
 from distill4all.models import chat_templates
-from distill4all.models.chat_templates import CHATML
+from distill4all.models.chat_templates import CHATML, answer_end, hf_specials
 from distill4all.train.data import Example
 
 IGNORE = -100
@@ -151,7 +154,8 @@ class PaperTemplate:
 
 
 class JinjaTemplate:
-    """A chat template; loss on the assistant turns (to their EOS), or on everything with train_on_inputs."""
+    """A chat template; loss on the assistant turns (to the token that ends them: EOS or an end-of-turn
+    token), or on everything with train_on_inputs."""
 
     def __init__(self, name: str, jinja: str, tokenizer: Any, max_length: int, train_on_inputs: bool = False) -> None:
         if tokenizer.eos_token is None:
@@ -159,17 +163,16 @@ class JinjaTemplate:
         self.name, self.jinja, self.tok = name, jinja, tokenizer
         self.max_length = max_length
         self.train_on_inputs = train_on_inputs
-        probe = (
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"},
-        )
-        text, spans = self._render(probe, "the template check")
-        if not any(tokenizer.eos_token in text[a:b] for a, b in spans):
+        end = answer_end(lambda m: self._apply(m, False, "the template check"), hf_specials(tokenizer))
+        if end is None or tokenizer(end, add_special_tokens=False)["input_ids"] != [
+            tokenizer.convert_tokens_to_ids(end)
+        ]:
             raise TemplateError(
-                f"template {name!r} does not end an answer with the tokenizer's EOS token "
-                f"{tokenizer.eos_token!r}: a model trained with it would never stop; use template: paper, "
-                "or a template whose assistant turns end in that token"
+                f"template {name!r} does not end an answer with a special token of the tokenizer (its EOS "
+                f"{tokenizer.eos_token!r} or an end-of-turn token such as <|eot_id|>): a model trained with it "
+                "would never stop; use template: paper, or a template whose assistant turns end in one"
             )
+        self.end_token = end  # what the answer's loss runs up to, and what generation stops at
 
     def _apply(self, messages: Sequence[dict[str, str]], generation_prompt: bool, where: str) -> str:
         try:
@@ -181,7 +184,8 @@ class JinjaTemplate:
         return str(text)
 
     def _render(self, messages: Sequence[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
-        """The full text and the character span of each assistant turn, up to and including its EOS."""
+        """The full text and the character span of each assistant turn, up to and including the
+        token that ends it."""
         full = self._apply(messages, False, where)
         spans = []
         for i, m in enumerate(messages):
@@ -195,9 +199,9 @@ class JinjaTemplate:
                     "added, so answer tokens cannot be told apart; use another template"
                 )
             start, end = len(before), len(upto)
-            eos_at = upto.rfind(self.tok.eos_token, start)
-            if eos_at >= 0:  # what follows EOS (a newline, say) is never generated: no loss there
-                end = eos_at + len(self.tok.eos_token)
+            end_at = upto.rfind(self.end_token, start)
+            if end_at >= 0:  # what follows it (a newline, an EOS) is never generated: no loss there
+                end = end_at + len(self.end_token)
             spans.append((start, end))
         return full, spans
 
