@@ -52,6 +52,8 @@ class SamplingParams:
     seed: int | None = ENGINE_SAMPLING.seed
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # keep each generated token's logprob and this many alternatives
+    grammar: str | None = None  # a GBNF grammar the answer follows (engines with `grammars` only)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
 
     @classmethod
     def from_defaults(cls, defaults: SamplingDefaults) -> SamplingParams:
@@ -91,6 +93,7 @@ class Completion:
     # with params.logprobs, one per token id, taken from the logits each was sampled from; None
     # when the engine cannot give them while sampling (score the tokens afterwards instead)
     logprobs: list[TokenLogprob] | None = None
+    stop_token: int | None = None  # the end-of-generation token sampled last, if that ended it
 
     @property
     def tokens_per_second(self) -> float:
@@ -177,6 +180,7 @@ class Engine(ABC):
     backend: str
     n_ctx: int
     eos_ids: set[int]
+    grammars: bool = False  # whether sampling can follow a GBNF grammar (JSON, JSON Schema, tool calls)
 
     # --- what a backend implements ------------------------------------------------------------
 
@@ -197,6 +201,10 @@ class Engine(ABC):
         """The exact bytes of one token, which may be part of a character (logprobs' `bytes`);
         the tokens of a text concatenate to its UTF-8. A backend that cannot tell gives its text's."""
         return self.token_text(token).encode()
+
+    @abstractmethod
+    def special_token(self, kind: Literal["bos", "eos", "pad"]) -> str | None:
+        """The text of the model's BOS, EOS or pad token; None if it has none."""
 
     @property
     @abstractmethod
@@ -261,6 +269,10 @@ class Engine(ABC):
             )
 
     def stream_ids(self, ids: list[int], params: SamplingParams) -> TextStream:
+        if params.grammar is not None and not self.grammars:
+            raise ModelError(f"the {self.backend} engine cannot follow a grammar; run a GGUF (llama.cpp)")
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise ModelError(f"logit_bias names a token outside the vocabulary (0..{self.vocab_size - 1})")
         """Generate after the prompt token ids; the returned stream yields text pieces."""
         self.check_fits(len(ids))
         return TextStream(lambda stream: self._pieces(ids, params, stream))
@@ -292,13 +304,14 @@ class Engine(ABC):
         first_at = 0.0
         tokens = self._sample(ids, params, seed) if budget > 0 else iter(())
         n, by_string = 0, False
+        stop_token: int | None = None
         try:
             for token in tokens:
                 n += 1
                 if n == 1:
                     first_at = time.perf_counter() - t0
                 if token in self.eos_ids:
-                    finish = "stop"
+                    finish, stop_token = "stop", token
                     break
                 kept.append(token)
                 if scored is not None:
@@ -337,6 +350,7 @@ class Engine(ABC):
                 prompt_seconds=first_at,
                 token_ids=kept,
                 logprobs=scored,
+                stop_token=stop_token,
             )
 
 
@@ -388,6 +402,7 @@ class LlamaCppEngine(Engine):
     """A GGUF file run by llama.cpp on the CPU."""
 
     backend = "llama.cpp"
+    grammars = True
     DEFAULT_MAX_CTX = 4096  # the KV cache is allocated up front; a larger n_ctx can be asked for
 
     def __init__(self, path: Path, name: str | None = None, *, n_ctx: int | None = None) -> None:
@@ -464,9 +479,12 @@ class LlamaCppEngine(Engine):
         control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
         return {self.token_text(t): t for t in range(self._n_vocab) if attr(self._vocab, t) & control}
 
-    def _token_str(self, key: str) -> str:
-        tid = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return self.token_text(int(tid)) if tid is not None else ""
+    def special_token(self, kind: Literal["bos", "eos", "pad"]) -> str | None:
+        tid = self.metadata.get(f"tokenizer.ggml.{kind}_token_id")
+        return self.token_text(int(tid)) if tid is not None else None
+
+    def _token_str(self, key: Literal["bos", "eos", "pad"]) -> str:
+        return self.special_token(key) or ""
 
     def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -532,7 +550,11 @@ class LlamaCppEngine(Engine):
         return np.ctypeslib.as_array(row, shape=(self._n_vocab,)).copy() if row else None
 
     def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
+        from llama_cpp import LlamaGrammar, LogitsProcessorList
+
         self.llm.set_seed(seed)
+        grammar = LlamaGrammar.from_string(params.grammar, verbose=False) if params.grammar else None
+        processors = LogitsProcessorList([_bias_adder(params.logit_bias)]) if params.logit_bias else None
         # Llama.generate reuses the cached prefix of the previous prompt (multi-turn chat).
         yield from self.llm.generate(
             ids,
@@ -542,10 +564,24 @@ class LlamaCppEngine(Engine):
             temp=params.temperature,
             repeat_penalty=params.repeat_penalty,
             reset=True,
+            grammar=grammar,
+            logits_processor=processors,
         )
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _bias_adder(bias: dict[int, float]) -> Callable[[Any, np.ndarray], np.ndarray]:
+    """A llama-cpp-python logits processor adding OpenAI's logit_bias to the next-token logits."""
+    ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
+    add = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+
+    def adder(_input_ids: Any, scores: np.ndarray) -> np.ndarray:
+        scores[ids] += add
+        return scores
+
+    return adder
 
 
 def _close_if_alive(ref: weakref.ref[LlamaCppEngine]) -> None:
@@ -618,6 +654,10 @@ class TransformersEngine(Engine):
         from distill4all.models.tokens import token_bytes
 
         return token_bytes(self.tokenizer, token, byte_level=self._byte_level, special=self._special_ids)
+
+    def special_token(self, kind: Literal["bos", "eos", "pad"]) -> str | None:
+        token = getattr(self.tokenizer, f"{kind}_token", None)
+        return str(token) if token is not None else None
 
     @functools.cached_property
     def _special_ids(self) -> frozenset[int]:
@@ -696,6 +736,13 @@ class TransformersEngine(Engine):
             if params.min_p > 0:
                 processors.append(MinPLogitsWarper(params.min_p))
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        bias = None
+        if params.logit_bias:
+            values = list(params.logit_bias.values())
+            bias = (
+                torch.tensor(list(params.logit_bias), device=self.device),
+                torch.tensor(values, dtype=torch.float64, device=self.device),
+            )
         seen = torch.tensor([ids], device=self.device)
         step_input = seen
         cache = None
@@ -706,6 +753,8 @@ class TransformersEngine(Engine):
                 # float64, best logit at 0, then the temperature: a tiny one (1e-300, which float32 rounds
                 # to 0) gives 0 and -inf, which is greedy, instead of 0/0 or inf - inf
                 scores = penalty(seen, out.logits[:, -1, :].double())
+                if bias is not None:
+                    scores[0, bias[0]] += bias[1]
                 scores = processors(seen, scores - scores.max(dim=-1, keepdim=True).values)
                 if sampling:
                     token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)

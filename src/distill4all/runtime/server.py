@@ -32,7 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 import h11
@@ -53,6 +53,16 @@ from distill4all.runtime.engine import (
     TextStream,
     TokenLogprob,
     log_softmax,
+)
+from distill4all.runtime.structured import (
+    Function,
+    StructureError,
+    history_text,
+    json_object_grammar,
+    read_call,
+    schema_grammar,
+    tools_grammar,
+    tools_prompt,
 )
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -96,8 +106,28 @@ class ClientGone(Exception):
 
 
 class _Body(BaseModel):
-    # Unknown fields are ignored, as clients send vendor extensions (user, logit_bias, …).
+    # Inside a request, fields that change nothing are let through: clients send earlier answers
+    # back as they got them (refusal, annotations, audio: null …).
     model_config = ConfigDict(extra="ignore")
+
+
+# Top-level fields accepted without effect: bookkeeping for OpenAI's platform, or (parallel
+# tool calls) a permission this server never needs, as it makes one call at most.
+NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                       "safety_identifier"})  # fmt: skip
+
+
+class _Request(_Body):
+    """A request body. Any other parameter is refused by name rather than silently ignored, so a
+    client never takes a normal-looking answer for the one it asked for."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def refuse_unknown(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if value is not None and name not in NO_EFFECT:
+                raise APIError(400, f"the parameter {name!r} is not supported by this server", param=name,
+                               code="unsupported_parameter")  # fmt: skip
 
 
 class ContentPart(_Body):
@@ -105,14 +135,60 @@ class ContentPart(_Body):
     text: str
 
 
+class CalledFunction(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's answer
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class JsonSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always followed exactly (a grammar)
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionSpec(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the parameters are always followed exactly (a grammar)
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Body):
@@ -122,7 +198,7 @@ class StreamOptions(_Body):
 Stop = str | list[str] | None
 
 
-class _Sampling(_Body):
+class _Sampling(_Request):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -136,6 +212,7 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id → bias
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -144,11 +221,17 @@ class _Sampling(_Body):
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(value)}")
         return value
 
-    def sampling(self, max_tokens: int, choice: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, choice: int, vocab_size: int) -> SamplingParams:
         if self.frequency_penalty or self.presence_penalty:
             raise APIError(400, "frequency_penalty and presence_penalty are not supported; use repeat_penalty",
                            param="frequency_penalty", code="unsupported_parameter")  # fmt: skip
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+                raise APIError(400, f"logit_bias: {key[:20]!r} is not a token id of this model (0..{vocab_size - 1})",
+                               param="logit_bias")  # fmt: skip
+            bias[int(key)] = value
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -158,6 +241,7 @@ class _Sampling(_Body):
             repeat_penalty=self.repeat_penalty,
             seed=None if self.seed is None else (self.seed + choice) % 2**32,  # the engines' seeds are 32-bit
             stop=stop,
+            logit_bias=bias,
         )
 
 
@@ -167,6 +251,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -176,6 +263,18 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: StrictInt | None = Field(None, ge=1)
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # tokenized as the chat template renders them
+    add_special_tokens: bool = True  # for `prompt`: BOS where the model adds one
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 # --- state -------------------------------------------------------------------------------------
@@ -331,8 +430,70 @@ def _sse(obj: Any) -> str:
 # --- chat --------------------------------------------------------------------------------------
 
 
-def _chat_messages(req: ChatRequest) -> list[Message]:
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+def _chat_messages(req: ChatRequest, functions: list[Function]) -> list[Message]:
+    """The conversation for the chat template: developer turns as system ones, earlier tool calls
+    written as the model is asked to write them, and the functions it may call in the system turn."""
+    out: list[Message] = []
+    for m in req.messages:
+        text = m.text()
+        if m.tool_calls:
+            calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls]
+            text = "\n".join(t for t in (text, history_text(calls)) if t)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    if functions:
+        told = tools_prompt(functions, required=req.tool_choice not in (None, "auto"))
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{told}"}
+        else:
+            out.insert(0, {"role": "system", "content": told})
+    return out
+
+
+def _structure(req: ChatRequest, engine: Engine) -> tuple[str | None, list[Function]]:
+    """The grammar the answer follows (response_format or tools) and the functions it may call."""
+    grammar, param = None, "response_format"
+    fmt = req.response_format
+    try:
+        if fmt is not None and fmt.type == "json_object":
+            grammar = json_object_grammar()
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+            grammar = schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        functions: list[Function] = []
+        choice = req.tool_choice
+        if req.tools and choice != "none":
+            param = "tools"
+            if grammar is not None:
+                raise APIError(400, "response_format and tools cannot be combined", param="response_format",
+                               code="unsupported_parameter")  # fmt: skip
+            functions = [Function(t.function.name, t.function.description, t.function.parameters or
+                                  {"type": "object", "properties": {}}) for t in req.tools]  # fmt: skip
+            if isinstance(choice, NamedToolChoice):
+                functions = [f for f in functions if f.name == choice.function.name]
+                if not functions:
+                    raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among tools",
+                                   param="tool_choice")  # fmt: skip
+            grammar = tools_grammar(functions, required=choice not in (None, "auto"))
+        elif choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice asks for a tool call but no tools are given", param="tool_choice")
+    except StructureError as e:
+        raise APIError(400, str(e), param=param) from None
+    if grammar is not None and not engine.grammars:
+        raise APIError(400, f"{param} needs an answer that follows a grammar, which the {engine.backend} engine "
+                       "cannot give; serve a GGUF (llama.cpp)", param=param, code="unsupported_parameter")  # fmt: skip
+    if functions and req.stream:
+        raise APIError(400, "tools cannot be streamed yet; ask without stream", param="stream",
+                       code="unsupported_parameter")  # fmt: skip
+    return grammar, functions
+
+
+def _chat_message(c: Completion, functions: list[Function]) -> tuple[dict[str, Any], str]:
+    """The answer's message and finish reason: a tool call where the answer is one."""
+    call = read_call(c.text.strip(), functions) if functions else None
+    if call is not None:
+        return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+    return {"role": "assistant", "content": c.text}, c.finish_reason
 
 
 def _chat_logprobs(engine: Engine, prompt: list[int], c: Completion, top: int) -> dict[str, Any]:
@@ -368,7 +529,9 @@ async def _chat(state: ServerState, ticket: Ticket, request: Request, req: ChatR
     max_tokens = req.max_completion_tokens or req.max_tokens or engine.n_ctx
     if req.stream and req.logprobs:
         raise APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
-    messages = _chat_messages(req)
+    req.refuse_unknown()
+    grammar, functions = _structure(req, engine)
+    messages = _chat_messages(req, functions)
     try:
         prompt = await _in_thread(lambda: engine.chat_ids(messages))
         engine.check_fits(len(prompt))
@@ -376,7 +539,8 @@ async def _chat(state: ServerState, ticket: Ticket, request: Request, req: ChatR
         raise _context_error(e, "messages") from None
     except UserError as e:  # the chat template rejected the conversation
         raise APIError(400, str(e), param="messages") from None
-    params = [req.sampling(max_tokens, i) for i in range(req.n)]
+    params = [dataclasses.replace(req.sampling(max_tokens, i, engine.vocab_size), grammar=grammar)
+              for i in range(req.n)]  # fmt: skip
     if req.logprobs:
         params = [dataclasses.replace(p, logprobs=req.top_logprobs or 0) for p in params]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -392,8 +556,8 @@ async def _chat(state: ServerState, ticket: Ticket, request: Request, req: ChatR
             c = _collect(engine.stream_ids(prompt, p), gone)
             used += c.completion_tokens
             logprobs = _chat_logprobs(engine, prompt, c, req.top_logprobs or 0) if req.logprobs else None
-            choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": logprobs, "finish_reason": c.finish_reason})  # fmt: skip
+            message, finish = _chat_message(c, functions)
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), used)}
 
     return await _answer(request, ticket, run)
@@ -551,6 +715,10 @@ def _completion_logprobs(engine: Engine, prompt: list[int], c: Completion | None
                          ) -> dict[str, Any]:  # fmt: skip
     top = req.logprobs or 0
     generated = c.token_ids if c is not None else []
+    if c is not None and c.stop_token is not None:
+        # The end-of-text token the model chose is listed (its text is not in the answer), as
+        # OpenAI does: scorers such as lm-eval drop the last entry as the generated one.
+        generated = [*generated, c.stop_token]
     tokens: list[int] = []
     lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -584,6 +752,7 @@ async def completions(state: ServerState, request: Request) -> Any:
 
 
 async def _complete(state: ServerState, ticket: Ticket, request: Request, req: CompletionRequest) -> Any:
+    req.refuse_unknown()
     if req.suffix:
         raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
     if req.best_of not in (None, req.n):
@@ -599,7 +768,7 @@ async def _complete(state: ServerState, ticket: Ticket, request: Request, req: C
             engine.check_fits(len(ids) if req.max_tokens > 0 else len(ids) - 1)
         except ContextLengthError as e:
             raise _context_error(e, "prompt") from None
-    params = [req.sampling(req.max_tokens, i) for i in range(req.n)]
+    params = [req.sampling(req.max_tokens, i, engine.vocab_size) for i in range(req.n)]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_id, "system_fingerprint": f"distill4all-{__version__}"}
 
@@ -622,6 +791,53 @@ async def _complete(state: ServerState, ticket: Ticket, request: Request, req: C
         return {**head, "object": "text_completion", "choices": choices, "usage": _usage(prompt_tokens, used)}
 
     return await _answer(request, ticket, run)
+
+
+# --- tokenizer (vLLM's endpoints, which lm-eval's remote tokenizer reads) --------------------------
+
+
+async def tokenize(state: ServerState, request: Request) -> dict[str, Any]:
+    req = await _read_json(state, request, TokenizeRequest)
+    req.refuse_unknown()
+    if req.model is not None:
+        _check_model(state, req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give either prompt or messages", param="prompt")
+    engine = state.engine
+    try:
+        if req.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = await _in_thread(lambda: engine.chat_ids(messages))
+        else:
+            text = req.prompt or ""
+            ids = await _in_thread(lambda: engine.tokenize(text, add_special=req.add_special_tokens))
+    except UserError as e:  # the chat template rejected the conversation
+        raise APIError(400, str(e), param="messages") from None
+    return {"tokens": ids, "count": len(ids), "max_model_len": engine.n_ctx}
+
+
+async def detokenize(state: ServerState, request: Request) -> dict[str, Any]:
+    req = await _read_json(state, request, DetokenizeRequest)
+    req.refuse_unknown()
+    if req.model is not None:
+        _check_model(state, req.model)
+    if bad := [t for t in req.tokens if not 0 <= t < state.engine.vocab_size]:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{state.engine.vocab_size - 1})",
+                       param="tokens")  # fmt: skip
+    return {"prompt": await _in_thread(lambda: state.engine.detokenize(req.tokens))}
+
+
+def tokenizer_info(engine: Engine) -> dict[str, Any]:
+    return {
+        "tokenizer_class": engine.backend,
+        "bos_token": engine.special_token("bos"),
+        "eos_token": engine.special_token("eos"),
+        "pad_token": engine.special_token("pad"),
+        "add_bos_token": engine.adds_bos,
+        "chat_template": engine.chat_template,
+        "model_max_length": engine.n_ctx,
+        "vocab_size": engine.vocab_size,
+    }
 
 
 def _completion_chunks(state: ServerState, head: dict[str, Any], prompts: list[tuple[str, list[int]]],
@@ -709,6 +925,21 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     async def complete(request: Request) -> Any:
         _authorize(state, request)
         return await completions(state, request)
+
+    @app.post("/tokenize")
+    async def tokenize_(request: Request) -> dict[str, Any]:
+        _authorize(state, request)
+        return await tokenize(state, request)
+
+    @app.post("/detokenize")
+    async def detokenize_(request: Request) -> dict[str, Any]:
+        _authorize(state, request)
+        return await detokenize(state, request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_(request: Request) -> dict[str, Any]:
+        _authorize(state, request)
+        return await _in_thread(lambda: tokenizer_info(engine))
 
     return app
 
