@@ -476,4 +476,5 @@ def test_the_paper_config_curates_by_the_papers_rules_only(tmp_path: Path) -> No
     assert len(kept) == 12 + 1 + 1 + 1  # every chip2 answer and its duplicate, the refusal, the unwrapped one
     assert refusal["response"] in kept and "A wrapped answer." in kept and kept.count(chip2[0]["response"]) == 2
     report = json.loads((tmp_path / "run" / "curate" / "report.json").read_text())
-    assert [f["remaining"] for f in report["funnel"]] == [len(rows), len(rows) - 5, len(rows) - 15]
+    assert [f["remaining"] for f in report["funnel"]] == [len(rows), len(rows) - 5, len(rows) - 15, len(rows) - 15]
+    assert report["decontamination"]["eval_items"] == 0  # the paper checked for none

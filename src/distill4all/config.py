@@ -205,14 +205,22 @@ class CurateFiltersConfig(Section):
 DedupScope = Literal["prompt", "pair"]
 
 
-def _dedup_both() -> list[DedupScope]:
-    return ["pair", "prompt"]
+def _dedup_pairs() -> list[DedupScope]:
+    return ["pair"]
 
 
 class CurateDedupConfig(Section):
     exact: bool = Field(True, description="normalized-hash duplicates")
     near: bool = Field(True, description="MinHash LSH near-duplicates")
-    scope: list[DedupScope] = Field(default_factory=_dedup_both, description="dedup prompts, pairs or both")
+    scope: list[DedupScope] = Field(
+        default_factory=_dedup_pairs,
+        description="pair: the same prompt and answer; prompt: the same prompt (distinct answers kept, see "
+        "prompt_answer_threshold)",
+    )
+    prompt_answer_threshold: float = Field(
+        0.5, ge=0, le=1, description="with scope prompt: pairs whose prompts repeat are duplicates only when "
+        "their answers are this similar (MinHash Jaccard); 0 keeps one answer per prompt",
+    )  # fmt: skip
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word shingles")
     num_perm: int = Field(128, ge=16, le=1024)
     shingle_words: int = Field(5, ge=1)
@@ -255,6 +263,21 @@ class CurateDiversityConfig(Section):
     cluster_concentration: float = Field(0.95, ge=0, le=1, description="share in its 3 largest subtopics")
 
 
+class CurateDecontamConfig(Section):
+    """Keep evaluation items out of the training data (see docs/curate.md)."""
+
+    enabled: bool = True
+    data: list[Path] = Field(
+        default_factory=list, description="eval item files to check against; empty: the run's eval data"
+    )
+    ngram: int = Field(13, ge=4, le=50, description="words in a shared n-gram (GPT-3 and lm-eval use 13)")
+    min_words: int = Field(8, ge=3, description="an eval text shorter than ngram matches whole from this length")
+    semantic_threshold: float | None = Field(
+        0.95, gt=0, le=1, description="cosine of a pair's and an item's embeddings that counts as a copy; null: off"
+    )
+    action: Literal["drop", "flag"] = Field("drop", description="drop matching pairs, or keep them and report")
+
+
 class CurateConfig(Section):
     input: Path | None = Field(None, description="a pairs file (JSONL/Parquet: prompt, response, source)")
     import_teacher: str = Field("import", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -270,6 +293,7 @@ class CurateConfig(Section):
     embed: CurateEmbedConfig = Field(default_factory=CurateEmbedConfig)
     map: CurateMapConfig = Field(default_factory=CurateMapConfig)
     diversity: CurateDiversityConfig = Field(default_factory=CurateDiversityConfig)
+    decontaminate: CurateDecontamConfig = Field(default_factory=CurateDecontamConfig)
 
 
 # --- train -------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from rich.console import Console
 
 from distill4all import atomic
 from distill4all.config import CurateConfig
-from distill4all.curate import dedup, diversity, embed, filters, outputs, project, topics
+from distill4all.curate import decontam, dedup, diversity, embed, filters, outputs, project, topics
 from distill4all.curate.pairs import Rows, load_rows
 from distill4all.curate.steps import Steps
 from distill4all.errors import DataError
@@ -64,6 +64,8 @@ class Curation:
     embed_model: str
     steps: Steps
     dedup_counts: dict[str, int] = field(default_factory=dict)
+    eval_copies: dict[int, str] = field(default_factory=dict)  # row → which eval item it holds, and how
+    eval_items: int = 0  # eval items checked against (0: decontamination off or no eval data)
 
     @property
     def kept(self) -> list[bool]:
@@ -83,19 +85,28 @@ class Scan:
 
     hits: list[list[filters.Hit]]
     keys: dict[str, list[bytes]]  # "prompt" / "pair" → one key per row
+    copies: list[tuple[str, str] | None]  # per row: (eval item id, the words it shares), if any
     sigs: dict[str, NDArray[np.uint32]]  # "prompt" / "pair" → (rows, num_perm)
 
 
-def scan(rows: Rows, cfg: CurateConfig, workers: int, advance: Callable[[int], None] = lambda k: None) -> Scan:
-    """Filters, exact keys and MinHash signatures of every row, in `workers` processes."""
+def scan(
+    rows: Rows,
+    cfg: CurateConfig,
+    workers: int,
+    advance: Callable[[int], None] = lambda k: None,
+    index: decontam.EvalIndex | None = None,
+) -> Scan:
+    """Filters, exact keys, MinHash signatures and eval-item n-grams of every row, in `workers` processes."""
     n = len(rows)
     # the workers write signatures straight into shared memory: nothing big is pickled back
-    sigs = {what: _shared_array((n, cfg.dedup.num_perm), np.uint32) for what in ("prompt", "pair")}
+    kinds = ("prompt", "pair", "answer") if "prompt" in cfg.dedup.scope else ("prompt", "pair")
+    sigs = {what: _shared_array((n, cfg.dedup.num_perm), np.uint32) for what in kinds}
     _STATE.update(
         rows=rows,
         filters=filters.Filters(cfg.filters),
         hasher=dedup.MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_words),
         sigs=sigs,
+        index=index,
     )
     scanner = Scanner(n, workers)
     try:
@@ -104,23 +115,29 @@ def scan(rows: Rows, cfg: CurateConfig, workers: int, advance: Callable[[int], N
         scanner.close()
         _STATE.clear()
     return Scan(
-        hits=[h for hits, _, _ in parts for h in hits],
-        keys={"prompt": [k for _, p, _ in parts for k in p], "pair": [k for _, _, q in parts for k in q]},
+        hits=[h for hits, _, _, _ in parts for h in hits],
+        keys={"prompt": [k for _, p, _, _ in parts for k in p], "pair": [k for _, _, q, _ in parts for k in q]},
+        copies=[c for _, _, _, copies in parts for c in copies],
         sigs=sigs,
     )
 
 
-def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[bytes], list[bytes]]:
-    """Rows [lo, hi): each prompt and answer is normalized once, for the echo rule and the exact keys."""
+def _scan_range(
+    lo: int, hi: int
+) -> tuple[list[list[filters.Hit]], list[bytes], list[bytes], list[tuple[str, str] | None]]:
+    """Rows [lo, hi): each prompt and answer is normalized once, for the echo rule, the exact keys
+    and the eval n-grams."""
     rows: Rows = _STATE["rows"]
     f: filters.Filters = _STATE["filters"]
     hasher: dedup.MinHasher = _STATE["hasher"]
-    hits, prompt_keys, pair_keys = [], [], []
+    index: decontam.EvalIndex | None = _STATE["index"]
+    hits, prompt_keys, pair_keys, copies = [], [], [], []
     for i in range(lo, hi):
         prompt = dedup.normalize(rows.prompts[i])
         answer = dedup.normalize(rows.responses[i] or "")
         pair = filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i])
         hits.append(f.check(pair, prompt, answer))
+        copies.append((index.match(prompt) or index.match(answer)) if index is not None else None)
         # normalize() joins words with one space, so the pair's normal form is the prompt's and
         # the answer's joined (== exact_key(pair_text(...)))
         prompt_keys.append(dedup.normalized_key(prompt))
@@ -131,7 +148,9 @@ def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[bytes],
     _STATE["sigs"]["prompt"][lo:hi] = sig_prompt
     answers = hasher.signatures([r or "" for r in rows.responses[lo:hi]])
     np.minimum(sig_prompt, answers, out=_STATE["sigs"]["pair"][lo:hi])
-    return hits, prompt_keys, pair_keys
+    if "answer" in _STATE["sigs"]:  # prompt dedup tells answers apart
+        _STATE["sigs"]["answer"][lo:hi] = answers
+    return hits, prompt_keys, pair_keys, copies
 
 
 def _shared_array(shape: tuple[int, int], dtype: type[np.uint32]) -> NDArray[np.uint32]:
@@ -189,8 +208,10 @@ def curate(
     title: str = "distill4all",
     console: Console | None = None,
     quiet: bool = False,
+    eval_data: list[Path] | None = None,
 ) -> Curation:
-    """Decide every response in the store, record the decisions, and write the outputs to `out_dir`."""
+    """Decide every response in the store, record the decisions, and write the outputs to `out_dir`.
+    `eval_data`: eval item files whose items are kept out (curate.decontaminate)."""
     console = console or Console(stderr=True, quiet=quiet)
     steps = Steps(console, quiet)
     with steps.step("load", 0, bar=False):
@@ -199,15 +220,17 @@ def curate(
     if n == 0:
         raise DataError("nothing to curate: the run store has no answers (run collect, or give curate.input)")
     workers = cfg.workers or os.cpu_count() or 1
+    dc = cfg.decontaminate
+    index = decontam.load_index(eval_data, dc.ngram, dc.min_words) if dc.enabled and eval_data else None
     with steps.step("filters + keys + minhash", n) as advance:
-        scanned = scan(rows, cfg, workers, advance)
+        scanned = scan(rows, cfg, workers, advance, index)
     hits, sigs = scanned.hits, scanned.sigs
     ok = np.asarray([not h for h in hits])
     ok_idx = np.flatnonzero(ok)
     with steps.step("near-dup links", len(ok_idx), bar=False):
         # among all pairs that passed the filters: the sources' near-duplicate rates
         in_near = np.zeros(n, dtype=bool)
-        for sig in sigs.values():
+        for sig in (sigs["prompt"], sigs["pair"]):
             in_near[ok_idx[dedup.near_duplicate_edges(sig, cfg.dedup.threshold, ok_idx)].ravel()] = True
 
     # embeddings of every pair with an answer: the map shows dropped pairs too
@@ -218,6 +241,7 @@ def curate(
         emb = embed.embed(store, embedder, texts, cfg.embed.batch_size, advance)
     emb_row = np.full(n, -1, dtype=np.int64)
     emb_row[has_text] = np.arange(len(has_text))
+    copies = _eval_copies(scanned.copies, index, store, embedder, emb, has_text, cfg)
 
     topic: list[str | None] = [None] * n
     subtopic: list[str | None] = [None] * n
@@ -255,12 +279,19 @@ def curate(
     after_filters = int(ok.sum())
     alive = np.asarray([not r for r in rules])
     after_sources = int(alive.sum())
+    for i, why in copies.items():
+        if dc.action == "drop" and alive[i]:
+            rules[i].append(EVAL_COPY)
+            alive[i] = False
+        details[i][EVAL_COPY] = why
+    after_copies = int(alive.sum())
 
     cluster: list[str | None] = [None] * n
     funnel = [
         {"step": "pairs", "remaining": n, "dropped": 0},
         {"step": "failed or malformed answers", "remaining": after_filters, "dropped": n - after_filters},
         {"step": "excluded sources", "remaining": after_sources, "dropped": after_filters - after_sources},
+        {"step": "eval-set copies", "remaining": after_copies, "dropped": after_sources - after_copies},
     ]
     dedup_counts: dict[str, int] = {}
     with steps.step("dedup", after_sources, bar=False):
@@ -285,13 +316,38 @@ def curate(
     result = Curation(
         rows=rows, rules=rules, details=details, cluster=cluster, funnel=funnel, sources=stats,
         excluded=excluded, topic=topic, subtopic=subtopic, topic_table=topic_table, xy=xy,
-        embed_model=embedder.key, steps=steps, dedup_counts=dedup_counts,
+        embed_model=embedder.key, steps=steps, dedup_counts=dedup_counts, eval_copies=copies,
+        eval_items=len(index.items) if index is not None else 0,
     )  # fmt: skip
     with steps.step("decide", n, bar=False):
         write_decisions(store, result)
     with steps.step("export", int(sum(result.kept)), bar=False):
         outputs.write_outputs(out_dir, result, cfg, seed=seed, title=title)
     return result
+
+
+EVAL_COPY = "eval.copy"
+
+
+def _eval_copies(
+    ngram_hits: list[tuple[str, str] | None],
+    index: decontam.EvalIndex | None,
+    store: Store,
+    embedder: embed.Embedder,
+    emb: NDArray[np.float32],
+    has_text: list[int],
+    cfg: CurateConfig,
+) -> dict[int, str]:
+    """Rows holding an eval item — a shared n-gram, or an embedding as close as a copy's — and why."""
+    found = {i: f"eval item {hit[0]}: shares {hit[1]!r}" for i, hit in enumerate(ngram_hits) if hit is not None}
+    threshold = cfg.decontaminate.semantic_threshold
+    if index is None or threshold is None or not len(has_text):
+        return found
+    eval_emb = embed.embed(store, embedder, decontam.eval_pair_texts(index.items), cfg.embed.batch_size)
+    best, score = decontam.semantic_matches(emb, eval_emb, threshold)
+    for k in np.flatnonzero(best >= 0).tolist():
+        found.setdefault(has_text[k], f"eval item {index.items[best[k]].id}: embedding cosine {score[k]:.3f}")
+    return found
 
 
 def _source_profiles(
@@ -354,7 +410,35 @@ def _duplicate_edges(
         if not len(alive):
             return np.zeros((0, 2), dtype=np.int64)
         local = dedup.semantic_duplicate_edges(emb[emb_row[alive]], cfg.dedup.semantic_threshold)
-    return alive[local]
+    edges = alive[local]
+    if what == "prompt":
+        edges = _same_answer_edges(edges, sigs["answer"], cfg.dedup.prompt_answer_threshold)
+    return edges
+
+
+def _same_answer_edges(edges: NDArray[np.int64], answers: NDArray[np.uint32], threshold: float) -> NDArray[np.int64]:
+    """Of pairs linked by their prompts, the links between those whose answers are alike too.
+
+    Within each group of linked prompts, pairs in row order join the most similar answer kept so far
+    when it is at least `threshold` similar (MinHash Jaccard), or are kept: the GPT4All data holds
+    several good answers to one prompt, and only repeats of an answer are duplicates."""
+    if not len(edges):
+        return edges
+    members = np.unique(edges)
+    group = members[dedup.clusters(len(members), np.searchsorted(members, edges))]
+    order = np.argsort(group, kind="stable")  # members stay in row order within a group
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    out: list[tuple[int, int]] = []
+    for part in np.split(members[order], bounds):
+        reps: list[int] = []
+        for i in part.tolist():
+            sims = [float((answers[r] == answers[i]).mean()) for r in reps]
+            best = int(np.argmax(sims)) if sims else -1
+            if best >= 0 and sims[best] >= threshold:
+                out.append((reps[best], i))
+            else:
+                reps.append(i)
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
 def _drop_duplicates(

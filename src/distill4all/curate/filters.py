@@ -63,7 +63,55 @@ REFUSAL_PHRASES: tuple[str, ...] = (
     "my knowledge cutoff", "my training data", "it is not appropriate for me to", "against my programming",
     "i'm not programmed to", "i am not programmed to",
 )  # fmt: skip
-"""Refusal and AI-disclaimer phrasing, matched case-insensitively with straight apostrophes."""
+"""Refusal and AI-disclaimer phrasing, matched anywhere, case-insensitively with straight apostrophes."""
+
+# A refusal said any other way is read in the answer's opening sentences, as a first-person "cannot"
+# with a verb of doing the task ("I'm unable to complete…", "I won't write…") or a word for the
+# task ("…this request"); "I cannot stress enough" and "I can't help but notice" name neither.
+_CANNOT = (
+    r"(?:cannot|can ?not|can't|won't|will not|must (?:decline|refuse)|have to (?:decline|refuse)|"
+    r"(?:am|'m) (?:unable|not able|not allowed|not permitted|not comfortable|afraid i (?:cannot|can't))|"
+    r"(?:do not|don't) feel comfortable|(?:am|'m) not (?:going|willing) to|(?:do not|don't) think i (?:should|can))"
+)
+# Between "cannot" and the verb only adverbs and the like: "I can't wait to help" is no refusal.
+_FILLER = r"(?: (?:\w+ly|be able to|in good conscience|go ahead and|help you|help with))*(?: to)?"
+_DOING = (
+    r"(?:help(?!\s+but\b)|assist|complet|fulfil|do\b|doing|provid|perform|answer|comply|complying|writ|creat|"
+    r"generat|produc|engag|support|shar|process|carry|respond|participat|accommodat|execut|translat|draw|"
+    r"brows|access|look|predict|giv|offer|mak(?!e it\b)|continu|discuss|role|pretend|fix|edit|rewrit|summari|"
+    r"classif|comment|judg|diagnos|identif|prescrib|advis|recommend\w* (?:any|a|specific))"
+)
+_TASK = r"(?:task|request|question|query|prompt|instruction|assignment|demand|ask)s?\b"
+_REFUSAL_SENTENCE = re.compile(
+    rf"\bi(?: really| simply| just| truly| unfortunately)?(?: |(?=')){_CANNOT}{_FILLER} "
+    rf"(?:{_DOING}|[^.!?]{{0,50}}\b(?:this|that|the|your|such a|such|these|those) {_TASK})"
+    r"|\b(?:is|'s) not something i(?:'m| am)? (?:can|do|able|allowed|comfortable|willing|will)"
+    r"|\b(?:it is|it's) not (?:possible|appropriate|ethical) for me to"
+    r"|\bi (?:must|have to|need to) (?:respectfully )?(?:decline|refuse)"
+    # the same in the languages teachers most often answer in besides English
+    r"|\bkann ich (?:dir |ihnen |euch )?(?:dabei )?nicht (?:helfen|behilflich)"
+    r"|\bich kann (?:dir |ihnen )?nicht (?:helfen|dabei)"
+    r"|\bje ne (?:peux|suis) pas (?:vous |t')?(?:aider|en mesure)|\bno puedo (?:ayudar|cumplir|completar|hacer)"
+)
+_AI_OPENER = re.compile(
+    r"\b(?:as an? (?:ai|a\.i\.|machine|language model|large language model|computer program|virtual assistant)\b"
+    r"|being an ai\b|i(?:'m| am) (?:just |only |merely )?(?:an ai|a (?:large )?language model|a computer program)\b)"
+)
+_LACKS = re.compile(
+    r"\bi (?:do not|don't) (?:have|possess) (?:the ability|access|feelings|emotions|opinions|personal|"
+    r"a (?:body|physical)|real-time|current|preferences|beliefs)"
+)
+_APOLOGY_OPENER = re.compile(r"^\W*(?:i'm sorry|i am sorry|sorry|i apologi[sz]e|my apologies|apologies|"
+                             r"unfortunately,? i\b|regrettably,? i\b)")  # fmt: skip
+_NEGATION = re.compile(
+    r"\b(?:cannot|can't|can not|unable|not able|(?:don't|do not) (?:have|know)|no (?:access|information|way)|"
+    r"not (?:possible|sure|aware|familiar|available)|isn't (?:possible|available))"
+)
+_PIVOT = re.compile(r"\b(?:but|however|instead|though|that said|here's|here is|here are|nonetheless)\b")
+_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|\n|$)")
+OPENING_SENTENCES = 3
+PARTIAL_HELP_WORDS = 60  # words after a refusal with a "but …": it still did the task
+APOLOGY_MAX_WORDS = 60  # an apology with a "cannot" in an answer this short did not do the task
 
 _TERMINAL = set(".!?…\"'”’)]}>`*|;")
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\n`]*?)[ \t]*$", re.MULTILINE)
@@ -141,8 +189,13 @@ class Filters:
     # --- refusal ------------------------------------------------------------------------------
 
     def refusal(self, pair: Pair, a: AnswerForms) -> str | None:
-        m = self._refusal.search(_straight(a.text).lower())
-        return f'"{m.group(0)}"' if m else None
+        """A refusal or AI disclaimer: a listed phrase anywhere, or a refusal in the opening sentences
+        (a first-person "cannot" + doing the task, a disclaimer opener + a refusal or a "don't have",
+        an apology with a "cannot" in a short answer) that is not followed by the task done anyway."""
+        text = _straight(a.text).lower()
+        if m := self._refusal.search(text):
+            return f'"{m.group(0)}"'
+        return _opening_refusal(text, len(a.words))
 
     # --- truncation ---------------------------------------------------------------------------
 
@@ -150,11 +203,15 @@ class Filters:
         return "finish_reason=length" if pair.finish_reason == "length" else None
 
     def truncated_mid_sentence(self, pair: Pair, a: AnswerForms) -> str | None:
-        """A prose answer whose last line stops without closing punctuation."""
+        """A prose answer whose last line stops without closing punctuation. Structured answers
+        (lists, tables, key: value lines, code, parses, menus) end so when complete: unless the
+        teacher said it ran out of tokens, their end is not read as a cut."""
         if len(a.words) < self.cfg.truncation_min_words or a.fences[0]:
             return None  # short answers (labels, names) need no full stop; open fences are another rule
         last = a.text.rstrip().rsplit("\n", 1)[-1].strip()
         if len(last.split(None, 2)) < 3 or _LIST_OR_MARKUP.match(last) or last[-1] in _TERMINAL:
+            return None
+        if pair.finish_reason != "length" and _structured(a.text):
             return None
         if last[-1].isdigit():
             return None  # "… is 42" ends a sentence as often as not
@@ -252,6 +309,58 @@ class Filters:
             return None
         lang, _ = py3langid.classify(prose)
         return None if lang in self.cfg.languages else f"language {lang}"
+
+
+_STRUCTURED_LINE = re.compile(
+    r"^\s*(?:[-*+>#|•]|\d+[.):]|[a-z][.)]\s)"  # list items, quotes, headings, table rows
+    r"|^[^\s:][^:\n]{0,40}:(?:\s|$)"  # key: value
+    r"|\|\s*$|\t"  # table ends, tab-separated columns
+    r"|(?:\S+/[A-Z$]{2,5}\b.*){2}"  # tagged words: The/DT cat/NN
+    r"|^\s*\(|\)\s*$"  # bracketed parses, calls
+    r"|[;{}=\[\]]\s*$|^\s{2,}\S"  # code: statement ends, braces, assignments, indentation
+    r"|(?:[^,\n]+,){2,}[^,\n]+$"  # CSV rows
+    r"|[$€£¥]\s?\d|\d[.,]\d\d\s*$|\d{1,2}:\d\d",  # prices, times (menus, timetables)
+    re.IGNORECASE,
+)
+_SHORT_LINE_WORDS = 6
+
+
+def _structured(text: str) -> bool:
+    """Whether an answer is laid out in lines rather than sentences: most of its lines are list
+    items, table rows, key: value pairs, code, parses, CSV, prices or times — or short fragments
+    (an outline, a menu), and its last line is one of them."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return False
+    shaped = [bool(_STRUCTURED_LINE.search(ln)) or len(ln.split()) <= _SHORT_LINE_WORDS for ln in lines]
+    return shaped[-1] and sum(shaped) >= 0.6 * len(lines)
+
+
+def _quoted(text: str, at: int) -> bool:
+    """Whether position `at` of a text is inside a quotation (an odd number of quote marks before it)."""
+    before = text[:at]
+    return (before.count('"') + before.count("“") + before.count("”")) % 2 == 1
+
+
+def _opening_refusal(text: str, n_words: int) -> str | None:
+    """A refusal in the first sentences of a lower-cased answer, or None (see Filters.refusal)."""
+    sentences = [m.group(0) for _, m in zip(range(OPENING_SENTENCES), _SENTENCE.finditer(text[:600]), strict=False)]
+    if not sentences:
+        return None
+    opening = " ".join(sentences)
+    disclaimer = _AI_OPENER.search(opening)
+    for k, sentence in enumerate(sentences):
+        hit = _REFUSAL_SENTENCE.search(sentence) or (_LACKS.search(sentence) if disclaimer else None)
+        if hit is None or _quoted(opening, opening.find(sentence) + hit.start()):
+            continue  # "I can't do this," the robot said: a story's words, not the teacher's
+        after = sentence[hit.end() :] + " " + (sentences[k + 1][:40] if k + 1 < len(sentences) else "")
+        rest = n_words - sum(len(x.split()) for x in sentences[: k + 1])
+        if _PIVOT.search(after) and rest >= PARTIAL_HELP_WORDS:
+            return None  # "I can't give medical advice, but here is …": the task is done after all
+        return f'"{hit.group(0).strip()}"'
+    if n_words <= APOLOGY_MAX_WORDS and _APOLOGY_OPENER.match(opening) and (neg := _NEGATION.search(opening)):
+        return f'apology with "{neg.group(0)}"'
+    return None
 
 
 def _trie_pattern(phrases: list[str]) -> str:

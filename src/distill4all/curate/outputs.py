@@ -165,6 +165,15 @@ def build_report(c: Curation, cfg: CurateConfig, *, seed: int, split: tuple[int,
         ],
         "excluded_sources": c.excluded,
         "dedup": c.dedup_counts,
+        "decontamination": {
+            "eval_items": c.eval_items,
+            "action": cfg.decontaminate.action,
+            "pairs": len(c.eval_copies),
+            "examples": [
+                {"response_id": rows.ids[i], "detail": why, "prompt": rows.prompts[i][:300]}
+                for i, why in list(c.eval_copies.items())[:EXAMPLES_PER_RULE]
+            ],
+        },
         "topics": c.topic_table,
         "embedding_model": c.embed_model,
         "split": {"train": split[0], "validation": split[1], "fraction": cfg.validation_fraction, "seed": seed},
@@ -199,6 +208,14 @@ def report_markdown(r: dict[str, Any], title: str) -> str:
     for rule, info in r["rules"].items():
         ex = info["examples"][0]
         out.append(f"| `{rule}` | {info['count']:,} | {_md_cell(ex['detail'], 40)} — {_md_cell(ex['response'], 60)} |")
+    dc = r["decontamination"]
+    out += ["", "## Eval-set copies", ""]
+    if not dc["eval_items"]:
+        out.append("Not checked: no eval data (curate.decontaminate).")
+    else:
+        verb = "dropped" if dc["action"] == "drop" else "flagged (kept)"
+        out.append(f"{dc['pairs']:,} pairs hold one of {dc['eval_items']:,} eval items: {verb}.")
+        out += [f"- {_md_cell(ex['detail'], 100)} — {_md_cell(ex['prompt'], 60)}" for ex in dc["examples"]]
     out += ["", "## Sources", ""]
     out += [
         "| source | pairs | kept | ≤3-token answers | distinct-2 | prompt gzip | templates | near-dup "

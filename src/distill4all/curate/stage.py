@@ -10,8 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from rich.console import Console
+
 from distill4all.config import RunConfig
 from distill4all.curate import curation, pairs
+from distill4all.errors import StageError
 from distill4all.run import StageContext, StageResult
 from distill4all.store import decisions
 
@@ -24,14 +27,33 @@ def inputs(config: RunConfig) -> list[Path]:
     return [config.curate.input] if config.curate.input is not None else []
 
 
+def eval_data(config: RunConfig, console: Console) -> list[Path]:
+    """The eval item files to keep out: curate.decontaminate.data, else the run's eval data (when
+    the file is there); said aloud when there are none."""
+    assert config.curate is not None
+    dc = config.curate.decontaminate
+    if not dc.enabled:
+        return []
+    if dc.data:
+        missing = [p for p in dc.data if not p.is_file()]
+        if missing:
+            raise StageError(f"curate.decontaminate.data: {missing[0]} does not exist")
+        return list(dc.data)
+    if config.eval is not None and config.eval.data_path().is_file():
+        return [config.eval.data_path()]
+    console.print("[yellow]curate: no eval data to check for copies (set curate.decontaminate.data)[/yellow]")
+    return []
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.curate
     assert cfg is not None
     if cfg.input is not None:
         pairs.import_pairs(ctx.store, cfg.input, cfg.import_teacher, malformed=cfg.malformed)
     result = curation.curate(
-        ctx.store, cfg, ctx.dir, seed=ctx.config.seed, title=ctx.config.name, console=ctx.console, quiet=ctx.quiet
-    )
+        ctx.store, cfg, ctx.dir, seed=ctx.config.seed, title=ctx.config.name, console=ctx.console, quiet=ctx.quiet,
+        eval_data=eval_data(ctx.config, ctx.console),
+    )  # fmt: skip
     kept = sum(result.kept)
     funnel = {f["step"]: f["remaining"] for f in result.funnel}
     counts = {
@@ -42,6 +64,8 @@ def run(ctx: StageContext) -> StageResult:
         "dropped": len(result.rows) - kept,
         "homogeneous_sources": sorted(s.source for s in result.sources if s.homogeneous),
         "excluded_sources": sorted(result.excluded),
+        "eval_copies": len(result.eval_copies),
+        "eval_items_checked": result.eval_items,
     }
     files = ctx.layout.curate
     artifacts = [files.train_pairs, files.report_json]

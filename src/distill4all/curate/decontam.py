@@ -1,0 +1,99 @@
+"""Decontamination: pairs that hold evaluation items, so a model is not trained on what it is
+tested on.
+
+Word n-gram overlap as GPT-3 and lm-evaluation-harness check it (13 words by default), on the
+normalized text (curate/dedup.normalize: case, punctuation and spacing ignored): an eval item's
+instruction with its input, and its output, are each cut into n-grams; a pair whose prompt or
+answer holds one of them matches that item. An eval text shorter than n words (but at least
+`min_words`) matches when it appears whole. Where the map's embeddings exist, a pair whose
+embedding is within `semantic_threshold` cosine of an item's (written as a pair is) matches too:
+a paraphrased copy.
+
+No library indexes n-grams this way (datasketch's LSH answers "similar", not "contains a shared
+13-gram"), so the index is a set of joined n-grams. Pairs are scanned only where a run of at
+least n consecutive words all occur in the eval set's vocabulary — the rare case — so most
+pairs cost one set lookup per word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from distill4all.curate.dedup import normalize
+from distill4all.evalset import Item, load_items
+
+
+@dataclass
+class EvalIndex:
+    """The n-grams (and whole short texts) of a set of eval items, each naming its item."""
+
+    n: int
+    grams: dict[str, str] = field(default_factory=dict)  # joined n-gram → item id
+    whole: dict[int, dict[str, str]] = field(default_factory=dict)  # word count → joined text → item id
+    vocab: frozenset[str] = frozenset()
+    items: list[Item] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, items: list[Item], n: int, min_words: int) -> EvalIndex:
+        index = cls(n, items=items)
+        vocab: set[str] = set()
+        for it in items:
+            for text in (f"{it.instruction} {it.input}", it.output):
+                words = normalize(text).split()
+                vocab.update(words)
+                if len(words) >= n:
+                    for i in range(len(words) - n + 1):
+                        index.grams.setdefault(" ".join(words[i : i + n]), it.id)
+                elif len(words) >= min_words:
+                    index.whole.setdefault(len(words), {}).setdefault(" ".join(words), it.id)
+        index.vocab = frozenset(vocab)
+        return index
+
+    def match(self, normalized: str) -> tuple[str, str] | None:
+        """(item id, the shared words) for the first eval n-gram or whole short text in a
+        normalized text, or None."""
+        words = normalized.split()
+        shortest = min((self.n, *self.whole), default=self.n)
+        run = 0
+        for i, w in enumerate(words):
+            run = run + 1 if w in self.vocab else 0
+            if run < shortest:
+                continue
+            if run >= self.n and (hit := self.grams.get(" ".join(words[i - self.n + 1 : i + 1]))):
+                return hit, " ".join(words[i - self.n + 1 : i + 1])
+            for k, texts in self.whole.items():
+                if run >= k and (hit := texts.get(" ".join(words[i - k + 1 : i + 1]))):
+                    return hit, " ".join(words[i - k + 1 : i + 1])
+        return None
+
+
+def load_index(paths: list[Path], n: int, min_words: int) -> EvalIndex:
+    items = [it for p in paths for it in load_items(p)]
+    return EvalIndex.build(items, n, min_words)
+
+
+def eval_pair_texts(items: list[Item]) -> list[str]:
+    """Each item written as curation writes a pair (prompt, newline, answer), for its embedding."""
+    return [f"{it.instruction}\n{it.input}".strip() + f"\n{it.output}" for it in items]
+
+
+def semantic_matches(
+    pair_emb: NDArray[np.float32], eval_emb: NDArray[np.float32], threshold: float
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """For each pair (unit-norm rows), the closest eval item and its cosine; -1 where none reaches
+    `threshold`."""
+    if not len(pair_emb) or not len(eval_emb):
+        return np.full(len(pair_emb), -1, dtype=np.int64), np.zeros(len(pair_emb), dtype=np.float32)
+    best = np.full(len(pair_emb), -1, dtype=np.int64)
+    score = np.zeros(len(pair_emb), dtype=np.float32)
+    for lo in range(0, len(pair_emb), 8192):  # bounded memory: a block of pairs × all eval items
+        sims = pair_emb[lo : lo + 8192] @ eval_emb.T
+        arg = sims.argmax(axis=1)
+        top = sims[np.arange(len(arg)), arg]
+        score[lo : lo + len(arg)] = top
+        best[lo : lo + len(arg)] = np.where(top >= threshold, arg, -1)
+    return best, score
