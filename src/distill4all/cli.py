@@ -592,7 +592,9 @@ def train(
         Path | None, typer.Argument(help="A run config with a train section; or give --base-model/--data/--out.")
     ] = None,
     base_model: Annotated[str | None, typer.Option(help="Model name or path (without a config).")] = None,
-    data: Annotated[Path | None, typer.Option(help="JSONL/Parquet pairs or conversations (without a config).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="JSONL, JSON array or Parquet pairs or conversations (without a config).")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (without a config).")] = None,
     preset: Annotated[str | None, typer.Option(help="paper-lora or paper-full.")] = None,
     template: Annotated[str | None, typer.Option(help="paper, chat, chatml or alpaca.")] = None,

@@ -381,9 +381,10 @@ class TrainConfig(Section):
     preset: Literal["paper-lora", "paper-full"] | None = None
     base_model: str = Field(min_length=1, description="model name (see `distill4all models`) or local path")
     data: Path | None = Field(
-        None, description="JSONL/Parquet pairs; unset: the run's curate/train.jsonl (or collect/pairs.jsonl)"
+        None,
+        description="JSONL, JSON array or Parquet rows; unset: the run's curate/train.jsonl (or collect/pairs.jsonl)",
     )
-    data_format: Literal["auto", "gpt4all", "alpaca", "messages"] = "auto"
+    data_format: Literal["auto", "gpt4all", "alpaca", "messages", "sharegpt"] = "auto"
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held out by seed, as the paper (5%)")
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
