@@ -425,3 +425,21 @@ def test_a_streak_of_failures_stops_sending(tmp_path: Path) -> None:
     assert outcome.stopped == "unavailable" and outcome.answered == 0
     assert 8 <= outcome.failed <= 10  # the streak (8), and what was in flight
     assert store.count("SELECT COUNT(*) FROM tasks WHERE state = 'pending'") == 60 - outcome.failed
+
+
+def test_files_a_stage_writes_are_readable_by_others(tmp_path: Path, stub_process: str) -> None:
+    """Under the usual umask every file is 0644 and every folder 0755 (temp files made 0600 and
+    renamed into place used to stay unreadable to anyone else)."""
+    config = api_config(tmp_path, stub_process, 4)
+    before = os.umask(0o022)
+    try:
+        r = run_cli("collect", "run", config, env={"D4A_KEY": "k"})
+        init = run_cli("init", tmp_path / "starter.yaml")
+    finally:
+        os.umask(before)
+    assert r.code == 0 and init.code == 0, r.output + init.output
+    written = [tmp_path / "starter.yaml", *(tmp_path / "run").rglob("*")]
+    assert {"manifest.json", "pairs.jsonl", "store.sqlite"} <= {p.name for p in written}
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in written}
+    assert modes == {name: 0o755 if (tmp_path / name).is_dir() else 0o644 for name in modes}
+
