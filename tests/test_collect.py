@@ -443,3 +443,20 @@ def test_files_a_stage_writes_are_readable_by_others(tmp_path: Path, stub_proces
     modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in written}
     assert modes == {name: 0o755 if (tmp_path / name).is_dir() else 0o644 for name in modes}
 
+
+def test_status_in_a_pipe_and_as_json(tmp_path: Path, stub_process: str) -> None:
+    config = api_config(tmp_path, stub_process, 3)
+    assert run_cli("collect", "run", config, env={"D4A_KEY": "k"}).code == 0
+    long_dir = tmp_path / ("a-run-folder-with-a-long-name-" * 4)
+    (tmp_path / "run").rename(long_dir)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    table = subprocess.run(cli_command("status", long_dir), capture_output=True, text=True, env=env, timeout=120)
+    assert table.returncode == 0 and str(long_dir) in table.stdout, table.stdout  # the title, whole
+    assert "answered 3" in table.stdout and "prompts_by_source" not in table.stdout
+    r = subprocess.run(cli_command("status", long_dir, "--json"), capture_output=True, text=True, env=env, timeout=120)
+    shown = json.loads(r.stdout)
+    assert shown["run_dir"] == str(long_dir)
+    (collect,) = shown["stages"]
+    assert collect["stage"] == "collect" and collect["status"] == "done" and collect["attempts"] == 1
+    assert collect["counts"]["answered"] == 3 and collect["counts"]["prompts_by_source"] == {"qs": 3}
+    assert collect["artifacts"] and collect["error"] is None
