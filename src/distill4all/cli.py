@@ -387,7 +387,16 @@ def _stale(run_dir: Path) -> bool:
 
 
 def _counts_text(counts: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, int | float))
+    """Numeric counts as `key value`; a cost that includes answers without usage says it is estimated."""
+    estimated = counts.get("cost_estimated_answers") or 0
+
+    def shown(key: str, value: Any) -> str:
+        if key == "cost_usd" and estimated:
+            return f"cost_usd ~{value} (estimated: {estimated} answers without usage)"
+        return f"{key} {value}"
+
+    numeric = [(k, v) for k, v in counts.items() if isinstance(v, int | float) and k != "cost_estimated_answers"]
+    return ", ".join(shown(k, v) for k, v in numeric)
 
 
 # --- eval --------------------------------------------------------------------------------------

@@ -111,6 +111,12 @@ class TeacherConfig(Section):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
     price: Price | None = Field(None, description="default: collect.prices[model], else free")
+    tokenizer: str | None = Field(
+        None,
+        min_length=1,
+        description="counts the tokens of answers that come without usage (their cost then estimated): a local "
+        "model folder, GGUF or model name; unset: `model` when it is one, else ~4 characters a token",
+    )
     logprobs: int | None = Field(
         None, ge=1, description="keep the top-K logprobs of every answer token (asks logprobs + top_logprobs: K)"
     )
