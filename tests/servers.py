@@ -1,7 +1,9 @@
 """Stand-ins for the outside world of the collect stage, on 127.0.0.1:
 
 - `StubTeacher`: an OpenAI-compatible chat endpoint that answers after a fixed delay (the
-  benchmark's "remote API"), honouring max_tokens (finish_reason=length) and an API key;
+  benchmark's "remote API"), honouring max_tokens (finish_reason=length) and an API key; and,
+  as some real endpoints do, answering without `usage`, with `content` as a list of parts, or
+  with an HTTP 200 whose body is an error (see StubTeacher.handle);
 - `FaultProxy`: sits in front of any teacher and injects the failures real APIs produce — 429 with
   Retry-After, 500/503, answers slower than the client's timeout, dropped connections, malformed
   JSON — at a seeded rate, and counts what it did.
@@ -64,8 +66,22 @@ def _json(status: int, obj: Any, **headers: str) -> tuple[int, dict[str, str], b
     return status, {"Content-Type": "application/json", **headers}, json.dumps(obj).encode()
 
 
+# Prompts the stub answers with an HTTP 200 whose body is an error, as gateways pass on an upstream's
+ERRORS_IN_200 = {
+    "ERROR200-INVALID": {"error": {"message": "prompt is too long", "type": "invalid_request_error",
+                                   "code": "context_length_exceeded"}},
+    "ERROR200-TEXT": {"error": "the model is loading"},
+    "ERROR200": {"error": {"message": "upstream overloaded", "code": 502}},
+}  # fmt: skip
+
+
 class StubTeacher:
-    """Answers 'Answer to: <prompt>' after `delay` seconds; each word is one completion token."""
+    """Answers 'Answer to: <prompt>' after `delay` seconds; each word is one completion token.
+
+    A request may ask for the shapes some endpoints answer in (the collect config's extra_body
+    passes them): `stub_usage: false` leaves `usage` out, `stub_content: "parts"` gives `content`
+    as a list of parts; a prompt starting with a key of ERRORS_IN_200 gets that body with HTTP 200.
+    """
 
     def __init__(self, delay: float = 0.0, api_key: str | None = None, words: int = 40) -> None:
         self.delay, self.api_key, self.words = delay, api_key, words
@@ -88,6 +104,8 @@ class StubTeacher:
             return _json(400, {"error": {"message": "bad request body", "type": "invalid_request_error"}})
         if prompt.startswith("REJECT"):
             return _json(400, {"error": {"message": "this prompt is rejected", "type": "invalid_request_error"}})
+        if error := next((body for start, body in ERRORS_IN_200.items() if prompt.startswith(start)), None):
+            return _json(200, error)
         await asyncio.sleep(float(req.get("stub_delay", self.delay)))  # a test may ask for its own delay
         words = (f"Answer to: {prompt} " + "and more words " * self.words).split()[: self.words]
         finish = "length" if len(words) > max_tokens else "stop"
@@ -95,16 +113,18 @@ class StubTeacher:
         self.answered[prompt] += 1
         usage = {"prompt_tokens": len(prompt.split()) + 8, "completion_tokens": min(len(words), max_tokens)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return _json(
-            200,
-            {
-                "id": f"chatcmpl-{time.monotonic_ns()}",
-                "object": "chat.completion",
-                "model": req.get("model", "stub"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": usage,
-            },
-        )
+        content: str | list[dict[str, Any]] = text
+        if req.get("stub_content") == "parts":  # the text in two parts, a part that is not text between
+            head, _, tail = text.partition(" ")
+            content = [{"type": "text", "text": head + " "}, {"type": "image_url", "image_url": {"url": "x"}},
+                       {"type": "text", "text": tail}]  # fmt: skip
+        answer = {
+            "id": f"chatcmpl-{time.monotonic_ns()}",
+            "object": "chat.completion",
+            "model": req.get("model", "stub"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        }
+        return _json(200, answer if req.get("stub_usage") is False else answer | {"usage": usage})
 
 
 FAULTS = ("429", "500", "503", "slow", "drop", "malformed")

@@ -207,6 +207,119 @@ def test_budget_stops_cleanly_and_the_rest_resumes(tmp_path: Path, stub: tuple[S
     assert store.count("SELECT COUNT(*) FROM responses") == 30
 
 
+# --- endpoints that answer in other shapes -----------------------------------------------------
+
+
+def answers(store: Store) -> list[tuple[str, str, int, int, float, str]]:
+    return store.db.execute(
+        "SELECT p.text, r.text, r.prompt_tokens, r.completion_tokens, r.cost_usd, r.usage"
+        " FROM responses r JOIN prompts p ON p.id = r.prompt_id ORDER BY p.text"
+    ).fetchall()
+
+
+def test_an_answer_without_usage_is_estimated_at_four_characters_a_token_never_free(
+    tmp_path: Path, stub: tuple[StubTeacher, Background]
+) -> None:
+    from distill4all.teacher.answers import build_messages
+    from distill4all.teacher.client import estimate_prompt_tokens
+
+    _, server = stub
+    store = Store(tmp_path / "s.sqlite")
+    fill(store, ["question one", "question two", "REJECT this"])
+    teacher = TeacherConfig(name="t", model="gpt-4o-mini", max_tokens=6, extra_body={"stub_usage": False})
+    price = Price(input=1.0, output=2.0)
+    outcome = run_collect(store, teacher, client_for(server.url), price=price)
+    assert outcome.answered == 2 and outcome.without_usage == 2 and outcome.counted_by.startswith("estimate")
+    for prompt, text, pt, ct, cost, usage in answers(store):
+        assert usage == "estimate (~4 characters a token)"
+        assert pt == estimate_prompt_tokens(build_messages(teacher, prompt)) and ct == (len(text) + 3) // 4 > 0
+        assert cost == pytest.approx((pt * 1.0 + ct * 2.0) / 1e6) and cost > 0
+    counts = tasks.counts(store)
+    assert counts["cost_estimated_answers"] == 2 and counts["cost_usd"] > 0
+
+
+def test_an_answer_without_usage_is_counted_with_the_teachers_tokenizer(
+    tmp_path: Path, stub: tuple[StubTeacher, Background], tiny_model: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    from distill4all.errors import ModelError
+    from distill4all.teacher.answers import build_messages
+
+    _, server = stub
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    reported = TeacherConfig(name="r", model=str(tiny_model), max_tokens=6)
+    local_model = TeacherConfig(name="m", model=str(tiny_model), max_tokens=6, system_prompt="Be brief.",
+                                extra_body={"stub_usage": False})  # fmt: skip
+    named = TeacherConfig(name="n", model="served-name", tokenizer="tiny", max_tokens=6,
+                          extra_body={"stub_usage": False})  # fmt: skip
+    for teacher, how in (
+        (reported, "reported"),
+        (local_model, f"tokenizer of {tiny_model}"),
+        (named, "tokenizer of tiny"),
+    ):
+        store = Store(tmp_path / f"{teacher.name}.sqlite")
+        fill(store, ["what is a cat?"], teacher=teacher.name)
+        run_collect(store, teacher, client_for(server.url), price=Price(input=1.0, output=1.0))
+        ((prompt, text, pt, ct, cost, usage),) = answers(store)
+        assert usage == how and cost == pytest.approx((pt + ct) / 1e6)
+        if teacher is reported:
+            assert (pt, ct) == (len(prompt.split()) + 8, 6)  # the stub's own usage, kept as it is
+            continue
+        rendered = tok.apply_chat_template(build_messages(teacher, prompt), tokenize=False, add_generation_prompt=True)
+        assert pt == len(tok(rendered, add_special_tokens=False).input_ids)
+        assert ct == len(tok(text, add_special_tokens=False).input_ids)
+    # a tokenizer that was asked for and cannot be loaded stops before anything is sent
+    store = Store(tmp_path / "x.sqlite")
+    fill(store, ["q"], teacher="x")
+    with pytest.raises(ModelError, match="neither a path that exists nor a known name"):
+        run_collect(store, TeacherConfig(name="x", model="m", tokenizer=str(tmp_path / "nope")), client_for(server.url))
+    assert store.count("SELECT COUNT(*) FROM tasks WHERE state = 'pending'") == 1
+
+
+def test_content_as_a_list_of_parts_is_its_text_parts_joined(
+    tmp_path: Path, stub: tuple[StubTeacher, Background]
+) -> None:
+    _, server = stub
+    store = Store(tmp_path / "s.sqlite")
+    fill(store, ["question one"])
+    as_text = run_collect(store, TeacherConfig(name="t", model="m", max_tokens=8), client_for(server.url))
+    parts_store = Store(tmp_path / "p.sqlite")
+    fill(parts_store, ["question one"])
+    teacher = TeacherConfig(name="t", model="m", max_tokens=8, extra_body={"stub_content": "parts"})
+    as_parts = run_collect(parts_store, teacher, client_for(server.url))
+    assert as_text.answered == as_parts.answered == 1
+    ((_, text, *_),) = answers(store)
+    assert text == "Answer to: question one and more words and" and answers(parts_store)[0][1] == text
+
+
+def test_an_error_in_a_200_answer_is_a_failure_with_its_message(
+    tmp_path: Path, stub: tuple[StubTeacher, Background]
+) -> None:
+    _, upstream = stub
+    proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=0.0)  # counts what arrives
+    server = Background(proxy.handle)
+    try:
+        store = Store(tmp_path / "s.sqlite")
+        fill(store, ["fine", "ERROR200 a", "ERROR200-INVALID b", "ERROR200-TEXT c"])
+        outcome = run_collect(store, TeacherConfig(name="t", model="m"), client_for(server.url, max_retries=1))
+    finally:
+        server.stop()
+    assert outcome.answered == 1 and outcome.failed == 3 and len(proxy.arrivals) == 1 + 2 + 1 + 2
+    failed = dict(
+        store.db.execute(
+            "SELECT p.text, t.last_error || ' | ' || t.permanent FROM tasks t JOIN prompts p ON p.id = t.prompt_id"
+            " WHERE t.state = 'failed'"
+        ).fetchall()
+    )
+    assert failed == {
+        "ERROR200 a": "gave up after 2 attempts: error in the answer (code 502): upstream overloaded | 0",
+        "ERROR200-INVALID b": "error in the answer: prompt is too long | 1",  # an invalid request: not asked again
+        "ERROR200-TEXT c": "gave up after 2 attempts: error in the answer: the model is loading | 0",
+    }
+    assert store.count("SELECT COUNT(*) FROM responses") == 1  # no empty answer stored for them
+
+
 # --- through the CLI, against a teacher in another process -------------------------------------
 
 
@@ -425,3 +538,58 @@ def test_a_streak_of_failures_stops_sending(tmp_path: Path) -> None:
     assert outcome.stopped == "unavailable" and outcome.answered == 0
     assert 8 <= outcome.failed <= 10  # the streak (8), and what was in flight
     assert store.count("SELECT COUNT(*) FROM tasks WHERE state = 'pending'") == 60 - outcome.failed
+
+
+def test_files_a_stage_writes_are_readable_by_others(tmp_path: Path, stub_process: str) -> None:
+    """Under the usual umask every file is 0644 and every folder 0755 (temp files made 0600 and
+    renamed into place used to stay unreadable to anyone else)."""
+    config = api_config(tmp_path, stub_process, 4)
+    before = os.umask(0o022)
+    try:
+        r = run_cli("collect", "run", config, env={"D4A_KEY": "k"})
+        init = run_cli("init", tmp_path / "starter.yaml")
+    finally:
+        os.umask(before)
+    assert r.code == 0 and init.code == 0, r.output + init.output
+    written = [tmp_path / "starter.yaml", *(tmp_path / "run").rglob("*")]
+    assert {"manifest.json", "pairs.jsonl", "store.sqlite"} <= {p.name for p in written}
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in written}
+    assert modes == {name: 0o755 if (tmp_path / name).is_dir() else 0o644 for name in modes}
+
+
+def test_status_in_a_pipe_and_as_json(tmp_path: Path, stub_process: str) -> None:
+    config = api_config(tmp_path, stub_process, 3)
+    assert run_cli("collect", "run", config, env={"D4A_KEY": "k"}).code == 0
+    long_dir = tmp_path / ("a-run-folder-with-a-long-name-" * 4)
+    (tmp_path / "run").rename(long_dir)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    table = subprocess.run(cli_command("status", long_dir), capture_output=True, text=True, env=env, timeout=120)
+    assert table.returncode == 0 and str(long_dir) in table.stdout, table.stdout  # the title, whole
+    assert "answered 3" in table.stdout and "prompts_by_source" not in table.stdout
+    r = subprocess.run(cli_command("status", long_dir, "--json"), capture_output=True, text=True, env=env, timeout=120)
+    shown = json.loads(r.stdout)
+    assert shown["run_dir"] == str(long_dir)
+    (collect,) = shown["stages"]
+    assert collect["stage"] == "collect" and collect["status"] == "done" and collect["attempts"] == 1
+    assert collect["counts"]["answered"] == 3 and collect["counts"]["prompts_by_source"] == {"qs": 3}
+    assert collect["artifacts"] and collect["error"] is None
+
+
+def test_collect_says_the_cost_is_estimated_and_shows_an_error_given_with_http_200(
+    tmp_path: Path, stub_process: str
+) -> None:
+    config = api_config(tmp_path, stub_process, 3, extra_body={"stub_usage": False}, max_retries=1)
+    with open(tmp_path / "prompts.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "ERROR200 then nothing"}) + "\n")
+    r = run_cli("collect", "run", config, env={"D4A_KEY": "k"})
+    assert r.code == 2, r.output
+    assert "collect · api: 3 answers came without usage; their tokens were counted by estimate" in r.stderr
+    assert "error in the answer ×1 (first: teacher api: gave up after 2 attempts: error in the answer (code 502): " \
+           "upstream overloaded)" in r.stderr  # fmt: skip
+    status = run_cli("status", tmp_path / "run")
+    assert "cost_usd ~" in status.stdout and "(estimated: 3 answers without usage)" in status.stdout, status.stdout
+    assert "upstream overloaded" in status.stdout
+    db = sqlite3.connect(tmp_path / "run" / "store.sqlite")
+    assert db.execute("SELECT usage, COUNT(*), MIN(cost_usd) > 0 FROM responses GROUP BY usage").fetchall() == [
+        ("estimate (~4 characters a token)", 3, 1)
+    ]

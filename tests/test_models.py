@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_command, run_cli
 from distill4all.atomic import sha256_file
 from distill4all.errors import ModelError
 from distill4all.models import resolve_model
@@ -61,6 +63,24 @@ def test_tiny_model_cli_and_models_listing(tmp_path: Path) -> None:
     assert r.code == 0, r.output
     for name in ("smollm2-135m-instruct", "tiny", "small", "Apache-2.0", "gguf", "hf"):
         assert name in r.stdout
+
+
+def test_models_listing_in_a_pipe_cuts_no_path_and_prints_json(tmp_path: Path) -> None:
+    """Into a pipe, with no COLUMNS set, rich would lay the table out in 80 columns; a script needs
+    whole names and paths, and JSON."""
+    cache = tmp_path / ("a-cache-folder-with-a-long-name/" * 4) / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"DISTILL4ALL_CACHE": str(cache)}
+    table = subprocess.run(cli_command("models"), capture_output=True, text=True, env=env, timeout=120)
+    assert table.returncode == 0, table.stderr
+    tiny = str(cache / "models" / "tiny-seed0")
+    assert len(tiny) > 80 and f"{tiny} (built on first use)" in table.stdout
+    assert "smollm2-135m-instruct " in table.stdout  # the name whole, not "smollm2-135m-in…"
+    listed = subprocess.run(cli_command("models", "--json"), capture_output=True, text=True, env=env, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert {(m["name"], m["format"]) for m in rows} >= {("smollm2-135m-instruct", "gguf"), ("tiny", "hf")}
+    assert next(m for m in rows if m["name"] == "tiny")["location"] == f"{tiny} (built on first use)"
+    assert all(set(m) == {"name", "format", "params", "size_bytes", "licence", "location", "description"} for m in rows)
 
 
 def test_unknown_model_names_and_bad_paths_are_clear(tmp_path: Path) -> None:

@@ -229,6 +229,50 @@ def test_standalone_cli_with_the_paper_preset(tmp_path: Path, pairs: Path) -> No
     assert r.code == 0 and "train: skipped" in r.stdout
 
 
+def sharegpt_file(path: Path) -> Path:
+    """Multi-turn ShareGPT rows, with a system turn and the role names ShareGPT dumps use."""
+    rows = [
+        {"id": f"c{i}", "conversations": [
+            {"from": "system", "value": "Answer in one sentence."},
+            {"from": "human", "value": question(a)}, {"from": "gpt", "value": f"The {a} is {c}."},
+            {"from": "user", "value": "And twice?"}, {"from": "chatgpt", "value": f"{c} and {c}."}]}
+        for i, (a, c) in enumerate(zip(ANIMALS, COLORS, strict=True))
+    ]  # fmt: skip
+    return write_jsonl(path, rows)
+
+
+def alpaca_array_file(path: Path) -> Path:
+    """The original alpaca_data.json layout: one indented JSON array."""
+    pairs = zip(ANIMALS, COLORS, strict=True)
+    rows = [{"instruction": question(a), "input": "", "output": f"The {a} is {c}."} for a, c in pairs]
+    path.write_text(json.dumps(rows, indent=4), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "template", "answer"),
+    [(sharegpt_file, "sharegpt.jsonl", "chatml", "red and red."), (alpaca_array_file, "alpaca_data.json", "paper",
+      "The cat is red.")],
+)  # fmt: skip
+def test_sharegpt_and_json_array_files_train_through_the_cli(
+    tmp_path: Path, tiny_model: Path, make: Any, name: str, template: str, answer: str
+) -> None:
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    data = make(tmp_path / name)
+    cfg = config(tmp_path, data, val_fraction=0.0, global_batch_size=4, max_steps=2, template=template, max_length=256)
+    r = run_cli("train", cfg, env=ENV)
+    assert r.code == 0, r.output
+    summary = json.loads((tmp_path / "run" / "train" / "summary.json").read_text())
+    assert summary["train_examples"] == 8 and summary["steps"] == 2
+    # what was trained on is the file's answers (every assistant turn of a conversation)
+    split = tmp_path / "run" / "train" / "data" / "train"
+    targets = np.load(split / "targets.npy")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "train" / "model"))
+    assert answer in tok.decode(targets[targets >= 0].tolist())
+
+
 @pytest.mark.parametrize(
     ("rows", "train", "message"),
     [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,75 @@ def test_reads_gpt4all_alpaca_messages_and_parquet(tmp_path: Path) -> None:
     assert ex[0].messages[1]["content"] == "rq" and ex[0].single_turn
 
 
+def test_reads_sharegpt_with_every_role_name_and_messages_written_from_value(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+            {"from": "user", "value": "c"}, {"from": "chatgpt", "value": "d"}]  # fmt: skip
+    others = [
+        [{"from": "human", "value": "q"}, {"from": name, "value": "r"}] for name in ("bing", "model", "assistant")
+    ]
+    s = write_jsonl(tmp_path / "s.jsonl", [{"id": "x1", "conversations": c} for c in [conv, *others]])
+    ex, stats = read_examples(s)
+    expected = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"})  # fmt: skip
+    assert ex[0].messages == expected and stats.rows == 4
+    assert all(e.messages == ({"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}) for e in ex[1:])
+    # OpenAI messages whose turns are written the ShareGPT way, and a ShareGPT Parquet file
+    m = write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}])
+    assert read_examples(m)[0][0].messages == expected
+    pq.write_table(pa.Table.from_pylist([{"conversations": conv}]), tmp_path / "s.parquet")
+    assert read_examples(tmp_path / "s.parquet")[0][0].messages == expected
+    assert read_examples(s, "sharegpt")[0][0].messages == expected  # named in train.data_format
+
+
+def test_reads_a_json_array_file_as_the_original_alpaca_data_json(tmp_path: Path) -> None:
+    rows = [
+        {"instruction": "Sum", "input": "1 2", "output": "3"},
+        {"instruction": "Hi", "input": "", "output": "Hello"},
+    ]
+    a = tmp_path / "alpaca_data.json"
+    a.write_text(json.dumps(rows, indent=4))  # the layout alpaca_data.json ships in
+    ex, stats = read_examples(a)
+    assert [e.messages[0]["content"] for e in ex] == ["Sum\n\n1 2", "Hi"] and stats.rows == 2
+    assert [e.row for e in ex] == [0, 1]
+    conv = [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]
+    for kind in ([{"conversations": conv}], [{"prompt": "p", "response": "r"}], [{"messages": conv}]):
+        one_line = tmp_path / "one.json"
+        one_line.write_text("  \n" + json.dumps(kind))
+        assert read_examples(one_line)[0][0].messages[-1]["content"] in ("b", "r")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(DataError, match="no usable examples"):
+        read_examples(empty)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a", "response": 3}\n]', "a.json:3 (element 1): field 'response' must be a string"),
+        ('[\n  {"prompt": "a", "response": "b"},\n\n  {"question": "a"}]', "a.json:4 (element 1): field 'prompt' must be"),
+        ('[{"prompt": "a", "response": "b"},\n"text"]', "a.json:2 (element 1): each row must be a JSON object"),
+        ('[{"prompt": "a", "response": "b"}\n {"prompt": "c"}]', "a.json:2: not valid JSON (expected ',' or ']' after element 0)"),
+        ('[{"prompt": "a", "response": "b"},\n]', "a.json:2: not valid JSON (Expecting value)"),
+        ('[{"prompt": "a", "response": "b"}', "a.json:1: not valid JSON (expected ',' or ']' after element 0)"),
+        ('[{"prompt": "a",\n "response": "b"', "a.json:2: not valid JSON (Expecting ',' delimiter)"),
+        ('[{"prompt": "a",\n "response": }]', "a.json:2: not valid JSON (Expecting value)"),
+        ('[{"prompt": "a", "response": "b"}]\n[]', "a.json:2: not valid JSON (more after the array's closing ']')"),
+        ('[{"conversations": [{"from": "human", "value": "a"}]}]', "a.json:1 (element 0): the last message must be"),
+        ('[\n{"conversations": [{"from": "robot", "value": "a"}]}]', "a.json:2 (element 0): conversations[0] needs a role"),
+        ('[{"conversations": []}]', "a.json:1 (element 0): 'conversations' must be a non-empty list"),
+    ],
+)  # fmt: skip
+def test_bad_json_array_elements_name_file_line_and_element(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "a.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_examples(path)
+
+
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
@@ -76,6 +147,11 @@ def test_reads_gpt4all_alpaca_messages_and_parquet(tmp_path: Path) -> None:
         (['{"prompt": "a", "response": 3}'], "b.jsonl:1: field 'response' must be a string"),
         (['{"messages": [{"role": "user", "content": "a"}]}'], "b.jsonl:1: the last message must be the assistant's"),
         (['{"messages": [{"role": "bot", "content": "a"}]}'], "b.jsonl:1: messages[0] needs a role"),
+        (['{"conversations": [{"from": "human", "value": 3}]}'], "b.jsonl:1: conversations[0] needs a role"),
+        (
+            ['{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}'],
+            "b.jsonl:1: the last message must be the assistant's",
+        ),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path: Path, lines: list[str], message: str) -> None:

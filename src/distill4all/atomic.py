@@ -3,6 +3,10 @@
 A reader therefore sees either the previous complete artifact or the new complete one, never a
 half-written file, whatever moment the writer is killed at. Leftover temp paths carry the
 `.tmp-` marker so that `clean_temp` can sweep them on the next run.
+
+Temp files and folders are created by hand rather than with tempfile.mkstemp/mkdtemp, which make
+them 0600/0700: renamed into place, artifacts would stay unreadable to anyone else. Created with
+0666/0777, the process umask gives them the usual modes (0644 and 0755 under umask 022).
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,9 +32,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _new_temp_file(path: Path) -> tuple[int, Path]:
+    """An open, new temp file beside `path`, with the mode the umask gives (not mkstemp's 0600)."""
+    while True:
+        tmp = _temp_name(path)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _new_temp_dir(path: Path) -> Path:
+    """A new empty temp folder beside `path`, with the mode the umask gives (not mkdtemp's 0700)."""
+    while True:
+        tmp = _temp_name(path)
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + TEMP_MARK, dir=path.parent)
+    fd, tmp = _new_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -78,10 +107,7 @@ def output_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
     if path.exists() and not replace:
         raise FileExistsError(f"{path} exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + TEMP_MARK, dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the final folder gets the usual mode
+    tmp = _new_temp_dir(path)
     try:
         yield tmp
         old = None

@@ -34,8 +34,20 @@ app = typer.Typer(
 config_app = typer.Typer(help="Validate and show run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-out = Console()
-err = Console(stderr=True)
+PIPE_WIDTH = 10_000  # columns of output that is not a terminal: wide enough that nothing is cut
+
+
+def _console(*, stderr: bool = False, quiet: bool = False) -> Console:
+    """A rich console that fits its terminal, and into a pipe or file cuts and wraps nothing: rich
+    would lay tables out in 80 columns there, cutting the names and paths a script reads."""
+    console = Console(stderr=stderr, quiet=quiet)
+    if not console.is_terminal:
+        console.width = PIPE_WIDTH
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 _state: dict[str, Any] = {"quiet": False, "debug": False}
 
 
@@ -57,6 +69,7 @@ def _main(
 
 
 ConfigArg = Annotated[Path, typer.Argument(help="The run config (YAML).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -122,7 +135,7 @@ def run(
     if dry_run:
         _print_estimate(loaded)
         return
-    console = Console(stderr=True, quiet=_state["quiet"])
+    console = _console(stderr=True, quiet=_state["quiet"])
     options = {"max_cost_usd": max_cost} if max_cost is not None else {}
     outcomes = run_stages(
         loaded,
@@ -263,7 +276,7 @@ def collect_batch_export(
     try:
         with rd.locked():
             load_sources(
-                rd.store, loaded.config.collect, loaded.config.seed, Console(stderr=True, quiet=_state["quiet"])
+                rd.store, loaded.config.collect, loaded.config.seed, _console(stderr=True, quiet=_state["quiet"])
             )
             tasks.requeue(rd.store)
             name = teacher or loaded.config.collect.teachers[0].name
@@ -291,7 +304,9 @@ def collect_batch_ingest(
 
 
 @app.command()
-def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)]) -> None:
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)], as_json: JsonOpt = False
+) -> None:
     """Show each stage's state, attempts, time and counts."""
     import json
 
@@ -309,6 +324,11 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show
     if manifest.is_file():
         cfg = json.loads(manifest.read_text()).get("config", {})
         configured = [s for s in STAGE_ORDER if cfg.get(s) is not None]
+    if as_json:
+        print(
+            json.dumps({"run_dir": str(run_dir), "stages": [_stage_json(n, rows.get(n), run_dir) for n in configured]})
+        )
+        return
     table = Table("stage", "status", "attempts", "started", "time", "counts", title=str(run_dir))
     for name in configured:
         row = rows.get(name)
@@ -316,13 +336,34 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show
             table.add_row(name, "pending", "0", "", "", "")
             continue
         started = datetime.fromtimestamp(row.started_at).strftime("%Y-%m-%d %H:%M:%S") if row.started_at else ""
-        shown = "interrupted" if row.status == "running" and _stale(run_dir) else row.status
-        table.add_row(name, shown, str(row.attempts), started, f"{row.seconds:.1f}s", _counts_text(row.counts))
+        table.add_row(
+            name,
+            _shown_status(row, run_dir),
+            str(row.attempts),
+            started,
+            f"{row.seconds:.1f}s",
+            _counts_text(row.counts),
+        )
     out.print(table)
     for name in configured:  # why a stage stopped, as `run` said it
         row = rows.get(name)
         if row is not None and row.status == "failed" and row.error:
             out.print(f"{name}: {row.error}", markup=False, soft_wrap=True)
+
+
+def _stage_json(name: str, row: Any, run_dir: Path) -> dict[str, Any]:
+    """A stage's row as `status --json` prints it; a stage never started is pending."""
+    if row is None:
+        return {"stage": name, "status": "pending", "attempts": 0}
+    return {
+        "stage": name, "status": _shown_status(row, run_dir), "attempts": row.attempts, "started_at": row.started_at,
+        "finished_at": row.finished_at, "seconds": row.seconds, "counts": row.counts, "costs": row.costs,
+        "artifacts": row.artifacts, "error": row.error,
+    }  # fmt: skip
+
+
+def _shown_status(row: Any, run_dir: Path) -> str:
+    return "interrupted" if row.status == "running" and _stale(run_dir) else str(row.status)
 
 
 def _stale(run_dir: Path) -> bool:
@@ -346,7 +387,16 @@ def _stale(run_dir: Path) -> bool:
 
 
 def _counts_text(counts: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, int | float))
+    """Numeric counts as `key value`; a cost that includes answers without usage says it is estimated."""
+    estimated = counts.get("cost_estimated_answers") or 0
+
+    def shown(key: str, value: Any) -> str:
+        if key == "cost_usd" and estimated:
+            return f"cost_usd ~{value} (estimated: {estimated} answers without usage)"
+        return f"{key} {value}"
+
+    numeric = [(k, v) for k, v in counts.items() if isinstance(v, int | float) and k != "cost_estimated_answers"]
+    return ", ".join(shown(k, v) for k, v in numeric)
 
 
 # --- eval --------------------------------------------------------------------------------------
@@ -423,7 +473,7 @@ def reproduce(
     plan = prepare_reproduction(manifest, target, allow_changed_inputs=allow_changed_inputs)
     for w in plan.warnings:
         err.print(f"note: {w}", markup=False)
-    console = Console(stderr=True, quiet=_state["quiet"])
+    console = _console(stderr=True, quiet=_state["quiet"])
     run_stages(plan.loaded, console=console, quiet=_state["quiet"])
     out.print(f"reproduced into {target} (config: {plan.config_path})")
     out.print(f"compare: distill4all diff {recorded['config']['run_dir']} {target}")
@@ -466,7 +516,7 @@ def _run_one_stage(
     what they mean for `run`."""
     from distill4all.run import run_stages
 
-    console = Console(stderr=True, quiet=_state["quiet"])
+    console = _console(stderr=True, quiet=_state["quiet"])
     return run_stages(
         loaded, from_stage=stage, until_stage=stage, force=force, console=console, quiet=_state["quiet"],
         options=options, redo_hint="rerun with --force to redo it",
@@ -592,7 +642,9 @@ def train(
         Path | None, typer.Argument(help="A run config with a train section; or give --base-model/--data/--out.")
     ] = None,
     base_model: Annotated[str | None, typer.Option(help="Model name or path (without a config).")] = None,
-    data: Annotated[Path | None, typer.Option(help="JSONL/Parquet pairs or conversations (without a config).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="JSONL, JSON array or Parquet pairs or conversations (without a config).")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (without a config).")] = None,
     preset: Annotated[str | None, typer.Option(help="paper-lora or paper-full.")] = None,
     template: Annotated[str | None, typer.Option(help="paper, chat, chatml or alpaca.")] = None,
@@ -653,10 +705,15 @@ def train(
 
 
 @app.command()
-def models() -> None:
+def models(as_json: JsonOpt = False) -> None:
     """List the named models: format, size, licence and where they are."""
+    from dataclasses import asdict
+
     from distill4all.models import list_models
 
+    if as_json:
+        print(json.dumps([asdict(m) for m in list_models()]))
+        return
     table = Table("name", "format", "params", "size", "licence", "location")
     for m in list_models():
         size = f"{m.size_bytes / 1e6:.1f} MB" if m.size_bytes is not None else "-"

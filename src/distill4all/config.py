@@ -111,6 +111,12 @@ class TeacherConfig(Section):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
     price: Price | None = Field(None, description="default: collect.prices[model], else free")
+    tokenizer: str | None = Field(
+        None,
+        min_length=1,
+        description="counts the tokens of answers that come without usage (their cost then estimated): a local "
+        "model folder, GGUF or model name; unset: `model` when it is one, else ~4 characters a token",
+    )
     logprobs: int | None = Field(
         None, ge=1, description="keep the top-K logprobs of every answer token (asks logprobs + top_logprobs: K)"
     )
@@ -405,9 +411,10 @@ class TrainConfig(Section):
     preset: Literal["paper-lora", "paper-full"] | None = None
     base_model: str = Field(min_length=1, description="model name (see `distill4all models`) or local path")
     data: Path | None = Field(
-        None, description="JSONL/Parquet pairs; unset: the run's curate/train.jsonl (or collect/pairs.jsonl)"
+        None,
+        description="JSONL, JSON array or Parquet rows; unset: the run's curate/train.jsonl (or collect/pairs.jsonl)",
     )
-    data_format: Literal["auto", "gpt4all", "alpaca", "messages"] = "auto"
+    data_format: Literal["auto", "gpt4all", "alpaca", "messages", "sharegpt"] = "auto"
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held out by seed, as the paper (5%)")
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)

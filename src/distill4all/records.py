@@ -1,5 +1,7 @@
 """Rows of a JSONL or Parquet data file, each with where it came from, for the stages that read
-pairs, training data and eval items (collect's sources add skip-or-fail handling of their own)."""
+pairs, training data and eval items (collect's sources add skip-or-fail handling of their own);
+and the rows of a JSON array file (`[{...}, {...}]`, as alpaca_data.json), read element by element
+by hand because json.load gives no position for an element, and a bad row must name its line."""
 
 from __future__ import annotations
 
@@ -50,6 +52,70 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
             if _MAY_HOLD_SURROGATE.search(line) and (bad := lone_surrogate(row)):
                 raise DataError(f"{path}:{lineno}: a lone surrogate \\u{ord(bad):04x} in a string (not text)")
             yield f"{path}:{lineno}", row
+
+
+def is_json_array(path: Path) -> bool:
+    """True when the file's first non-blank character is `[`: one JSON array, not JSON Lines."""
+    if path.suffix == ".parquet":
+        return False
+    with open(path, "rb") as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped.startswith(b"[")
+    return False
+
+
+def json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`path:line (element N)`, element) for each element of a file holding one JSON array; the
+    line is where the element starts (N from 0), and a syntax error names its own line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+    lines = _Lines(text)
+    decoder = json.JSONDecoder()
+    pos = _skip_blank(text, text.index("[") + 1)
+    index = 0
+    empty = text.startswith("]", pos)
+    while not empty:
+        where = f"{path}:{lines.at(pos)} (element {index})"
+        try:
+            row, pos = decoder.raw_decode(text, pos)  # a trailing comma lands here: "Expecting value"
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if (bad := lone_surrogate(row)) is not None:
+            raise DataError(f"{where}: a lone surrogate \\u{ord(bad):04x} in a string (not text)")
+        yield where, row
+        index += 1
+        pos = _skip_blank(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            break
+        if pos >= len(text) or text[pos] != ",":
+            raise DataError(f"{path}:{lines.at(pos)}: not valid JSON (expected ',' or ']' after element {index - 1})")
+        pos = _skip_blank(text, pos + 1)
+    if (after := _skip_blank(text, pos + 1)) < len(text):
+        raise DataError(f"{path}:{lines.at(after)}: not valid JSON (more after the array's closing ']')")
+
+
+class _Lines:
+    """Line numbers of increasing positions in a text, counted once through (not from the start
+    for each of 50,000 elements)."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _skip_blank(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 # A JSON escape of a surrogate code point; a pair of them decodes to one character and leaves none.

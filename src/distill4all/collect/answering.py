@@ -56,6 +56,8 @@ def answer_teacher(
         def on_progress(p: AnswerProgress) -> None:
             rate = (p.answered + p.failed) / max(1e-9, time.monotonic() - p.started)
             stats = f"{rate:.1f}/s · {p.prompt_tokens + p.completion_tokens:,} tok · ${budget.spent_usd:.4f}"
+            if p.without_usage:
+                stats += f" (estimated: {p.without_usage} without usage)"
             if p.failed:
                 stats += f" · {p.failed} failed"
             bar.update(task_id, completed=p.answered + p.failed, stats=stats)
@@ -69,6 +71,12 @@ def answer_teacher(
         console.print(
             f"collect · {teacher.name}: {outcome.without_logprobs} answers came without logprobs "
             f"(the endpoint returns none; require_logprobs is false)"
+        )
+    if outcome.without_usage:
+        console.print(
+            f"collect · {teacher.name}: {outcome.without_usage} answers came without usage; their tokens were "
+            f"counted by {outcome.counted_by}, so their cost is an estimate",
+            markup=False,
         )
     return outcome.stopped
 

@@ -15,9 +15,10 @@ from distill4all import atomic
 from distill4all.config import CollectConfig
 from distill4all.errors import DataError
 from distill4all.store import Store, prompts, tasks
-from distill4all.teacher.answers import build_body
-from distill4all.teacher.client import parse_logprobs
+from distill4all.teacher.answers import build_body, build_messages
+from distill4all.teacher.client import message_text, parse_logprobs, reported_usage
 from distill4all.teacher.cost import cost_usd
+from distill4all.teacher.usage import TokenCounter
 
 BATCH_DISCOUNT = 0.5
 
@@ -45,6 +46,7 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
     if not results.is_file():
         raise DataError(f"batch results file not found: {results}")
     teachers = {t.name: t for t in cfg.teachers}
+    counters: dict[str, TokenCounter] = {}
     answers: list[tasks.Answer] = []
     failures: list[tasks.Failure] = []
     with open(results, encoding="utf-8") as f:
@@ -64,15 +66,19 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
             task = tasks.Task(pid, teacher_name, int(sample), text)
             response = item.get("response") or {}
             body = response.get("body") or {}
-            if item.get("error") or response.get("status_code") != 200:
+            if item.get("error") or response.get("status_code") != 200 or body.get("error"):
                 err = item.get("error") or body.get("error") or {"message": f"status {response.get('status_code')}"}
-                failures.append(tasks.Failure(task, f"batch: {err.get('message', err)}", permanent=False))
+                message = err.get("message", err) if isinstance(err, dict) else err
+                failures.append(tasks.Failure(task, f"batch: {message}", permanent=False))
                 continue
             try:
                 choice = body["choices"][0]
-                usage = body.get("usage") or {}
-                pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-                text = choice["message"]["content"] or ""
+                text = message_text(choice["message"])
+                if teacher_name not in counters:
+                    counters[teacher_name] = TokenCounter.for_teacher(teacher)
+                pt, ct, usage = counters[teacher_name].count(
+                    build_messages(teacher, task.text), text, **reported_usage(body.get("usage"))
+                )
                 token_logprobs = parse_logprobs(choice, teacher.logprobs, text) if teacher.logprobs else None
                 if teacher.logprobs and token_logprobs is None and teacher.require_logprobs:
                     raise DataError(
@@ -93,6 +99,7 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
                         {"batch": True, "batch_request_id": item.get("id")}
                         | ({"logprobs": True, "top_logprobs": teacher.logprobs} if teacher.logprobs else {}),
                         token_logprobs,
+                        usage,
                     )
                 )
             except (KeyError, IndexError, TypeError, ValueError) as e:

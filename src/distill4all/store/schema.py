@@ -97,6 +97,10 @@ MIGRATIONS: list[str] = [
         data BLOB NOT NULL               -- sampled token + top-K per token: bytes and float16 logprobs
     );
     """,
+    # 3 -> 4: how an answer's tokens were counted; its cost is an estimate unless the teacher reported them
+    """
+    ALTER TABLE responses ADD COLUMN usage TEXT NOT NULL DEFAULT 'reported';  -- else e.g. 'tokenizer of X'
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

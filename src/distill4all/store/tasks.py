@@ -30,6 +30,9 @@ class Task:
     text: str
 
 
+USAGE_REPORTED = "reported"  # an answer's tokens as its teacher reported them; else how they were counted
+
+
 @dataclass(frozen=True)
 class Answer:
     task: Task
@@ -42,6 +45,7 @@ class Answer:
     cost_usd: float
     params: dict[str, Any]
     logprobs: logprobs_table.Encoded | None = None  # stored with the answer, in its transaction
+    usage: str = USAGE_REPORTED  # else how the tokens were counted: the cost is an estimate
 
 
 @dataclass(frozen=True)
@@ -142,10 +146,10 @@ def record(store: Store, answers: list[Answer], failures: list[Failure]) -> int:
         for a in answers:
             cur = db.execute(
                 "INSERT OR IGNORE INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
-                " prompt_tokens, completion_tokens, latency_s, cost_usd, params, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " prompt_tokens, completion_tokens, latency_s, cost_usd, params, created_at, usage)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (a.task.prompt_id, a.task.teacher, a.task.sample, a.model, a.text, a.finish_reason,
-                 a.prompt_tokens, a.completion_tokens, a.latency_s, a.cost_usd, json.dumps(a.params), now),
+                 a.prompt_tokens, a.completion_tokens, a.latency_s, a.cost_usd, json.dumps(a.params), now, a.usage),
             )  # fmt: skip
             if cur.rowcount == 1:
                 new += 1
@@ -170,8 +174,9 @@ def counts(store: Store, *, final: bool = False) -> dict[str, Any]:
     by_state = dict(store.db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
     by_source = dict(store.db.execute("SELECT source, COUNT(*) FROM prompts GROUP BY source").fetchall())
     tokens = store.db.execute(
-        "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost_usd), 0)"
-        " FROM responses"
+        "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost_usd), 0),"
+        " COALESCE(SUM(usage != ?), 0) FROM responses",
+        (USAGE_REPORTED,),
     ).fetchone()
     with_logprobs = logprobs_table.totals(store)
     return {
@@ -183,6 +188,7 @@ def counts(store: Store, *, final: bool = False) -> dict[str, Any]:
         "prompt_tokens": tokens[0],
         "completion_tokens": tokens[1],
         "cost_usd": round(tokens[2], 6),
+        "cost_estimated_answers": tokens[3],  # answers without usage, their tokens counted here
         "logprob_tokens": with_logprobs.tokens,
         "logprob_bytes_per_token": round(with_logprobs.bytes / with_logprobs.tokens, 1) if with_logprobs.tokens else 0,
     } | ({"answers_without_logprobs": logprobs_table.missing(store)} if final else {})

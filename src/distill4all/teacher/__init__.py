@@ -7,6 +7,7 @@ and train's distillation.
   local.py    a local model served on 127.0.0.1 for the duration of a stage
   connect.py  a client for a configured teacher, remote or local
   cost.py     what answers cost, and a budget that is never overshot
+  usage.py    token counts of answers that report no usage (their cost then estimated)
 
 The exactly-once request ledger (tasks and their answers) is the run store's `store/tasks.py`.
 """

@@ -8,6 +8,9 @@ when answers trickle in, up to `batch_size` when they pour in, so a kill loses a
 that arrived in the last few milliseconds. The first Ctrl-C stops sending and lets the answers in
 flight (already paid for) land and be stored; a second one stops at once.
 
+An answer that reports no `usage` is counted by teacher/usage.py and stored as such: its cost is
+an estimate, and the progress says so.
+
 Two answers from the teacher stop the sending early. A 401, 403 or 404 means no request can
 succeed (key, access, model or URL): TeacherRefused at once, nothing stored as failed, every task
 still pending — not one doomed request per prompt. And a streak of requests that failed after
@@ -30,6 +33,7 @@ from distill4all.store import Store, tasks
 from distill4all.teacher.client import REFUSING_STATUS, Reply, estimate_prompt_tokens
 from distill4all.teacher.cost import Budget, cost_usd
 from distill4all.teacher.limiter import Window
+from distill4all.teacher.usage import TokenCounter
 
 
 class Completer(Protocol):
@@ -44,6 +48,8 @@ class AnswerProgress:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     without_logprobs: int = 0  # asked for, not given (stored anyway: require_logprobs is false)
+    without_usage: int = 0  # their tokens counted here, their cost estimated
+    counted_by: str = ""  # how those were counted
     started: float = field(default_factory=time.monotonic)
 
 
@@ -54,6 +60,8 @@ class AnswerOutcome:
     # None: all done; "budget" | "interrupt" | "no-logprobs" | "unavailable": stopped early, resumable
     stopped: str | None
     without_logprobs: int = 0
+    without_usage: int = 0
+    counted_by: str = ""
 
 
 def build_messages(teacher: TeacherConfig, prompt: str) -> list[dict[str, str]]:
@@ -93,6 +101,7 @@ async def answer_pending(
     on_progress: Callable[[AnswerProgress], None] | None = None,
 ) -> AnswerOutcome:
     progress = AnswerProgress()
+    counter = TokenCounter.for_teacher(teacher)
     refusal: list[str] = []
     failing = {"streak": 0, "limit": max(8, 2 * teacher.concurrency)}
     queue: asyncio.Queue[tasks.Task | None] = asyncio.Queue(maxsize=teacher.concurrency * 2)
@@ -140,7 +149,10 @@ async def answer_pending(
                 await results.put(tasks.Failure(task, str(e), e.permanent))
                 continue
             failing["streak"] = 0
-            actual = cost_usd(price, reply.prompt_tokens, reply.completion_tokens)
+            prompt_tokens, completion_tokens, usage = counter.count(
+                body["messages"], reply.text, reply.prompt_tokens, reply.completion_tokens
+            )
+            actual = cost_usd(price, prompt_tokens, completion_tokens)
             budget.settle(worst, actual)
             if body.get("logprobs") and reply.logprobs is None:
                 if teacher.require_logprobs:
@@ -151,8 +163,8 @@ async def answer_pending(
                 progress.without_logprobs += 1
             params = {k: v for k, v in body.items() if k != "messages"} | {"attempts": reply.attempts}
             await results.put(
-                tasks.Answer(task, reply.model, reply.text, reply.finish_reason, reply.prompt_tokens,
-                              reply.completion_tokens, reply.latency_s, actual, params, reply.logprobs)
+                tasks.Answer(task, reply.model, reply.text, reply.finish_reason, prompt_tokens,
+                              completion_tokens, reply.latency_s, actual, params, reply.logprobs, usage)
             )  # fmt: skip
 
     async def writer() -> None:
@@ -172,6 +184,9 @@ async def answer_pending(
                 progress.prompt_tokens += sum(a.prompt_tokens for a in answers)
                 progress.completion_tokens += sum(a.completion_tokens for a in answers)
                 progress.cost_usd += sum(a.cost_usd for a in answers)
+                counted = [a.usage for a in answers if a.usage != tasks.USAGE_REPORTED]
+                progress.without_usage += len(counted)
+                progress.counted_by = counted[0] if counted else progress.counted_by
                 if on_progress is not None:
                     on_progress(progress)
 
@@ -202,7 +217,10 @@ async def answer_pending(
             f"teacher {teacher.name} ({teacher.model}, {where}) refused the request: {refusal[0]} — check its "
             "api_key, model and base_url; nothing was stored as failed and every answer is still pending"
         )
-    return AnswerOutcome(progress.answered, progress.failed, stop["why"], progress.without_logprobs)
+    return AnswerOutcome(
+        progress.answered, progress.failed, stop["why"], progress.without_logprobs, progress.without_usage,
+        progress.counted_by,
+    )  # fmt: skip
 
 
 async def _gather(jobs: list[asyncio.Task[None]]) -> None:

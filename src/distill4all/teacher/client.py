@@ -36,8 +36,8 @@ REFUSING_STATUS = frozenset({401, 403, 404})  # the key, the access or the model
 class Reply:
     text: str
     finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None  # None: the answer reported no usage (teacher/usage.py counts it)
+    completion_tokens: int | None
     model: str
     latency_s: float
     attempts: int
@@ -56,9 +56,13 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
 
+# chat formatting adds ~4 tokens per message and 3 to prime the reply (OpenAI's cookbook)
+CHAT_OVERHEAD_TOKENS = 4
+REPLY_PRIMING_TOKENS = 3
+
+
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
-    # chat formatting adds ~4 tokens per message and 3 to prime the reply (OpenAI's cookbook)
-    return sum(estimate_tokens(m["content"]) + 4 for m in messages) + 3
+    return sum(estimate_tokens(m["content"]) + CHAT_OVERHEAD_TOKENS for m in messages) + REPLY_PRIMING_TOKENS
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -169,13 +173,12 @@ class TeacherClient:
             raise TeacherError(f"HTTP {status}: {_error_text(raw)}", permanent=True, status=status)
         try:
             data = json.loads(raw)
+            if isinstance(data, dict) and data.get("error"):
+                raise _answer_error(data["error"])
             choice = data["choices"][0]
-            text = choice["message"]["content"]
-            usage = data.get("usage") or {}
+            text = message_text(choice["message"])
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise _Retryable(f"malformed response body ({type(e).__name__})") from None
-        if not isinstance(text, str):
-            text = ""  # a refusal or tool call: an empty answer, which curation drops
         try:
             token_logprobs = (
                 parse_logprobs(choice, int(body.get("top_logprobs") or 0), text) if body.get("logprobs") else None
@@ -186,10 +189,43 @@ class TeacherClient:
             "text": text,
             "logprobs": token_logprobs,
             "finish_reason": str(choice.get("finish_reason") or "unknown"),
-            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-            "completion_tokens": int(usage.get("completion_tokens") or 0),
+            **reported_usage(data.get("usage")),
             "model": str(data.get("model") or body.get("model")),
         }
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """An answer's text: `content` as a string, or its text parts joined (a list of parts, as some
+    endpoints answer); none (a refusal, a tool call) is an empty answer, which curation drops."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    return ""
+
+
+def reported_usage(usage: Any) -> dict[str, int | None]:
+    """prompt_tokens and completion_tokens as the answer reports them; None for a count it lacks."""
+    given = usage if isinstance(usage, Mapping) else {}
+    counts = {k: given.get(k) for k in ("prompt_tokens", "completion_tokens")}
+    return {k: v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None for k, v in counts.items()}
+
+
+def _answer_error(error: Any) -> Exception:
+    """An HTTP 200 whose body is `{"error": ...}` (proxies and gateways that pass an upstream's
+    failure on this way) is a failed request. As with a status: a code that would be retried as a
+    status is retried, any other 4xx code or an `invalid_request_error` fails for good, and an
+    error that says neither may pass, like any malformed answer, so it is retried."""
+    message = str(error.get("message") or error) if isinstance(error, Mapping) else str(error)
+    fields = error if isinstance(error, Mapping) else {}
+    code = next((int(str(c)) for c in (fields.get("code"), fields.get("status")) if str(c).isdigit()), None)
+    text = f"error in the answer{f' (code {code})' if code else ''}: {message[:300]}"
+    if code is not None and 400 <= code < 500 and code not in RETRYABLE_STATUS:
+        return TeacherError(text, permanent=True, status=code)
+    if code is None and fields.get("type") == "invalid_request_error":
+        return TeacherError(text, permanent=True)
+    return _Retryable(text, status=code)
 
 
 def parse_logprobs(choice: Mapping[str, Any], k: int, text: str) -> logprobs.Encoded | None:

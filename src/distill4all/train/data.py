@@ -1,13 +1,17 @@
-"""Training examples: read pairs or conversations from JSONL/Parquet, split off validation by seed.
+"""Training examples: read pairs or conversations from JSONL, a JSON array file or Parquet, split
+off validation by seed.
 
-Three row formats are understood, detected from the first row (or named in `train.data_format`):
+Four row formats are understood, detected from the first row (or named in `train.data_format`):
 
     gpt4all   {"prompt": ..., "response": ..., "source": ...}   (what collect and curate write)
     alpaca    {"instruction": ..., "input": ..., "output": ...}
     messages  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+    sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}
 
-Every row becomes a conversation that ends with an assistant turn; the template decides how it is
-rendered and which tokens carry loss.
+A turn of either list may be written either way ({role, content} or {from, value}), with the role
+names ShareGPT datasets use (human/user, gpt/assistant/model/chatgpt/bing). Every row becomes a
+conversation that ends with an assistant turn; the template decides how it is rendered and which
+tokens carry loss.
 """
 
 from __future__ import annotations
@@ -20,10 +24,22 @@ from typing import Any, Literal
 import numpy as np
 
 from distill4all.errors import DataError
-from distill4all.records import read_records
+from distill4all.records import is_json_array, json_array_rows, read_records
 
-Format = Literal["gpt4all", "alpaca", "messages"]
+Format = Literal["gpt4all", "alpaca", "messages", "sharegpt"]
 ROLES = ("system", "user", "assistant")
+# Each role name found in conversation datasets, as one of ROLES.
+ROLE_NAMES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+}
+TURN_LISTS: dict[Format, str] = {"messages": "messages", "sharegpt": "conversations"}
 
 
 @dataclass(frozen=True)
@@ -48,13 +64,16 @@ def detect_format(row: Any, where: str) -> Format:
     if isinstance(row, dict):
         if "messages" in row:
             return "messages"
+        if "conversations" in row:
+            return "sharegpt"
         if "prompt" in row and "response" in row:
             return "gpt4all"
         if "instruction" in row and "output" in row:
             return "alpaca"
     keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
     raise DataError(
-        f"{where}: unknown row format (keys: {keys}); expected prompt/response, instruction/input/output or messages"
+        f"{where}: unknown row format (keys: {keys}); expected prompt/response, instruction/input/output, "
+        "messages or conversations"
     )
 
 
@@ -77,27 +96,42 @@ def _to_messages(row: Any, fmt: Format, where: str) -> tuple[dict[str, str], ...
         instruction, extra = _text(row, "instruction", where), _text(row, "input", where, optional=True)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return ({"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output", where)})
-    raw = row.get("messages")
+    return _turns(row, TURN_LISTS[fmt], where)
+
+
+def _turns(row: dict[str, Any], key: str, where: str) -> tuple[dict[str, str], ...]:
+    raw = row.get(key)
     if not isinstance(raw, list) or not raw:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] needs a role ({'/'.join(ROLES)}) and a string content")
-        messages.append({"role": m["role"], "content": m["content"]})
+        raise DataError(f"{where}: {key!r} must be a non-empty list")
+    messages = tuple(_turn(m, f"{key}[{i}]", where) for i, m in enumerate(raw))
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's (there is nothing to learn otherwise)")
-    return tuple(messages)
+    return messages
+
+
+def _turn(m: Any, name: str, where: str) -> dict[str, str]:
+    """One turn, written {role, content} (OpenAI) or {from, value} (ShareGPT)."""
+    if isinstance(m, dict):
+        # a Parquet struct column may hold both spellings, one of them null
+        role = m["role"] if m.get("role") is not None else m.get("from")
+        content = m["content"] if m.get("content") is not None else m.get("value")
+        if isinstance(role, str) and role in ROLE_NAMES and isinstance(content, str):
+            return {"role": ROLE_NAMES[role], "content": content}
+    raise DataError(
+        f"{where}: {name} needs a role ({'/'.join(ROLE_NAMES)}) as role or from, and a string content or value"
+    )
 
 
 def read_examples(path: Path, fmt: Literal["auto"] | Format = "auto") -> tuple[list[Example], ReadStats]:
-    """Every usable row of a data file, in file order; a malformed row is an error with its location."""
+    """Every usable row of a data file (JSONL, a JSON array or Parquet), in file order; a malformed
+    row is an error with its location."""
     if not path.is_file():
         raise DataError(f"training data not found: {path}")
     examples: list[Example] = []
     stats = ReadStats()
     detected: Format | None = None if fmt == "auto" else fmt
-    for where, row in read_records(path):
+    rows = json_array_rows(path) if is_json_array(path) else read_records(path)
+    for where, row in rows:
         detected = detected or detect_format(row, where)
         messages = _to_messages(row, detected, where)
         stats.rows += 1
