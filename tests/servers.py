@@ -80,7 +80,9 @@ class StubTeacher:
 
     A request may ask for the shapes some endpoints answer in (the collect config's extra_body
     passes them): `stub_usage: false` leaves `usage` out, `stub_content: "parts"` gives `content`
-    as a list of parts; a prompt starting with a key of ERRORS_IN_200 gets that body with HTTP 200.
+    as a list of parts, `stub_reasoning` a reasoning model's answer ("field": reasoning_content
+    beside the answer, "ollama": `reasoning`, "inline": `<think>…</think>` before it, "only": content
+    null); a prompt starting with a key of ERRORS_IN_200 gets that body with HTTP 200.
     """
 
     def __init__(self, delay: float = 0.0, api_key: str | None = None, words: int = 40) -> None:
@@ -118,11 +120,20 @@ class StubTeacher:
             head, _, tail = text.partition(" ")
             content = [{"type": "text", "text": head + " "}, {"type": "image_url", "image_url": {"url": "x"}},
                        {"type": "text", "text": tail}]  # fmt: skip
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        thinking = f"Thinking about {prompt}: first this, then that."
+        shape = req.get("stub_reasoning")
+        if shape == "field" or shape == "only":
+            message |= {"reasoning_content": thinking} | ({"content": None} if shape == "only" else {})
+        elif shape == "ollama":
+            message["reasoning"] = thinking
+        elif shape == "inline":
+            message["content"] = f"<think>\n{thinking}\n</think>\n\n{text}"
         answer = {
             "id": f"chatcmpl-{time.monotonic_ns()}",
             "object": "chat.completion",
             "model": req.get("model", "stub"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         }
         return _json(200, answer if req.get("stub_usage") is False else answer | {"usage": usage})
 

@@ -293,6 +293,21 @@ def test_content_as_a_list_of_parts_is_its_text_parts_joined(
     assert text == "Answer to: question one and more words and" and answers(parts_store)[0][1] == text
 
 
+@pytest.mark.parametrize("shape", ["field", "ollama", "inline", "only"])
+def test_a_reasoning_teachers_thinking_is_stored_apart_from_its_answer(
+    shape: str, tmp_path: Path, stub: tuple[StubTeacher, Background]
+) -> None:
+    _, server = stub
+    store = Store(tmp_path / "s.sqlite")
+    fill(store, ["question one"])
+    teacher = TeacherConfig(name="t", model="m", max_tokens=8, extra_body={"stub_reasoning": shape})
+    assert run_collect(store, teacher, client_for(server.url)).answered == 1
+    ((text, reasoning),) = store.db.execute("SELECT text, reasoning FROM responses").fetchall()
+    assert reasoning == "Thinking about question one: first this, then that."
+    # content null beside the reasoning is an answer all reasoning, stored, not a failure
+    assert text == ("" if shape == "only" else "Answer to: question one and more words and")
+
+
 def test_an_error_in_a_200_answer_is_a_failure_with_its_message(
     tmp_path: Path, stub: tuple[StubTeacher, Background]
 ) -> None:

@@ -187,7 +187,7 @@ def test_semantic_duplicates_by_cosine() -> None:
 def rows_of(prompts: list[str], answers: list[str | None]) -> Rows:
     n = len(prompts)
     return Rows(ids=list(range(n)), prompt_ids=["p"] * n, sources=["s"] * n, prompts=prompts, responses=answers,
-                finish_reasons=[None] * n, teachers=["t"] * n)  # fmt: skip
+                finish_reasons=[None] * n, teachers=["t"] * n, reasonings=[None] * n)  # fmt: skip
 
 
 def test_scan_keys_are_the_whole_pairs_and_signatures_the_halves_union() -> None:

@@ -15,7 +15,6 @@ import pytest
 from conftest import run_cli, write_config
 
 DATA = Path(__file__).parent / "data" / "curation"
-REASONING = ("reasoning", "reasoning_no_content", "reasoning_inline", "reasoning_cut")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,6 @@ def curated(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, ob
     """Each labelled pair and the rules that dropped it (empty: kept), each rule followed by its detail."""
     tmp = tmp_path_factory.mktemp("quality")
     rows = [json.loads(line) for line in (DATA / "labelled.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["label"] not in REASONING]
     pairs = tmp / "pairs.jsonl"
     # the label travels as a source name: one per row, so no source is judged homogeneous as a whole
     pairs.write_text("".join(json.dumps({**r, "source": f"row{i}"}) + "\n" for i, r in enumerate(rows)))
@@ -40,6 +38,9 @@ def curated(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, ob
     db.close()
     # the rules, then the details as one JSON text
     rules = {src: [*json.loads(rules), json.dumps(json.loads(details or "{}"))] for src, rules, details in decided}
+    for line in (tmp / "run" / "curate" / "train.jsonl").read_text().splitlines():
+        out = json.loads(line)
+        rules[out["source"]].append(line)  # a kept pair: its curated row last
     return rows, rules
 
 
@@ -101,3 +102,21 @@ def test_distinct_answers_to_one_prompt_are_all_kept(curated: tuple) -> None:  #
     shared = [(row["prompt"], rules) for row, rules in labels["clean"] if prompts[str(row["prompt"])] > 1]
     assert len(shared) >= 8
     assert all(not any(r.startswith("dup.") for r in rules) for _, rules in shared), shared
+
+
+def test_reasoning_is_stored_apart_and_reasoning_only_answers_are_named(curated: tuple) -> None:  # type: ignore[type-arg]
+    labels = _by_label(curated)
+    for label in ("reasoning", "reasoning_inline"):
+        for row, rules in labels[label]:
+            assert not [r for r in rules if not r.startswith("{")], (label, rules)  # kept
+            out = json.loads(rules[-1])
+            assert "<think>" not in out["response"] and out["response"].strip() and out["reasoning"].strip()
+            if label == "reasoning":
+                assert out["reasoning"] == str(row["reasoning_content"]).strip()
+                assert out["response"] == row["response"]
+            else:
+                assert out["reasoning"] in str(row["response"]) and out["response"] in str(row["response"])
+    for _, rules in labels["reasoning_no_content"]:
+        assert rules[0] == "reasoning.no-answer", rules  # not an empty answer: an answer all reasoning
+    for _, rules in labels["reasoning_cut"]:
+        assert rules[0] == "truncated.reasoning", rules

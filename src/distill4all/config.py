@@ -169,7 +169,7 @@ class CollectConfig(Section):
 FILTER_RULES: tuple[str, ...] = (
     "failure.empty", "failure.api", "failure.malformed", "refusal", "truncated.length", "truncated.mid-sentence",
     "truncated.code-fence", "malformed.fence", "malformed.json", "malformed.mojibake", "malformed.echo",
-    "malformed.repetition", "length.short", "length.long", "language",
+    "malformed.repetition", "length.short", "length.long", "language", "truncated.reasoning", "reasoning.no-answer",
 )  # fmt: skip
 """Every filter rule; `filters.disable` takes these or a family (the part before the dot)."""
 
@@ -300,6 +300,11 @@ class CurateConfig(Section):
     map: CurateMapConfig = Field(default_factory=CurateMapConfig)
     diversity: CurateDiversityConfig = Field(default_factory=CurateDiversityConfig)
     decontaminate: CurateDecontamConfig = Field(default_factory=CurateDecontamConfig)
+    reasoning: Literal["answer", "with-reasoning"] = Field(
+        "answer",
+        description="what training sees of a reasoning teacher's pairs: the answer, or the reasoning in "
+        "<think>…</think> before it; the reasoning is kept in the curated files either way",
+    )
 
 
 # --- train -------------------------------------------------------------------------------------

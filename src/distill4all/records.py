@@ -138,3 +138,20 @@ def lone_surrogate(value: Any) -> str | None:
         elif isinstance(node, list):
             stack.extend(node)
     return None
+
+
+_THINK = re.compile(r"^\s*<think>(.*?)(</think>|$)\s*", re.DOTALL)
+
+
+def split_reasoning(text: str | None, reasoning: object = None) -> tuple[str | None, str | None, bool]:
+    """(answer, reasoning, the reasoning was cut) of a reasoning model's answer: the reasoning its
+    endpoint gave apart (`reasoning_content` of vLLM and DeepSeek, `reasoning` of Ollama), else a
+    leading `<think>…</think>` block taken out of the text; an unclosed block is reasoning cut off."""
+    if isinstance(reasoning, str) and reasoning.strip():
+        return text, reasoning.strip(), False
+    if text is None or "<think>" not in text[:64]:
+        return text, None, False
+    m = _THINK.match(text)
+    if m is None:
+        return text, None, False
+    return text[m.end() :], m.group(1).strip(), not m.group(2)

@@ -14,6 +14,7 @@ from pathlib import Path
 from distill4all import atomic
 from distill4all.config import CollectConfig
 from distill4all.errors import DataError
+from distill4all.records import split_reasoning
 from distill4all.store import Store, prompts, tasks
 from distill4all.teacher.answers import build_body, build_messages
 from distill4all.teacher.client import message_text, parse_logprobs, reported_usage
@@ -74,6 +75,10 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
             try:
                 choice = body["choices"][0]
                 text = message_text(choice["message"])
+                message = choice["message"]
+                answer, reasoning, cut = split_reasoning(
+                    text, message.get("reasoning_content") or message.get("reasoning")
+                )
                 if teacher_name not in counters:
                     counters[teacher_name] = TokenCounter.for_teacher(teacher)
                 pt, ct, usage = counters[teacher_name].count(
@@ -90,8 +95,8 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
                     tasks.Answer(
                         task,
                         str(body.get("model") or teacher.model),
-                        text,
-                        str(choice.get("finish_reason") or "unknown"),
+                        answer or "",
+                        "length" if cut else str(choice.get("finish_reason") or "unknown"),
                         pt,
                         ct,
                         0.0,
@@ -100,6 +105,7 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
                         | ({"logprobs": True, "top_logprobs": teacher.logprobs} if teacher.logprobs else {}),
                         token_logprobs,
                         usage,
+                        reasoning,
                     )
                 )
             except (KeyError, IndexError, TypeError, ValueError) as e:

@@ -103,7 +103,7 @@ def scan(
     sigs = {what: _shared_array((n, cfg.dedup.num_perm), np.uint32) for what in kinds}
     _STATE.update(
         rows=rows,
-        filters=filters.Filters(cfg.filters),
+        filters=filters.Filters(cfg.filters, cfg.reasoning),
         hasher=dedup.MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_words),
         sigs=sigs,
         index=index,
@@ -135,7 +135,7 @@ def _scan_range(
     for i in range(lo, hi):
         prompt = dedup.normalize(rows.prompts[i])
         answer = dedup.normalize(rows.responses[i] or "")
-        pair = filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i])
+        pair = filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i], rows.reasonings[i])
         hits.append(f.check(pair, prompt, answer))
         copies.append((index.match(prompt) or index.match(answer)) if index is not None else None)
         # normalize() joins words with one space, so the pair's normal form is the prompt's and

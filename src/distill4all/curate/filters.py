@@ -29,6 +29,7 @@ class Pair:
     prompt: str
     response: str | None
     finish_reason: str | None = None
+    reasoning: str | None = None  # a reasoning model's thinking, apart from the answer
 
 
 Hit = tuple[str, str]  # (rule, detail)
@@ -134,8 +135,9 @@ def _straight(text: str) -> str:
 class Filters:
     """The enabled rules of one config, with their patterns compiled once."""
 
-    def __init__(self, cfg: CurateFiltersConfig) -> None:
+    def __init__(self, cfg: CurateFiltersConfig, reasoning: str = "answer") -> None:
         self.cfg = cfg
+        self.with_reasoning = reasoning == "with-reasoning"  # training sees the reasoning too
         disabled = set(cfg.disable)
         self.enabled = {r for r in FILTER_RULES if r not in disabled and r.split(".")[0] not in disabled}
         if not cfg.languages:
@@ -162,9 +164,11 @@ class Filters:
         """Every enabled rule that fires on `pair`, in rule order. `prompt_normal` and
         `answer_normal` are the prompt's and the answer's `normalize()`d forms, when the caller has
         them already (the results are the same)."""
-        failure = self.failure(pair)
+        failure = self.failure(pair) or self.reasoning_only(pair)
         if failure is not None:
             return [failure] if failure[0] in self.enabled else []
+        if not (pair.response or "").strip():
+            return []  # all reasoning, which training sees: the answer rules have nothing to read
         answer = AnswerForms(pair, prompt_normal, answer_normal)
         hits = []
         for name, rule in self._active:
@@ -178,13 +182,23 @@ class Filters:
         """No answer at all, an API-side error, an empty/whitespace answer, or a row that was not text."""
         if pair.finish_reason == "malformed":  # curate/pairs.py: an imported row whose values were not text
             return ("failure.malformed", "prompt or response not text")
-        if pair.response is None:
+        if pair.response is None and not pair.reasoning:
             return ("failure.api", "no answer")
         if pair.finish_reason in ("error", "content_filter"):
             return ("failure.api", f"finish_reason={pair.finish_reason}")
-        if not pair.response.strip():
+        if not (pair.response or "").strip() and not pair.reasoning:
             return ("failure.empty", "empty answer")
         return None
+
+    def reasoning_only(self, pair: Pair) -> Hit | None:
+        """A reasoning teacher's pair whose answer is all reasoning: cut off before it ended, or
+        complete with no answer after it (kept when training sees the reasoning, where it is all
+        the model said; failure.empty when there is no reasoning either)."""
+        if not pair.reasoning or (pair.response or "").strip():
+            return None
+        if pair.finish_reason == "length":
+            return ("truncated.reasoning", "the reasoning was cut before any answer")
+        return None if self.with_reasoning else ("reasoning.no-answer", "reasoning but no answer")
 
     # --- refusal ------------------------------------------------------------------------------
 

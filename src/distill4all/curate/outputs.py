@@ -55,9 +55,11 @@ def _write_formats(stem: Path, pairs: list[dict[str, str]]) -> list[Path]:
             for p in pairs
         ),
     )
-    schema = pa.schema([("prompt", pa.string()), ("response", pa.string()), ("source", pa.string())])
+    fields = [("prompt", pa.string()), ("response", pa.string()), ("source", pa.string())]
+    if any("reasoning" in p for p in pairs):
+        fields.append(("reasoning", pa.string()))
     with atomic.output_file(parquet) as tmp:
-        pq.write_table(pa.Table.from_pylist(pairs, schema=schema), tmp)
+        pq.write_table(pa.Table.from_pylist(pairs, schema=pa.schema(fields)), tmp)
     return [jsonl, parquet, messages]
 
 
@@ -67,10 +69,20 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def training_pair(prompt: str, answer: str | None, source: str, reasoning: str | None, mode: str) -> dict[str, str]:
+    """A kept pair as training reads it: its answer, or (mode with-reasoning) the reasoning in
+    `<think>` tags before it, the layout of the reasoning models' chat templates (DeepSeek-R1,
+    Qwen3); a reasoning teacher's reasoning is kept in its own field either way."""
+    response = answer or ""
+    if reasoning and mode == "with-reasoning":
+        response = f"<think>\n{reasoning}\n</think>\n\n{response}"
+    return {"prompt": prompt, "response": response, "source": source} | ({"reasoning": reasoning} if reasoning else {})
+
+
 def write_outputs(out_dir: Path, c: Curation, cfg: CurateConfig, *, seed: int, title: str) -> list[Path]:
     rows = c.rows
     kept = [
-        {"prompt": rows.prompts[i], "response": rows.responses[i] or "", "source": rows.sources[i]}
+        training_pair(rows.prompts[i], rows.responses[i], rows.sources[i], rows.reasonings[i], cfg.reasoning)
         for i in range(len(rows))
         if not c.rules[i]
     ]

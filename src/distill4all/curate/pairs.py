@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distill4all.errors import DataError
-from distill4all.records import read_records
+from distill4all.records import read_records, split_reasoning
 from distill4all.store import Store, responses
 from distill4all.store.prompts import prompt_id
 
@@ -40,13 +40,18 @@ class Rows:
     responses: list[str | None]
     finish_reasons: list[str | None]
     teachers: list[str]
+    reasonings: list[str | None]  # a reasoning model's thinking, apart from its answer
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
+FIELDS = ("prompt", "response", "source", "finish_reason", "reasoning_content", "reasoning")
+"""A pairs row's own fields; any other goes into the prompt's metadata."""
+
+
 def load_rows(store: Store) -> Rows:
-    rows = Rows([], [], [], [], [], [], [])
+    rows = Rows([], [], [], [], [], [], [], [])
     for p in responses.pairs(store):
         rows.ids.append(p.id)
         rows.prompt_ids.append(p.prompt_id)
@@ -55,6 +60,7 @@ def load_rows(store: Store) -> Rows:
         rows.responses.append(p.response)
         rows.finish_reasons.append(p.finish_reason)
         rows.teachers.append(p.teacher)
+        rows.reasonings.append(p.reasoning)
     return rows
 
 
@@ -81,7 +87,7 @@ def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000, malf
     default_source = _SOURCE_OK.sub("-", path.name.split(".")[0]) or "import"
     samples: dict[str, int] = {}
     prompts: list[tuple[str, str, str, str]] = []
-    answers: list[tuple[str, int, str | None, str | None, str]] = []
+    answers: list[tuple[str, int, str | None, str | None, str, str | None]] = []
     total = 0
 
     def flush() -> None:
@@ -112,9 +118,15 @@ def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000, malf
         pid = prompt_id(source, prompt)
         n = samples.get(pid, 0)
         samples[pid] = n + 1
-        meta = {k: v for k, v in row.items() if k not in ("prompt", "response", "source", "finish_reason")}
+        thinking = row.get("reasoning_content") or row.get("reasoning")
+        if thinking is not None and not isinstance(thinking, str):
+            raise DataError(f"{where}: 'reasoning_content' must be a string or null")
+        response, reasoning, cut = split_reasoning(response, thinking)
+        if cut and finish in (None, "stop"):
+            finish = "length"  # an unclosed <think>: the answer ran out before the reasoning ended
+        meta = {k: v for k, v in row.items() if k not in FIELDS}
         prompts.append((pid, source, prompt, json.dumps(meta | {"where": where}, default=str)))
-        answers.append((pid, n, response, finish if isinstance(finish, str) else None, params))
+        answers.append((pid, n, response, finish if isinstance(finish, str) else None, params, reasoning))
         total += 1
         if len(answers) >= batch:
             flush()

@@ -29,6 +29,7 @@ class Pair(NamedTuple):
     teacher: str
     sample: int
     model: str
+    reasoning: str | None
 
 
 def pairs(store: Store) -> Iterator[Pair]:
@@ -36,7 +37,8 @@ def pairs(store: Store) -> Iterator[Pair]:
     cur = store.db.cursor()
     cur.row_factory = None  # plain tuples: one object per row, not two
     cur.execute(
-        "SELECT r.id, r.prompt_id, p.source, p.text, r.text, r.finish_reason, r.teacher, r.sample, r.model"
+        "SELECT r.id, r.prompt_id, p.source, p.text, r.text, r.finish_reason, r.teacher, r.sample, r.model,"
+        " r.reasoning"
         " FROM responses r JOIN prompts p ON p.id = r.prompt_id ORDER BY r.id"
     )
     return map(Pair._make, cur)
@@ -75,17 +77,17 @@ def add_imported(
     store: Store,
     teacher: str,
     new_prompts: list[tuple[str, str, str, str]],
-    answers: list[tuple[str, int, str | None, str | None, str]],
+    answers: list[tuple[str, int, str | None, str | None, str, str | None]],
 ) -> None:
     """Imported pairs, in one transaction: prompts as (id, source, text, meta JSON), answers as
-    (prompt id, sample, text, finish reason, params JSON). Rows already stored are kept as they are."""
+    (prompt id, sample, text, finish reason, params JSON, reasoning). Rows already stored are kept as they are."""
     now = time.time()
     with store.transaction() as db:
         prompts.insert(db, [(*p, now) for p in new_prompts])
         db.executemany(
             "INSERT OR IGNORE INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
-            " params, created_at) VALUES (?, ?, ?, 'import', ?, ?, ?, ?)",
-            [(pid, teacher, n, text, finish, params, now) for pid, n, text, finish, params in answers],
+            " params, created_at, reasoning) VALUES (?, ?, ?, 'import', ?, ?, ?, ?, ?)",
+            [(pid, teacher, n, text, finish, params, now, why) for pid, n, text, finish, params, why in answers],
         )
 
 

@@ -101,6 +101,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE responses ADD COLUMN usage TEXT NOT NULL DEFAULT 'reported';  -- else e.g. 'tokenizer of X'
     """,
+    # 4 -> 5: a reasoning model's thinking, kept apart from its answer
+    """
+    ALTER TABLE responses ADD COLUMN reasoning TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -46,6 +46,7 @@ class Answer:
     params: dict[str, Any]
     logprobs: logprobs_table.Encoded | None = None  # stored with the answer, in its transaction
     usage: str = USAGE_REPORTED  # else how the tokens were counted: the cost is an estimate
+    reasoning: str | None = None  # a reasoning model's thinking, apart from its answer
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,11 @@ def record(store: Store, answers: list[Answer], failures: list[Failure]) -> int:
         for a in answers:
             cur = db.execute(
                 "INSERT OR IGNORE INTO responses (prompt_id, teacher, sample, model, text, finish_reason,"
-                " prompt_tokens, completion_tokens, latency_s, cost_usd, params, created_at, usage)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " prompt_tokens, completion_tokens, latency_s, cost_usd, params, created_at, usage, reasoning)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (a.task.prompt_id, a.task.teacher, a.task.sample, a.model, a.text, a.finish_reason,
-                 a.prompt_tokens, a.completion_tokens, a.latency_s, a.cost_usd, json.dumps(a.params), now, a.usage),
+                 a.prompt_tokens, a.completion_tokens, a.latency_s, a.cost_usd, json.dumps(a.params), now, a.usage,
+                 a.reasoning),
             )  # fmt: skip
             if cur.rowcount == 1:
                 new += 1

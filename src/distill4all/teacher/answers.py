@@ -164,7 +164,8 @@ async def answer_pending(
             params = {k: v for k, v in body.items() if k != "messages"} | {"attempts": reply.attempts}
             await results.put(
                 tasks.Answer(task, reply.model, reply.text, reply.finish_reason, prompt_tokens,
-                              completion_tokens, reply.latency_s, actual, params, reply.logprobs, usage)
+                              completion_tokens, reply.latency_s, actual, params, reply.logprobs, usage,
+                              reply.reasoning)
             )  # fmt: skip
 
     async def writer() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from distill4all.errors import TeacherError
+from distill4all.records import split_reasoning
 from distill4all.store import logprobs
 from distill4all.teacher.limiter import RateLimiter, Window
 
@@ -42,6 +43,7 @@ class Reply:
     latency_s: float
     attempts: int
     logprobs: logprobs.Encoded | None = None  # when asked for and given: the stored form, compact
+    reasoning: str | None = None  # a reasoning model's thinking (records.split_reasoning)
 
 
 class _Retryable(Exception):
@@ -176,7 +178,8 @@ class TeacherClient:
             if isinstance(data, dict) and data.get("error"):
                 raise _answer_error(data["error"])
             choice = data["choices"][0]
-            text = message_text(choice["message"])
+            message = choice["message"]
+            text = message_text(message)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise _Retryable(f"malformed response body ({type(e).__name__})") from None
         try:
@@ -185,10 +188,13 @@ class TeacherClient:
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _Retryable(f"malformed logprobs in the response body ({type(e).__name__})") from None
+        answer, reasoning, cut = split_reasoning(text, message.get("reasoning_content") or message.get("reasoning"))
+        finish = str(choice.get("finish_reason") or "unknown")
         return {
-            "text": text,
+            "text": answer or "",
+            "reasoning": reasoning,
             "logprobs": token_logprobs,
-            "finish_reason": str(choice.get("finish_reason") or "unknown"),
+            "finish_reason": "length" if cut and finish == "stop" else finish,
             **reported_usage(data.get("usage")),
             "model": str(data.get("model") or body.get("model")),
         }
