@@ -3,7 +3,8 @@ is named here once (docs/architecture.md has the table).
 
     store.sqlite  manifest.json  .lock  archive/
     collect/   pairs.jsonl, teacher-NAME.log (a local teacher's server log, by teacher.connect)
-    curate/    train.jsonl (+ .parquet, .messages.jsonl), split/, report.json, report.md, map.html, map-*.png
+    curate/    train.jsonl (+ .parquet, .messages.jsonl), split/, report.json, report.md, map.html, map-*.png,
+               README.md (the dataset card)
     train/     student/, data/, teacher/, checkpoints/, job.json, metrics.jsonl, loss.png, model/, summary.json
     export/    model-KIND.gguf, merged/, quant_report.json      (export.out_dir moves this folder)
     eval/      perplexity-LABEL.jsonl, summary.json, figure3-METRIC.png, judge.sqlite
@@ -52,6 +53,11 @@ class CurateLayout:
     @property
     def map_html(self) -> Path:
         return self.dir / "map.html"
+
+    @property
+    def card(self) -> Path:
+        """The dataset card (README.md): licence, sources, teachers and their terms, the funnel."""
+        return self.dir / "README.md"
 
     def map_png(self, color: str) -> Path:
         return self.dir / f"map-{color}.png"
