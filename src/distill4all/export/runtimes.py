@@ -106,6 +106,18 @@ def _common_suffix(a: str, b: str) -> int:
     return _common_prefix(a[::-1], b[::-1])
 
 
+def _token_boundary(text: str, at: int, specials: set[str]) -> int:
+    """`at`, moved back to the start of a special token of `text` that it would cut in two
+    (Phi-3's `<|end|>\n<|user|>` and `<|end|>\n<|endoftext|>` share `<|`)."""
+    for s in specials:
+        start = text.find(s)
+        while start >= 0:
+            if start < at < start + len(s):
+                at = start
+            start = text.find(s, start + 1)
+    return at
+
+
 def _first_stop(text: str, specials: set[str]) -> str | None:
     """The first special token in `text`, else its non-blank text (Alpaca's `### Instruction:`)."""
     found = [(text.find(s), -len(s), s) for s in specials if s and s in text]
@@ -134,11 +146,11 @@ def turn_layout(tokenizer: Any) -> TurnLayout:
         raise ExportError("the chat template does not write each message's text once; cannot convert it")
     first, assistant = one.split(PROMPT)
     between = two[two.index(ANSWER) + len(ANSWER) : two.index(PROMPT2)]  # answer end + user header
-    end = between[: _common_prefix(between, full[full.index(ANSWER) + len(ANSWER) :])]
-    user = between[len(end) :]
+    specials = hf_specials(tok)
+    cut = _token_boundary(between, _common_prefix(between, full[full.index(ANSWER) + len(ANSWER) :]), specials)
+    end, user = between[:cut], between[cut:]
     if not (two.endswith(PROMPT2 + assistant) and full.startswith(first + PROMPT + assistant)):
         raise ExportError("the chat template writes turns differently from one to the next; cannot convert it")
-    specials = hf_specials(tok)
     stops = tuple(s for s in (_first_stop(end, specials), _first_stop(user, specials)) if s)
     try:
         with_system = render([("system", SYSTEM), ("user", PROMPT)], True)
