@@ -73,13 +73,15 @@ class Provenance:
     base_name: str  # how text names that model
     license: str  # an HF licence id inherited from the base, or `other`
     teachers: tuple[str, ...] = ()  # teacher model ids of its training data
-    data: str | None = None  # its training data, as a path or name
+    data: str | None = None  # its training data, as a path (relative to the run directory inside one)
+    data_card: str | None = None  # that data's dataset card, likewise
     datasets: tuple[str, ...] = ()  # hub ids of the training data's source datasets
     notes: tuple[str, ...] = field(default=())  # e.g. "depth-pruned to 20 of 30 layers"
 
     def own(self) -> dict[str, Any]:
         """What the card's `distill4all` key keeps for the next stage."""
-        return {"base_name": self.base_name, "teachers": list(self.teachers), "data": self.data}
+        return {"base_name": self.base_name, "teachers": list(self.teachers), "data": self.data,
+                "data_card": self.data_card}  # fmt: skip
 
 
 def base_provenance(spec: str | Path) -> Provenance:
@@ -125,6 +127,7 @@ def model_provenance(folder: Path) -> Provenance | None:
         license=str(data.get("license") or UNKNOWN_LICENCE),
         teachers=tuple(str(t) for t in own.get("teachers") or []),
         data=own.get("data"),
+        data_card=own.get("data_card"),
         datasets=tuple(str(d) for d in (datasets if isinstance(datasets, list) else [datasets])),
     )
 
@@ -217,8 +220,8 @@ def model_card(
     body += ["## Base model", "", f"[{p.base_model}]({hub_url(p.base_model)})" if p.base_model else p.base_name]
     body += [*(["", *p.notes] if p.notes else []), ""]
     body += ["## Training data", "", f"`{p.data}`" if p.data else "not recorded", ""]
-    if p.data and (Path(p.data).parent / CARD).is_file():
-        body += [f"Its dataset card: `{Path(p.data).parent / CARD}`.", ""]
+    if p.data_card:
+        body += [f"Its dataset card: `{p.data_card}`.", ""]
     body += licence_section(p)
     if evals:
         body += ["## Evaluation", "", "| metric | model | median perplexity | items |", "|---|---|---:|---:|"]

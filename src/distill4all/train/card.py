@@ -11,11 +11,26 @@ from distill4all.config import TrainConfig
 from distill4all.models.cards import CARD, base_provenance, dataset_provenance, model_card
 
 
-def write_model_card(model_dir: Path, cfg: TrainConfig, data: Path, *, n_layers: int | None = None) -> Path:
+def _shown(path: Path, root: Path) -> str:
+    """A path as the card shows it: relative to the run directory when inside it (cards stay the same
+    when a run is reproduced elsewhere)."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def write_model_card(
+    model_dir: Path, cfg: TrainConfig, data: Path, *, run_dir: Path, n_layers: int | None = None
+) -> Path:
     """Write the card of the model train saved in `model_dir`, trained on `data`."""
-    teachers, datasets = dataset_provenance(data.parent / CARD)
+    data_card = data.parent / CARD
+    teachers, datasets = dataset_provenance(data_card)
     notes = (f"Depth-pruned to {n_layers} decoder layers before training (train.prune).",) if cfg.prune else ()
-    p = replace(base_provenance(cfg.base_model), teachers=teachers, datasets=datasets, data=str(data), notes=notes)
+    p = replace(
+        base_provenance(cfg.base_model), teachers=teachers, datasets=datasets, data=_shown(data, run_dir),
+        data_card=_shown(data_card, run_dir) if data_card.is_file() else None, notes=notes,
+    )  # fmt: skip
     what = "a LoRA adapter" if cfg.method in ("lora", "qlora") else "a fully fine-tuned model"
     card = model_card(
         p,

@@ -136,7 +136,7 @@ def run(ctx: StageContext) -> StageResult:
         if not summary_file.is_file():
             raise StageFailure(f"training ended without writing {summary_file}")
     shutil.rmtree(files.checkpoints, ignore_errors=True)  # the model is saved; they were for resuming
-    write_model_card(files.model, cfg, data_path(ctx.config), n_layers=_layers(files))
+    write_model_card(files.model, cfg, data_path(ctx.config), run_dir=ctx.config.run_dir, n_layers=_layers(files))
     summary = json.loads(summary_file.read_text())
     meta = json.loads(files.data_meta.read_text())
     counts = {k: summary[k] for k in ("steps", "train_examples", "val_examples", "tokens", "tokens_per_s")}
