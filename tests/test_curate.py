@@ -185,6 +185,23 @@ def test_exports_and_report(curated: Path) -> None:
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_dataset_card_loads_with_huggingface_hub_and_tells_the_funnel(curated: Path) -> None:
+    from huggingface_hub import DatasetCard
+
+    report = json.loads((curated / "curate" / "report.json").read_text())
+    card = DatasetCard.load(curated / "curate" / "README.md")
+    data = card.data.to_dict()
+    # Imported pairs: no known licence and no hub source, said so rather than invented.
+    assert data["license"] == "other" and data["license_name"] == "unknown"
+    assert data["source_datasets"] == ["original"] and data["task_categories"] == ["text-generation"]
+    assert data["size_categories"] == ["n<1K"] and "language" not in data  # no language rule ran
+    assert data["distill4all"] == {"teachers": ["import"], "pairs": report["kept"]}
+    for f in report["funnel"]:
+        assert f"| {f['step']} | {f['dropped']:,} | {f['remaining']:,} |" in card.text
+    assert f"| `source.homogeneous` | {report['rules']['source.homogeneous']['count']} |" in card.text
+    assert "unknown (imported pairs)" in card.text and "[map.html](map.html)" in card.text
+
+
 def test_rerun_skips_and_changed_settings_need_force(curated: Path, tmp_path: Path) -> None:
     pairs = curated.parent / "pairs.jsonl"
     cfg = curated.parent / "cfg.yaml"
@@ -324,6 +341,11 @@ def test_run_collect_then_curate(make_run: Callable[..., Path], tmp_path: Path) 
     finally:
         db.close()
     assert len(read_jsonl(run_dir / "curate" / "train.jsonl")) == stage["counts"]["kept"]
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(run_dir / "curate" / "README.md")  # the collected teacher, with its terms
+    teachers = card.data.to_dict()["distill4all"]["teachers"]
+    assert len(teachers) == 1 and f"`{teachers[0]}`: unknown: check the terms" in card.text
     r = run_cli("curate", config)  # the curate stage alone, from the run's config
     assert r.code == 0 and "curate: skipped" in r.stdout, r.output
     # redoing collect makes curate stale: the runner refuses until it is redone too

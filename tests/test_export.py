@@ -123,6 +123,8 @@ def test_export_stage_in_a_run_writes_files_report_and_manifest(trained: Path, t
     assert stage["status"] == "done"
     assert set(stage["artifacts"]) == {
         "export/model-f16.gguf", "export/model-q4_0.gguf", "export/model-q8_0.gguf", "export/quant_report.json",
+        "export/model-f16.Modelfile", "export/model-q4_0.Modelfile", "export/model-q8_0.Modelfile",
+        "export/gpt4all.json", "export/README.md",
     }  # fmt: skip
     report = stage["counts"]["quant_report"]
     assert [row["file"] for row in report] == ["model-f16.gguf", "model-q4_0.gguf", "model-q8_0.gguf"]

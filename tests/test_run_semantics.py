@@ -93,7 +93,9 @@ def test_single_stage_export_goes_through_the_runner(tmp_path: Path) -> None:
     assert str(out / "model-q8_0.gguf") in r.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["export"]["status"] == "done"
-    assert set(manifest["stages"]["export"]["artifacts"]) == {"model-f16.gguf", "model-q8_0.gguf"}
+    assert set(manifest["stages"]["export"]["artifacts"]) == {
+        "model-f16.gguf", "model-q8_0.gguf", "model-f16.Modelfile", "model-q8_0.Modelfile", "gpt4all.json", "README.md",
+    }  # fmt: skip
     assert (out / "export.yaml").is_file() and not (out / "export.json").exists()
     r = run_cli("export", "tiny", "-o", out, "--quant", "q8_0", "--no-report")
     assert r.code == 0 and "export: done, skipped" in r.stderr

@@ -800,6 +800,9 @@ def export_cmd(
     ] = False,
     pre_tokenizer: Annotated[str | None, typer.Option(help="llama.cpp pre-tokenizer name (default: detected).")] = None,
     report: Annotated[bool, typer.Option(help="Measure KL, top-1 agreement and perplexity of each file.")] = True,
+    system_prompt: Annotated[
+        str | None, typer.Option(help="System prompt of the Ollama Modelfile and the GPT4All entry.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo an export made with other settings.")] = False,
 ) -> None:
     """Export a model to GGUF and quantize it: merge an adapter, write f16/f32, quantize, report."""
@@ -811,7 +814,8 @@ def export_cmd(
         raise UserError(f"{out_dir} already holds GGUF files; choose another --out (nothing was overwritten)")
     spec = str(Path(model).resolve()) if Path(model).exists() else model
     section = {"model": spec, "quantizations": quant or ["q4_0"], "base_type": base_type, "compat": compat,
-               "pre_tokenizer": pre_tokenizer, "report": report, "out_dir": str(out_dir.resolve())}  # fmt: skip
+               "pre_tokenizer": pre_tokenizer, "report": report, "out_dir": str(out_dir.resolve()),
+               **({"system_prompt": system_prompt} if system_prompt is not None else {})}  # fmt: skip
     loaded = _generated_config("export", out_dir, section, name="export", force=force)
     outcome = _run_one_stage(loaded, "export", force)
     for artifact in outcome.row.artifacts:

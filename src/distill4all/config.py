@@ -512,6 +512,11 @@ class ExportConfig(Section):
     pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name; default: detected")
     report: bool = Field(True, description="measure KL, top-1 agreement and perplexity of each file")
     out_dir: Path | None = Field(None, description="folder for the GGUF files; default: <run_dir>/export")
+    system_prompt: str | None = Field(
+        None,
+        description="the system prompt of the Ollama Modelfile (SYSTEM) and the GPT4All entry (systemPrompt); "
+        "default: the one the chat template writes without a system message, if any",
+    )
 
 
 class EvalModel(Section):
@@ -713,6 +718,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {
     ("eval", "judge", "judge", "logprobs"): None,
     ("eval", "judge", "judge", "require_logprobs"): True,
     ("export", "out_dir"): None,
+    ("export", "system_prompt"): None,
     ("eval", "out_dir"): None,
     ("train", "prune"): None,
     ("train", "distill"): None,

@@ -3,9 +3,11 @@ is named here once (docs/architecture.md has the table).
 
     store.sqlite  manifest.json  .lock  archive/
     collect/   pairs.jsonl, teacher-NAME.log (a local teacher's server log, by teacher.connect)
-    curate/    train.jsonl (+ .parquet, .messages.jsonl), split/, report.json, report.md, map.html, map-*.png
+    curate/    train.jsonl (+ .parquet, .messages.jsonl), split/, report.json, report.md, map.html, map-*.png,
+               README.md (the dataset card)
     train/     student/, data/, teacher/, checkpoints/, job.json, metrics.jsonl, loss.png, model/, summary.json
-    export/    model-KIND.gguf, merged/, quant_report.json      (export.out_dir moves this folder)
+    export/    model-KIND.gguf, model-KIND.Modelfile, gpt4all.json, README.md, merged/, quant_report.json
+               (export.out_dir moves this folder)
     eval/      perplexity-LABEL.jsonl, summary.json, figure3-METRIC.png, judge.sqlite
     report/    index.html, chats.json, speed.json
 
@@ -52,6 +54,11 @@ class CurateLayout:
     @property
     def map_html(self) -> Path:
         return self.dir / "map.html"
+
+    @property
+    def card(self) -> Path:
+        """The dataset card (README.md): licence, sources, teachers and their terms, the funnel."""
+        return self.dir / "README.md"
 
     def map_png(self, color: str) -> Path:
         return self.dir / f"map-{color}.png"
@@ -126,9 +133,24 @@ class ExportLayout:
     def quant_report(self) -> Path:
         return self.dir / "quant_report.json"
 
+    def modelfile(self, gguf: Path) -> Path:
+        """The Ollama Modelfile of one GGUF file (`ollama create NAME -f model-q4_0.Modelfile`)."""
+        return gguf.with_suffix(".Modelfile")
+
+    @property
+    def gpt4all(self) -> Path:
+        """The GPT4All app's model-list entries (models3.json format) of the GGUF files."""
+        return self.dir / "gpt4all.json"
+
+    @property
+    def card(self) -> Path:
+        """The model card of the GGUF files."""
+        return self.dir / "README.md"
+
     def outputs(self) -> list[Path]:
         """Everything the stage writes: what `--force` removes (the folder may be the run directory)."""
-        return [*self.ggufs(), self.merged, self.quant_report]
+        modelfiles = sorted(self.dir.glob("model-*.Modelfile"))
+        return [*self.ggufs(), *modelfiles, self.merged, self.quant_report, self.gpt4all, self.card]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ train.parquet            the same, Parquet
 train.messages.jsonl     the same, OpenAI chat format {messages: [user, assistant]}
 split/{train,validation}.{jsonl,parquet,messages.jsonl}
                          a seeded split (by prompt, so a prompt never straddles it)
+README.md                the dataset card (card.py, written by the stage)
 report.json / report.md  funnel, each rule's count and examples, sources, topics, step timings
 map.html                 the interactive data map (self-contained)
 map-source.png, map-topic.png   static maps like the paper's Figures 1–2

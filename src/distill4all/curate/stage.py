@@ -7,13 +7,14 @@ A rerun after a kill recomputes the same decisions; finished embeddings and proj
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from rich.console import Console
 
 from distill4all.config import RunConfig
-from distill4all.curate import curation, pairs
+from distill4all.curate import card, curation, pairs
 from distill4all.errors import StageError
 from distill4all.run import StageContext, StageResult
 from distill4all.store import decisions
@@ -68,7 +69,13 @@ def run(ctx: StageContext) -> StageResult:
         "eval_items_checked": result.eval_items,
     }
     files = ctx.layout.curate
-    artifacts = [files.train_pairs, files.report_json]
+    # The card names the collect sources as configured: a change to them redoes collect, and so this stage.
+    sources = {s.name: s for s in ctx.config.collect.sources} if ctx.config.collect is not None else {}
+    dataset_card = card.dataset_card(
+        json.loads(files.report_json.read_text(encoding="utf-8")), cfg, title=ctx.config.name,
+        teachers=decisions.kept_by_model(ctx.store), sources=sources, has_map=files.map_html.is_file(),
+    )  # fmt: skip
+    artifacts = [files.train_pairs, files.report_json, card.write_dataset_card(files.card, dataset_card)]
     if files.map_html.is_file():
         artifacts.append(files.map_html)
     return StageResult(counts=counts, artifacts=artifacts)

@@ -166,15 +166,20 @@ class Hparams:
         )
 
     @property
+    def model_name(self) -> str:
+        """general.name: the checkpoint's own name, else its folder's."""
+        return Path(self.name).name or "model"
+
+    @property
     def rope_type(self) -> str:
         return str(self.rope["rope_type"])
 
 
 def add_hparams(writer: Any, hp: Hparams, file_type: int) -> None:
-    """The family's hyperparameter keys, as llama.cpp's converter writes them."""
+    """The family's hyperparameter keys, as llama.cpp's converter writes them (general.name and the
+    other provenance keys are written apart: gguf.py's provenance_metadata)."""
     import gguf
 
-    writer.add_name(Path(hp.name).name or "model")
     if hp.family.rope_dim_key:
         writer.add_vocab_size(hp.n_vocab)
     writer.add_context_length(hp.n_ctx)

@@ -30,6 +30,7 @@ from distill4all import atomic
 from distill4all.errors import ExportError
 from distill4all.export.families import Hparams, add_hparams, extra_tensors, transform
 from distill4all.export.quantize import native_stderr
+from distill4all.models.cards import UNKNOWN_LICENCE, Provenance
 from distill4all.models.chat_templates import hf_stop_ids
 
 BaseType = Literal["f32", "f16"]
@@ -311,6 +312,26 @@ def convert_tensors(hf_dir: Path, hp: Hparams, base_type: BaseType) -> Iterator[
         yield new, np.ascontiguousarray(data.astype(dtype))
 
 
+QUANTIZED_BY = "distill4all"
+
+
+def provenance_metadata(name: str, provenance: Provenance | None, source_url: str | None = None) -> Any:
+    """The GGUF's general.* provenance as gguf's Metadata: name, licence, base model (gguf's own
+    hub-id heuristic gives its name, organization and URL), source, quantized_by."""
+    import gguf
+
+    meta = gguf.Metadata()
+    if provenance is not None and provenance.base_model:
+        meta = gguf.Metadata.apply_metadata_heuristic(meta, model_card={"base_model": provenance.base_model})
+    meta.name = name
+    meta.license = provenance.license if provenance is not None else UNKNOWN_LICENCE
+    if meta.license == UNKNOWN_LICENCE:
+        meta.license_name = "unknown"
+    meta.source_repo_url = source_url
+    meta.quantized_by = QUANTIZED_BY
+    return meta
+
+
 def write_gguf(
     hf_dir: Path,
     out: Path,
@@ -319,8 +340,12 @@ def write_gguf(
     pre_tokenizer: str | None = None,
     compat: bool = False,
     on_tensor: Callable[[str], None] | None = None,
+    provenance: Provenance | None = None,
+    source_url: str | None = None,
 ) -> Vocab:
-    """Write `out` from the HF checkpoint in `hf_dir`; returns the vocabulary that went in."""
+    """Write `out` from the HF checkpoint in `hf_dir`; returns the vocabulary that went in.
+    `provenance` (licence, base model) and `source_url` (the hub model converted as it is) go into
+    the general.* keys; without them the licence is `other`."""
     import gguf
 
     hp = Hparams.from_config(hf_dir)
@@ -328,6 +353,7 @@ def write_gguf(
     pre = COMPAT_PRE_TOKENIZERS.get(vocab.pre, vocab.pre) if compat else vocab.pre
     with atomic.output_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=hp.family.arch)
+        provenance_metadata(hp.model_name, provenance, source_url).set_gguf_meta_model(writer)
         add_hparams(writer, hp, _file_type(base_type))
         _add_vocab(writer, vocab, pre)
         for name, data in convert_tensors(hf_dir, hp, base_type):
@@ -349,6 +375,7 @@ def write_vocab_only(out: Path, hf_dir: Path, pre: str) -> None:
     hp = Hparams.from_config(hf_dir)
     vocab = read_vocab(hf_dir, hp.n_vocab)
     writer = gguf.GGUFWriter(out, arch=hp.family.arch)
+    writer.add_name(hp.model_name)
     add_hparams(writer, hp, _file_type("f32"))
     _add_vocab(writer, vocab, pre)
     writer.write_header_to_file()

@@ -42,9 +42,14 @@ def inputs(config: RunConfig) -> list[Path]:
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.export
     assert cfg is not None
-    outcome = export_model(source(ctx.config), ctx.dir, cfg, console=ctx.console, quiet=ctx.quiet)
+    outcome = export_model(
+        source(ctx.config), ctx.dir, cfg, console=ctx.console, quiet=ctx.quiet, eval_summary=ctx.layout.eval.summary
+    )
     report = [r.as_dict() for r in outcome.report]
-    artifacts = [*outcome.files, *([ctx.layout.export.quant_report] if report else [])]
+    files = ctx.layout.export
+    artifacts = [*outcome.files, *([files.quant_report] if report else []), files.card]
+    if outcome.runtimes is None:
+        artifacts += [*(files.modelfile(f) for f in outcome.files), files.gpt4all]
     if outcome.merged is not None:
         artifacts.append(outcome.merged)
     counts = {
@@ -52,6 +57,8 @@ def run(ctx: StageContext) -> StageResult:
         "pre_tokenizer": outcome.pre_tokenizer,
         "compat_checked_tokens": outcome.compat_checked_tokens,
         "chat_tokens_differ": outcome.chat_tokens,
+        "license": outcome.license,
+        "runtime_files": outcome.runtimes or "written",
         "quant_report": report,
     }
     return StageResult(counts=counts, artifacts=artifacts)

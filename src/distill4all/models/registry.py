@@ -33,6 +33,7 @@ class Builtin:
     licence: str
     params: str
     formats: tuple[Format, ...]
+    hub_id: str | None = None  # the Hugging Face repository it comes from, when it has one
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -42,6 +43,7 @@ BUILTINS: dict[str, Builtin] = {
         "Apache-2.0",
         "134.5M",
         ("gguf", "hf"),
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "tiny": Builtin("tiny", "random-weight LLaMA for tests, built locally", "Apache-2.0", "~1M", ("hf",)),
     "small": Builtin(
@@ -67,6 +69,25 @@ class ResolvedModel:
     @property
     def name(self) -> str:
         return self.spec if self.spec in BUILTINS else self.path.name
+
+
+def builtin_of(spec: str | Path) -> Builtin | None:
+    """The named model that `spec` is: its name, or a path to its packaged file or to the form the
+    model cache keeps of it (the HF form of a GGUF, a built tiny model)."""
+    if isinstance(spec, str) and spec in BUILTINS:
+        return BUILTINS[spec]
+    path = Path(spec).expanduser()
+    try:
+        path = path.resolve()
+        cache = models_dir().resolve()
+    except OSError:
+        return None
+    for b in BUILTINS.values():
+        if path in (cache / f"{b.name}-{HF_FORM}", cache / f"{b.name}-seed0"):
+            return b
+    if path.name == SMOLLM2_FILE and path.parent.name == SMOLLM2_PACKAGE:
+        return BUILTINS["smollm2-135m-instruct"]
+    return None
 
 
 def cache_dir() -> Path:

@@ -42,3 +42,12 @@ def replace_all(store: Store, decisions: Iterable[Decision]) -> None:
 def clear(store: Store) -> None:
     with store.transaction() as db:
         db.execute("DELETE FROM decisions")
+
+
+def kept_by_model(store: Store) -> dict[str, int]:
+    """Kept pairs per teacher model id (`import` for imported pairs) of every model that answered, most first."""
+    rows = store.db.execute(
+        "SELECT r.model, COALESCE(SUM(d.kept), 0) AS n FROM responses r LEFT JOIN decisions d"
+        " ON d.response_id = r.id GROUP BY r.model ORDER BY n DESC, r.model"
+    )
+    return {str(model): int(n) for model, n in rows}

@@ -36,6 +36,7 @@ from distill4all.config import TrainConfig
 from distill4all.errors import StageError, StageFailure
 from distill4all.layout import TrainLayout
 from distill4all.models.chat_templates import hf_stop_ids
+from distill4all.models.compat import make_v4_readable
 from distill4all.train import checkpoint
 from distill4all.train.batching import TeacherTopK, TokenizedSplit, collate, deal, step_examples, steps_per_epoch
 from distill4all.train.metrics import MetricsLog, plot_loss, read_metrics
@@ -306,6 +307,8 @@ class Trainer:
                     "trainable_parameters": self.trainable,
                 }  # fmt: skip
                 (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+                if self.cfg.method == "full":
+                    make_v4_readable(tmp)
                 check_saved_model(tmp, self.cfg.method)
         acc.wait_for_everyone()
         return out

@@ -27,6 +27,7 @@ from distill4all.config import RunConfig, TrainConfig
 from distill4all.errors import ConfigError, DataError, StageFailure
 from distill4all.layout import RunLayout, TrainLayout
 from distill4all.run import StageContext, StageResult
+from distill4all.train.card import write_model_card
 
 UPSTREAM: tuple[str, ...] = ("collect", "curate")
 READS: tuple[str, ...] = ()  # which file it trains on follows from curate/collect being set; it is hashed
@@ -135,6 +136,7 @@ def run(ctx: StageContext) -> StageResult:
         if not summary_file.is_file():
             raise StageFailure(f"training ended without writing {summary_file}")
     shutil.rmtree(files.checkpoints, ignore_errors=True)  # the model is saved; they were for resuming
+    write_model_card(files.model, cfg, data_path(ctx.config), run_dir=ctx.config.run_dir, n_layers=_layers(files))
     summary = json.loads(summary_file.read_text())
     meta = json.loads(files.data_meta.read_text())
     counts = {k: summary[k] for k in ("steps", "train_examples", "val_examples", "tokens", "tokens_per_s")}
@@ -148,6 +150,17 @@ def run(ctx: StageContext) -> StageResult:
         if "answer_tokens" in teacher:
             counts["distill_aligned"] = round(teacher["aligned"] / max(teacher["answer_tokens"], 1), 4)
     return StageResult(counts=counts, artifacts=[files.model, files.metrics, files.loss_png])
+
+
+def _layers(files: TrainLayout) -> int | None:
+    """Decoder layers of the trained model (of the pruned student, for an adapter)."""
+    config = files.model / "config.json"
+    if not config.is_file():
+        config = files.student / "config.json"
+    try:
+        return int(json.loads(config.read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def reset(ctx: StageContext) -> None:
