@@ -2,12 +2,14 @@
 
 Two parts, measured in one run on the same machine:
 
-1. filters + exact dedup + MinHash near-dup (prompts and pairs), side by side with a plain
-   datasketch baseline doing the same work the usual way: the same filters, hashlib keys, one
-   `MinHash.update_batch` per text and `MinHashLSH` query + insert. Target: ≥20k pairs/s.
+1. filters + exact + MinHash near-dup (prompts and pairs) + decontamination against the
+   Self-Instruct items (13-grams; ../shared/data when present, else the demo's written sample),
+   side by side with a plain datasketch baseline doing the filters and dedup the usual way: the
+   same filters, hashlib keys, one `MinHash.update_batch` per text and `MinHashLSH` query + insert.
+   Target: ≥30k pairs/s at 100k on 2 cores.
 2. the whole curation through the stage's code (import, filters, dedup, embeddings, topics,
    diversity, t-SNE map, decisions, exports): seconds, rows/s and peak RSS per step.
-   Target: 100k pairs in ≤10 min on 2 cores.
+   Target: 100k pairs in ≤10 min, 1M in ≤5 min on 2 cores, decontamination on.
 
     python bench/curate.py [--n 100000] [--write]     # --write replaces its section in bench/RESULTS.md
 """
@@ -28,13 +30,19 @@ from pathlib import Path
 import numpy as np
 
 from distill4all.config import CurateConfig, CurateFiltersConfig
-from distill4all.curate import curation, dedup, filters, pairs
+from distill4all.curate import curation, decontam, dedup, filters, pairs
 from distill4all.curate.steps import peak_rss_mb
 from distill4all.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "data" / "demo"
 RESULTS = REPO / "bench" / "RESULTS.md"
+EVAL_DATA = [REPO.parent / "shared" / "data" / "self_instruct_user_oriented.jsonl",
+             REPO / "examples" / "data" / "self_instruct_sample.jsonl"]  # fmt: skip
+
+
+def eval_data() -> Path:
+    return next(p for p in EVAL_DATA if p.is_file())
 
 
 def vocabulary() -> list[str]:
@@ -76,6 +84,12 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict[str, str | None]]:
         elif r > 0.98:
             response = "As an AI language model, I cannot " + body
         out.append({"prompt": prompt, "response": response, "source": source})
+    from distill4all.evalset import load_items
+
+    items = load_items(eval_data())
+    for k in range(n // 1000):  # 0.1% of prompts paste an eval item in (decontamination finds them)
+        it = items[k % len(items)]
+        out[rng.randint(len(out))]["prompt"] = f"Please help: {it.instruction}\n{it.input}"
     for _ in range(n // 30):  # ~3% exact and ~3% near duplicates of earlier pairs
         src = out[rng.randint(len(out))]
         out[rng.randint(len(out))] = dict(src)
@@ -99,7 +113,8 @@ def run_ours(rows: list[dict[str, str | None]], workers: int) -> float:
             data = pairs.load_rows(store)
             cfg = CurateConfig(workers=workers)
             t0 = time.perf_counter()
-            found = curation.scan(data, cfg, workers)
+            index = decontam.load_index([eval_data()], cfg.decontaminate.ngram, cfg.decontaminate.min_words)
+            found = curation.scan(data, cfg, workers, index=index)
             ok = np.flatnonzero([not h for h in found.hits])
             for what in ("prompt", "pair"):
                 dedup.exact_duplicate_edges(found.keys[what])
@@ -142,7 +157,7 @@ def run_full(rows: list[dict[str, str | None]], model: str) -> tuple[list[tuple[
         with Store(Path(tmp) / "store.sqlite") as store:
             pairs.import_pairs(store, path, "import")
             t_import, rss_import = time.perf_counter() - t0, peak_rss_mb()
-            result = curation.curate(store, cfg, Path(tmp) / "curate", quiet=True)
+            result = curation.curate(store, cfg, Path(tmp) / "curate", quiet=True, eval_data=[eval_data()])
         total = time.perf_counter() - t0
         steps = [("import", {"rows": len(rows), "seconds": t_import, "rows_per_s": len(rows) / t_import,
                              "peak_rss_mb": rss_import})]  # fmt: skip
@@ -153,6 +168,7 @@ def run_full(rows: list[dict[str, str | None]], model: str) -> tuple[list[tuple[
                 "(funnel)",
                 {
                     "kept": report["kept"],
+                    "copies": report["decontamination"]["pairs"],
                     "flagged": ",".join(s["source"] for s in report["sources"] if s["homogeneous"]) or "-",
                 },
             )
@@ -179,7 +195,8 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
         f"Python {sys.version.split()[0]}.",
         "",
-        f"### filters + exact + MinHash (prompts and pairs), on the first {len(base):,} pairs",
+        f"### filters + exact + MinHash (prompts and pairs) + decontamination ({eval_data().name}), "
+        f"on the first {len(base):,} pairs",
         "",
         "| implementation | pairs/s | vs datasketch |",
         "|---|---:|---:|",
@@ -214,7 +231,8 @@ def main() -> None:
         )
     funnel = dict(steps)["(funnel)"]
     lines += ["", f"Total {total:.0f} s ({total / 60:.1f} min) for {len(rows):,} pairs; kept {funnel['kept']:,}; "
-              f"flagged homogeneous: {funnel['flagged']}.", ""]  # fmt: skip
+              f"eval-item copies found {funnel['copies']:,} "
+              f"(planted {len(rows) // 1000:,}); flagged homogeneous: {funnel['flagged']}.", ""]  # fmt: skip
     text = "\n".join(lines)
     print(text)
     if args.write:  # one section per size, so the 100k and 1M runs sit side by side
@@ -224,9 +242,9 @@ def main() -> None:
         write_section(f"curate {len(rows):,} pairs", text.split("\n", 2)[2], headlines=[
             {"figure": f"filters + exact + MinHash, pairs/s ({os.cpu_count()} cores)",
              "ours": f"{len(rows) / t_all:,.0f}", "peer": f"datasketch {len(base) / t_ds:,.0f} (1 core)",
-             "ratio": f"{t_ds / best:.1f}× on the same {len(base):,}", "target": "20,000 pairs/s"},
+             "ratio": f"{t_ds / best:.1f}× on the same {len(base):,}", "target": "30,000 pairs/s (+ decontamination)"},
             {"figure": f"whole curation of {len(rows):,} pairs", "ours": f"{total:.0f} s", "peer": "-", "ratio": "-",
-             "target": "100k in <10 min" if len(rows) <= 100_000 else ""},
+             "target": "100k in <10 min" if len(rows) <= 100_000 else "1M in ≤5 min"},
         ])  # fmt: skip
 
 
