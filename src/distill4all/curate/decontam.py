@@ -11,12 +11,13 @@ a paraphrased copy.
 
 No library indexes n-grams this way (datasketch's LSH answers "similar", not "contains a shared
 13-gram"), so the index is a set of joined n-grams. Pairs are scanned only where a run of at
-least n consecutive words all occur in the eval set's vocabulary — the rare case — so most
-pairs cost one set lookup per word.
+least n consecutive words all occur in the eval set's vocabulary, found by a regex over one byte
+per word, so most pairs cost one set lookup per word.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,16 +59,17 @@ class EvalIndex:
         normalized text, or None."""
         words = normalized.split()
         shortest = min((self.n, *self.whole), default=self.n)
-        run = 0
-        for i, w in enumerate(words):
-            run = run + 1 if w in self.vocab else 0
-            if run < shortest:
-                continue
-            if run >= self.n and (hit := self.grams.get(" ".join(words[i - self.n + 1 : i + 1]))):
-                return hit, " ".join(words[i - self.n + 1 : i + 1])
-            for k, texts in self.whole.items():
-                if run >= k and (hit := texts.get(" ".join(words[i - k + 1 : i + 1]))):
-                    return hit, " ".join(words[i - k + 1 : i + 1])
+        if len(words) < shortest:
+            return None
+        # one byte per word, 1 where the eval set has it: runs long enough are found in C
+        in_vocab = bytes(map(self.vocab.__contains__, words))
+        for run in re.finditer(b"\x01{%d,}" % shortest, in_vocab):
+            lo, hi = run.span()
+            for k, texts in ((self.n, self.grams), *self.whole.items()):
+                for i in range(lo, hi - k + 1):
+                    gram = " ".join(words[i : i + k])
+                    if (hit := texts.get(gram)) is not None:
+                        return hit, gram
         return None
 
 

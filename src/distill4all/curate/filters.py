@@ -356,8 +356,14 @@ def _quoted(text: str, at: int) -> bool:
     return (before.count('"') + before.count("“") + before.count("”")) % 2 == 1
 
 
+# Every opening refusal holds one of these: most answers are passed over by one search.
+_MAY_REFUSE = re.compile(r"not|n't|unable|decline|refuse|sorry|apologi|unfortunately|regrettably|nicht|je ne|no puedo")
+
+
 def _opening_refusal(text: str, n_words: int) -> str | None:
     """A refusal in the first sentences of a lower-cased answer, or None (see Filters.refusal)."""
+    if not _MAY_REFUSE.search(text, 0, 600):
+        return None
     sentences = [m.group(0) for _, m in zip(range(OPENING_SENTENCES), _SENTENCE.finditer(text[:600]), strict=False)]
     if not sentences:
         return None
