@@ -269,11 +269,11 @@ class Engine(ABC):
             )
 
     def stream_ids(self, ids: list[int], params: SamplingParams) -> TextStream:
+        """Generate after the prompt token ids; the returned stream yields text pieces."""
         if params.grammar is not None and not self.grammars:
             raise ModelError(f"the {self.backend} engine cannot follow a grammar; run a GGUF (llama.cpp)")
         if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
             raise ModelError(f"logit_bias names a token outside the vocabulary (0..{self.vocab_size - 1})")
-        """Generate after the prompt token ids; the returned stream yields text pieces."""
         self.check_fits(len(ids))
         return TextStream(lambda stream: self._pieces(ids, params, stream))
 
@@ -483,9 +483,6 @@ class LlamaCppEngine(Engine):
         tid = self.metadata.get(f"tokenizer.ggml.{kind}_token_id")
         return self.token_text(int(tid)) if tid is not None else None
 
-    def _token_str(self, key: Literal["bos", "eos", "pad"]) -> str:
-        return self.special_token(key) or ""
-
     def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -493,7 +490,7 @@ class LlamaCppEngine(Engine):
             raise ModelError(f"{self.name} has no chat template in its GGUF metadata (tokenizer.chat_template)")
         if add_generation_prompt not in self._formatters:
             self._formatters[add_generation_prompt] = Jinja2ChatFormatter(
-                self._template, self._token_str("eos"), self._token_str("bos"), add_generation_prompt
+                self._template, self.special_token("eos") or "", self.special_token("bos") or "", add_generation_prompt
             )
         try:
             return str(self._formatters[add_generation_prompt](messages=messages).prompt)

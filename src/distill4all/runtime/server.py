@@ -377,12 +377,15 @@ async def _read_json(state: ServerState, request: Request, model: type[T]) -> T:
         message = f"the request holds a lone surrogate \\u{ord(bad):04x}, which is not text"
         raise APIError(400, message, code="invalid_json")
     try:
-        return model.model_validate(data)  # type: ignore[attr-defined, no-any-return]
+        parsed = model.model_validate(data)  # type: ignore[attr-defined]
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise APIError(422, f"{param}: {first['msg']}{more}", param=param, code="invalid_value") from None
+    if isinstance(parsed, _Request):
+        parsed.refuse_unknown()
+    return parsed  # type: ignore[no-any-return]
 
 
 def _authorize(state: ServerState, request: Request) -> None:
@@ -430,16 +433,22 @@ def _sse(obj: Any) -> str:
 # --- chat --------------------------------------------------------------------------------------
 
 
-def _chat_messages(req: ChatRequest, functions: list[Function]) -> list[Message]:
-    """The conversation for the chat template: developer turns as system ones, earlier tool calls
-    written as the model is asked to write them, and the functions it may call in the system turn."""
+def _turns(messages: list[ChatMessage]) -> list[Message]:
+    """Messages for the chat template: developer turns as system ones, earlier tool calls written as
+    the model is asked to write them."""
     out: list[Message] = []
-    for m in req.messages:
+    for m in messages:
         text = m.text()
         if m.tool_calls:
             calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls]
             text = "\n".join(t for t in (text, history_text(calls)) if t)
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    return out
+
+
+def _chat_messages(req: ChatRequest, functions: list[Function]) -> list[Message]:
+    """The conversation, with the functions the model may call told in its system turn."""
+    out = _turns(req.messages)
     if functions:
         told = tools_prompt(functions, required=req.tool_choice not in (None, "auto"))
         if out and out[0]["role"] == "system":
@@ -529,7 +538,6 @@ async def _chat(state: ServerState, ticket: Ticket, request: Request, req: ChatR
     max_tokens = req.max_completion_tokens or req.max_tokens or engine.n_ctx
     if req.stream and req.logprobs:
         raise APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
-    req.refuse_unknown()
     grammar, functions = _structure(req, engine)
     messages = _chat_messages(req, functions)
     try:
@@ -699,16 +707,16 @@ def _prompts(engine: Engine, req: CompletionRequest) -> list[tuple[str, list[int
     flat = all(isinstance(x, int) for x in p)
     lists: list[list[int]] = [[int(x) for x in p]] if flat else [list(x) for x in p]  # type: ignore[arg-type]
     for ids in lists:
-        _check_ids(engine, ids)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        _check_ids(engine, ids, "prompt")
     return [(engine.detokenize(ids), ids) for ids in lists]
 
 
-def _check_ids(engine: Engine, ids: list[int]) -> None:
-    if not ids:
-        raise APIError(400, "prompt must not be empty", param="prompt")
+def _check_ids(engine: Engine, ids: list[int], param: str) -> None:
     bad = [t for t in ids if not 0 <= t < engine.vocab_size]
     if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", param="prompt")
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", param=param)
 
 
 def _completion_logprobs(engine: Engine, prompt: list[int], c: Completion | None, req: CompletionRequest,
@@ -752,7 +760,6 @@ async def completions(state: ServerState, request: Request) -> Any:
 
 
 async def _complete(state: ServerState, ticket: Ticket, request: Request, req: CompletionRequest) -> Any:
-    req.refuse_unknown()
     if req.suffix:
         raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
     if req.best_of not in (None, req.n):
@@ -798,7 +805,6 @@ async def _complete(state: ServerState, ticket: Ticket, request: Request, req: C
 
 async def tokenize(state: ServerState, request: Request) -> dict[str, Any]:
     req = await _read_json(state, request, TokenizeRequest)
-    req.refuse_unknown()
     if req.model is not None:
         _check_model(state, req.model)
     if (req.prompt is None) == (req.messages is None):
@@ -806,7 +812,7 @@ async def tokenize(state: ServerState, request: Request) -> dict[str, Any]:
     engine = state.engine
     try:
         if req.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = _turns(req.messages)
             ids = await _in_thread(lambda: engine.chat_ids(messages))
         else:
             text = req.prompt or ""
@@ -818,12 +824,9 @@ async def tokenize(state: ServerState, request: Request) -> dict[str, Any]:
 
 async def detokenize(state: ServerState, request: Request) -> dict[str, Any]:
     req = await _read_json(state, request, DetokenizeRequest)
-    req.refuse_unknown()
     if req.model is not None:
         _check_model(state, req.model)
-    if bad := [t for t in req.tokens if not 0 <= t < state.engine.vocab_size]:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{state.engine.vocab_size - 1})",
-                       param="tokens")  # fmt: skip
+    _check_ids(state.engine, req.tokens, "tokens")
     return {"prompt": await _in_thread(lambda: state.engine.detokenize(req.tokens))}
 
 
