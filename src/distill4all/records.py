@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,15 +143,25 @@ def lone_surrogate(value: Any) -> str | None:
 _THINK = re.compile(r"^\s*<think>(.*?)(</think>|$)\s*", re.DOTALL)
 
 
-def split_reasoning(text: str | None, reasoning: object = None) -> tuple[str | None, str | None, bool]:
-    """(answer, reasoning, the reasoning was cut) of a reasoning model's answer: the reasoning its
-    endpoint gave apart (`reasoning_content` of vLLM and DeepSeek, `reasoning` of Ollama), else a
-    leading `<think>…</think>` block taken out of the text; an unclosed block is reasoning cut off."""
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+"""Where endpoints put a reasoning model's thinking: vLLM and DeepSeek's field, then Ollama's."""
+
+
+def given_reasoning(fields: Mapping[str, Any]) -> Any:
+    """The reasoning a message or a pairs row gives apart from its answer, if any (any type)."""
+    return next((fields[k] for k in REASONING_FIELDS if fields.get(k)), None)
+
+
+def split_reasoning(
+    text: str | None, reasoning: object, finish: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """(answer, reasoning, finish reason) of a reasoning model's answer: the reasoning given apart
+    (given_reasoning), else a leading `<think>…</think>` block taken out of the text. An unclosed
+    block is reasoning cut off: where the answer said it stopped (or said nothing), it ran out."""
     if isinstance(reasoning, str) and reasoning.strip():
-        return text, reasoning.strip(), False
-    if text is None or "<think>" not in text[:64]:
-        return text, None, False
-    m = _THINK.match(text)
-    if m is None:
-        return text, None, False
-    return text[m.end() :], m.group(1).strip(), not m.group(2)
+        return text, reasoning.strip(), finish
+    m = _THINK.match(text) if text is not None and "<think>" in text[:64] else None
+    if text is None or m is None:
+        return text, None, finish
+    cut = not m.group(2) and finish in (None, "stop", "unknown")
+    return text[m.end() :], m.group(1).strip(), "length" if cut else finish

@@ -14,7 +14,7 @@ from pathlib import Path
 from distill4all import atomic
 from distill4all.config import CollectConfig
 from distill4all.errors import DataError
-from distill4all.records import split_reasoning
+from distill4all.records import given_reasoning, split_reasoning
 from distill4all.store import Store, prompts, tasks
 from distill4all.teacher.answers import build_body, build_messages
 from distill4all.teacher.client import message_text, parse_logprobs, reported_usage
@@ -75,9 +75,8 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
             try:
                 choice = body["choices"][0]
                 text = message_text(choice["message"])
-                message = choice["message"]
-                answer, reasoning, cut = split_reasoning(
-                    text, message.get("reasoning_content") or message.get("reasoning")
+                answer, reasoning, finish = split_reasoning(
+                    text, given_reasoning(choice["message"]), str(choice.get("finish_reason") or "unknown")
                 )
                 if teacher_name not in counters:
                     counters[teacher_name] = TokenCounter.for_teacher(teacher)
@@ -96,7 +95,7 @@ def ingest_results(store: Store, cfg: CollectConfig, results: Path) -> dict[str,
                         task,
                         str(body.get("model") or teacher.model),
                         answer or "",
-                        "length" if cut else str(choice.get("finish_reason") or "unknown"),
+                        finish or "unknown",
                         pt,
                         ct,
                         0.0,

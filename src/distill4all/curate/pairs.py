@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distill4all.errors import DataError
-from distill4all.records import read_records, split_reasoning
+from distill4all.records import REASONING_FIELDS, given_reasoning, read_records, split_reasoning
 from distill4all.store import Store, responses
 from distill4all.store.prompts import prompt_id
 
@@ -46,7 +46,7 @@ class Rows:
         return len(self.ids)
 
 
-FIELDS = ("prompt", "response", "source", "finish_reason", "reasoning_content", "reasoning")
+FIELDS = ("prompt", "response", "source", "finish_reason", *REASONING_FIELDS)
 """A pairs row's own fields; any other goes into the prompt's metadata."""
 
 
@@ -118,12 +118,10 @@ def import_pairs(store: Store, path: Path, teacher: str, batch: int = 5000, malf
         pid = prompt_id(source, prompt)
         n = samples.get(pid, 0)
         samples[pid] = n + 1
-        thinking = row.get("reasoning_content") or row.get("reasoning")
+        thinking = given_reasoning(row)
         if thinking is not None and not isinstance(thinking, str):
             raise DataError(f"{where}: 'reasoning_content' must be a string or null")
-        response, reasoning, cut = split_reasoning(response, thinking)
-        if cut and finish in (None, "stop"):
-            finish = "length"  # an unclosed <think>: the answer ran out before the reasoning ended
+        response, reasoning, finish = split_reasoning(response, thinking, finish if isinstance(finish, str) else None)
         meta = {k: v for k, v in row.items() if k not in FIELDS}
         prompts.append((pid, source, prompt, json.dumps(meta | {"where": where}, default=str)))
         answers.append((pid, n, response, finish if isinstance(finish, str) else None, params, reasoning))

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from distill4all.errors import TeacherError
-from distill4all.records import split_reasoning
+from distill4all.records import given_reasoning, split_reasoning
 from distill4all.store import logprobs
 from distill4all.teacher.limiter import RateLimiter, Window
 
@@ -188,13 +188,14 @@ class TeacherClient:
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _Retryable(f"malformed logprobs in the response body ({type(e).__name__})") from None
-        answer, reasoning, cut = split_reasoning(text, message.get("reasoning_content") or message.get("reasoning"))
-        finish = str(choice.get("finish_reason") or "unknown")
+        answer, reasoning, finish = split_reasoning(
+            text, given_reasoning(message), str(choice.get("finish_reason") or "unknown")
+        )
         return {
             "text": answer or "",
             "reasoning": reasoning,
             "logprobs": token_logprobs,
-            "finish_reason": "length" if cut and finish == "stop" else finish,
+            "finish_reason": finish or "unknown",
             **reported_usage(data.get("usage")),
             "model": str(data.get("model") or body.get("model")),
         }
