@@ -6,13 +6,12 @@ eval set of its own and near-topic pairs — curated through the CLI like any pa
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_config
+from conftest import run_cli, store_query, write_config
 
 DATA = Path(__file__).parent / "data" / "curation"
 
@@ -30,12 +29,12 @@ def curated(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, ob
     config = write_config(tmp / "run.yaml", {"name": "q", "run_dir": "run", "curate": curate})
     r = run_cli("curate", pairs, "--out", tmp / "run", "--config", config)
     assert r.code == 0, r.output
-    db = sqlite3.connect(tmp / "run" / "store.sqlite")
-    decided = db.execute(
+    decided = store_query(
+        tmp / "run",
         "SELECT p.source, d.rules, d.details FROM decisions d JOIN responses r ON r.id = d.response_id"
-        " JOIN prompts p ON p.id = r.prompt_id"
-    ).fetchall()
-    db.close()
+        " JOIN prompts p ON p.id = r.prompt_id",
+    )
+    assert decided
     # the rules, then the details as one JSON text
     rules = {src: [*json.loads(rules), json.dumps(json.loads(details or "{}"))] for src, rules, details in decided}
     for line in (tmp / "run" / "curate" / "train.jsonl").read_text().splitlines():
