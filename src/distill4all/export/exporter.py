@@ -78,7 +78,7 @@ def export_model(
     with console.status(f"reading {spec}…") if not quiet else contextlib.nullcontext():
         provenance, source_url = source_provenance(spec)
         hf_dir, merged = source_checkpoint(spec, out_dir, merged_card(provenance))
-        Hparams.from_config(hf_dir)
+        model_name = Hparams.from_config(hf_dir).model_name  # also refuses what cannot be exported, early
         layout, why_not = _turn_layout(hf_dir, cfg.system_prompt)
     steps = len(kinds) + (len(REPORT_TEXTS) if cfg.report else 0)
     with Progress(
@@ -122,9 +122,7 @@ def export_model(
             rows = [r.as_dict() for r in outcome.report]
             atomic.write_json(files.quant_report, {"reference": base.name, "rows": rows})
     if layout is not None:
-        write_runtime_files(
-            files, outcome.files, layout, cfg.system_prompt, name=Hparams.from_config(hf_dir).model_name
-        )
+        write_runtime_files(files, outcome.files, layout, cfg.system_prompt, name=model_name)
     elif why_not:
         console.print(f"[yellow]warning:[/] no Modelfile or GPT4All entry: {escape(why_not)}")
     evals = read_evals(eval_summary)
