@@ -409,6 +409,29 @@ def test_static_embedder_is_distilled_once_and_cached(model_cache: Path) -> None
     assert again.key == e.key and (folder / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
+def test_static_embeddings_are_model2vecs_own(model_cache: Path) -> None:
+    """The chunk-at-a-time encoder gives model2vec's vectors: accents, CJK, controls BERT deletes,
+    words too long for WordPiece, texts past the 512-token cut, empty texts, repeated calls."""
+    from model2vec import StaticModel
+
+    from distill4all.curate import embed
+
+    e = embed.load_embedder("minilm-static")
+    texts = ["a cat sat on the mat.", "Café naïve — résumé “quoted”", "日本語のテキスト。これは文章", "ab\x1ccd ef\x01gh",
+             "x" * 300 + " tail", " ".join(f"word{k}, and more" for k in range(600)), "", "   ", "emoji 😀!",
+             "def f(x):\n\treturn x**2  # code_with_underscores", "a cat sat on the mat."]  # fmt: skip
+    m2v = StaticModel.from_pretrained(str(embed.static_minilm_path()))
+    want = np.asarray(m2v.encode(texts), dtype=np.float32)
+    for _ in range(2):  # the second call reads every chunk from what the first remembered
+        got = e.encode(texts)
+        for g, w in zip(got, want, strict=True):
+            if not np.any(w):
+                assert not np.any(g)
+            else:
+                assert g @ w / np.linalg.norm(w) > 0.9999
+
+
 HOSTILE = ["<!--<script>", "</script><script>document.body.innerHTML=''</script>", "$x^$", "$\\frac{x}{$",
            "line\u2028sep\u2029para", "a & b > c <b>bold</b>", "\ud800 lone", "qqdocsepqq", "\x00nul"]  # fmt: skip
 
