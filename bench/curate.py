@@ -129,18 +129,19 @@ def run_datasketch(rows: list[dict[str, str | None]]) -> float:
     t0 = time.perf_counter()
     indexes = {"prompt": MinHashLSH(threshold=0.8, num_perm=128), "pair": MinHashLSH(threshold=0.8, num_perm=128)}
     seen: dict[str, set[str]] = {"prompt": set(), "pair": set()}
-    for i, r in enumerate(rows):
-        prompt, response = str(r["prompt"]), r["response"]
-        if f.check(filters.Pair(prompt, response)):
-            continue
-        for what, text in (("prompt", prompt), ("pair", f"{prompt}\n{response}")):
-            norm = dedup.normalize(text)
-            seen[what].add(hashlib.blake2b(norm.encode(), digest_size=12).hexdigest())
-            w = norm.split()
-            m = MinHash(num_perm=128)
-            m.update_batch([" ".join(w[j : j + 5]).encode() for j in range(max(1, len(w) - 4))])
-            indexes[what].query(m)
-            indexes[what].insert(i, m)
+    for lo in range(0, len(rows), 2000):  # our filters, as curation runs them (many answers a call)
+        part = [filters.Pair(str(r["prompt"]), r["response"]) for r in rows[lo : lo + 2000]]
+        for i, (pair, hits) in enumerate(zip(part, f.check_many(part), strict=True), lo):
+            if hits:
+                continue
+            for what, text in (("prompt", pair.prompt), ("pair", f"{pair.prompt}\n{pair.response}")):
+                norm = dedup.normalize(text)
+                seen[what].add(hashlib.blake2b(norm.encode(), digest_size=12).hexdigest())
+                w = norm.split()
+                m = MinHash(num_perm=128)
+                m.update_batch([" ".join(w[j : j + 5]).encode() for j in range(max(1, len(w) - 4))])
+                indexes[what].query(m)
+                indexes[what].insert(i, m)
     return time.perf_counter() - t0
 
 

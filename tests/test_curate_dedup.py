@@ -224,5 +224,5 @@ def test_scan_in_worker_processes_equals_one_process() -> None:
 def test_forgetting_word_hashes_changes_no_signature() -> None:
     texts = corpus(50, length=30, seed=4)
     small = dedup.MinHasher()
-    small._MAX_WORDS = 10  # the remembered word hashes are dropped between every batch
+    small.hasher._MAX_WORDS = 10  # the remembered word hashes are dropped between every batch
     assert (small.signatures(texts, batch=8) == dedup.MinHasher().signatures(texts)).all()

@@ -102,6 +102,27 @@ CASES: list[tuple[str, Pair, Pair]] = [
 ]
 
 
+def test_many_answers_checked_at_once_are_each_judged_alone() -> None:
+    """The repetition rule counts the n-grams of all answers in one table: a sentence that each of
+    eight answers says once is no loop, and each answer's verdict is the one it gets alone."""
+    filters = Filters(CurateFiltersConfig())
+    sentence = "I like to go to the park and play with my dog in the afternoon sun."
+    alone = [Pair(f"Q{i}?", f"{sentence} Then number {i} went home, " + " ".join(f"w{i}x{k}" for k in range(30)))
+             for i in range(8)]  # fmt: skip
+    loops = [
+        Pair("Day?", LOOP),  # repeated 5-grams
+        Pair("Count.", "one two " * 40 + "done."),  # the top 2-gram
+        Pair("List.", "\n".join(["Buy milk and eggs today at the shop."] * 6) + "\n" + GOOD),  # repeated lines
+    ]
+    mixed = [*alone[:4], *loops, *alone[4:], Pair("Hi?", None), Pair("Hi?", GOOD + " " + MORE)]
+    together = filters.check_many(mixed)
+    assert together == [filters.check(p) for p in mixed]
+    assert [[name for name, _ in hits] for hits in together[4:7]] == [["malformed.repetition"]] * 3
+    details = [hits[0][1] for hits in together[4:7]]
+    assert "repeated 5-grams" in details[0] and "'one two'" in details[1] and "repeated lines" in details[2]
+    assert all(not hits for hits in together[:4] + together[7:11] + together[12:])
+
+
 @pytest.mark.parametrize(("rule", "bad", "good"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_rule_fires_on_bad_and_not_on_good(rule: str, bad: Pair, good: Pair) -> None:
     filters = Filters(CurateFiltersConfig())

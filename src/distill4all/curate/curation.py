@@ -19,6 +19,7 @@ finished and are not redone.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import mmap
@@ -122,34 +123,53 @@ def scan(
     )
 
 
+_SIG_BATCH = 128  # texts MinHash hashes at once (dedup.MinHasher.signatures)
+
+
 def _scan_range(
     lo: int, hi: int
 ) -> tuple[list[list[filters.Hit]], list[bytes], list[bytes], list[tuple[str, str] | None]]:
-    """Rows [lo, hi): each prompt and answer is normalized once, for the echo rule, the exact keys
-    and the eval n-grams."""
+    """Rows [lo, hi): each prompt and answer is normalized once, for the echo rule, the exact keys,
+    MinHash and the eval n-grams."""
     rows: Rows = _STATE["rows"]
     f: filters.Filters = _STATE["filters"]
     hasher: dedup.MinHasher = _STATE["hasher"]
     index: decontam.EvalIndex | None = _STATE["index"]
-    hits, prompt_keys, pair_keys, copies = [], [], [], []
-    for i in range(lo, hi):
-        prompt = dedup.normalize(rows.prompts[i])
-        answer = dedup.normalize(rows.responses[i] or "")
-        pair = filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i], rows.reasonings[i])
-        hits.append(f.check(pair, prompt, answer))
-        copies.append((index.match(prompt) or index.match(answer)) if index is not None else None)
+    prompts = [dedup.normalize(p) for p in rows.prompts[lo:hi]]
+    answers = [dedup.normalize(r or "") for r in rows.responses[lo:hi]]
+    # a pair's shingles are its prompt's and its answer's, so its signature is the element-wise
+    # minimum of theirs and the prompt is hashed only once; the eval check reads the same words
+    may_copy = {what: np.zeros(hi - lo, dtype=bool) for what in ("prompt", "answer")}
+
+    def watch(what: str) -> Callable[[int, dedup.Words], None] | None:
+        """Flags the texts of each batch that `index.match` must read (the others cannot match)."""
+
+        def seen(at: int, words: dedup.Words) -> None:
+            may_copy[what][at : at + words.n_docs] |= index.may_match(words)  # type: ignore[union-attr]
+
+        return None if index is None else seen
+
+    sig_prompt = hasher.signatures(prompts, _SIG_BATCH, normalized=True, words_seen=watch("prompt"))
+    _STATE["sigs"]["prompt"][lo:hi] = sig_prompt
+    sig_answer = hasher.signatures(answers, _SIG_BATCH, normalized=True, words_seen=watch("answer"))
+    np.minimum(sig_prompt, sig_answer, out=_STATE["sigs"]["pair"][lo:hi])
+    if "answer" in _STATE["sigs"]:  # prompt dedup tells answers apart
+        _STATE["sigs"]["answer"][lo:hi] = sig_answer
+    pairs = [
+        filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i], rows.reasonings[i])
+        for i in range(lo, hi)
+    ]
+    hits = f.check_many(pairs, prompts, answers)
+    prompt_keys, pair_keys, copies = [], [], []
+    for k, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        copy = index.match(prompt) if index is not None and may_copy["prompt"][k] else None
+        if copy is None and index is not None and may_copy["answer"][k]:
+            copy = index.match(answer)
+        copies.append(copy)
         # normalize() joins words with one space, so the pair's normal form is the prompt's and
         # the answer's joined (== exact_key(pair_text(...)))
         prompt_keys.append(dedup.normalized_key(prompt))
         pair_keys.append(dedup.normalized_key(f"{prompt} {answer}" if prompt and answer else prompt or answer))
-    # a pair's shingles are its prompt's and its answer's, so its signature is the element-wise
-    # minimum of theirs and the prompt is hashed only once
-    sig_prompt = hasher.signatures(rows.prompts[lo:hi])
-    _STATE["sigs"]["prompt"][lo:hi] = sig_prompt
-    answers = hasher.signatures([r or "" for r in rows.responses[lo:hi]])
-    np.minimum(sig_prompt, answers, out=_STATE["sigs"]["pair"][lo:hi])
-    if "answer" in _STATE["sigs"]:  # prompt dedup tells answers apart
-        _STATE["sigs"]["answer"][lo:hi] = answers
     return hits, prompt_keys, pair_keys, copies
 
 
@@ -177,7 +197,7 @@ class Scanner:
         out: list[T] = []
         if self.pool is None:
             for lo, hi in ranges:
-                out.append(fn(lo, hi))
+                out.append(_star((fn, lo, hi)))
                 advance(hi - lo)
             return out
         for (lo, hi), result in zip(ranges, self.pool.imap(_star, [(fn, lo, hi) for lo, hi in ranges]), strict=True):
@@ -192,8 +212,16 @@ class Scanner:
 
 
 def _star(args: tuple[Callable[[int, int], T], int, int]) -> T:
+    """fn(lo, hi) with the garbage collector paused: a scan makes millions of short-lived objects
+    and no cycles, and each of the collector's passes walks every object alive (~10% of a scan)."""
     fn, lo, hi = args
-    return fn(lo, hi)
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return fn(lo, hi)
+    finally:
+        if paused:
+            gc.enable()
 
 
 # --- the curation -------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import hashlib
 import string
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,6 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 # from every text: no text can forge a boundary (a word made of letters could be written by anyone).
 _SEP_WORD = "\x00"
 _SEP = f" {_SEP_WORD} "
-_BOUNDARY = 1 << 32  # no crc32 is this large: the hash that marks the separator between texts
 
 
 def normalize(text: str) -> str:
@@ -49,50 +49,79 @@ def normalized_key(normalized: str) -> bytes:
     return hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=12).digest()
 
 
+@dataclass(frozen=True)
+class Words:
+    """The normalized words of a batch of texts, as numbers: each word's `word_hash`, its length
+    in characters, and the index of its text in the batch."""
+
+    hashes: NDArray[np.uint64]
+    lengths: NDArray[np.int64]
+    doc: NDArray[np.int64]
+    n_docs: int
+
+
+class WordHasher:
+    """Texts → their `Words`. A dict remembers each word's hash and length, packed in one integer:
+    the lookups run at C speed, where hashing every word (or factorizing the batch) costs ~1.6× more."""
+
+    _MAX_WORDS = 1_000_000  # words remembered (a forked worker's vocabulary), then forgotten
+
+    def __init__(self) -> None:
+        self._known = _WordHashes()
+
+    def words(self, texts: Sequence[str], normalized: bool = False) -> Words:
+        """`normalized`: the texts are normalize()d already (the same words, one pass less)."""
+        joined = _SEP.join(texts) if normalized else _SEP.join(t.casefold().translate(_PUNCT) for t in texts)
+        packed = self.packed(joined.split())
+        separator = packed == 0  # a word's packed value holds its length: never 0
+        doc = np.cumsum(separator)  # text index of each word (separators belong to the next)
+        packed = packed[~separator]
+        return Words(packed & _MAX_HASH, (packed >> np.uint64(32)).astype(np.int64), doc[~separator], len(texts))
+
+    def packed(self, tokens: list[str]) -> NDArray[np.uint64]:
+        """Each token's `word_hash` in the low 32 bits and its length above: a number per word
+        that equal words share (0 for the separator word)."""
+        if len(self._known) > self._MAX_WORDS:
+            self._known.clear()
+        return np.fromiter(map(self._known.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
+
+
 class MinHasher:
     """Batched MinHash signatures over word n-gram shingles."""
-
-    _MAX_WORDS = 1_000_000  # word hashes remembered (a forked worker's vocabulary), then forgotten
 
     def __init__(self, num_perm: int = 128, shingle_words: int = 5, seed: int = 1) -> None:
         self.num_perm, self.n = num_perm, shingle_words
         gen = np.random.RandomState(seed)
         self.a = gen.randint(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
         self.b = gen.randint(0, 2**63, size=num_perm, dtype=np.uint64)
-        self._words = _WordHashes()
+        self.hasher = WordHasher()
 
-    def signatures(self, texts: Sequence[str], batch: int = 128) -> NDArray[np.uint32]:
-        """One row per text."""
+    def signatures(
+        self,
+        texts: Sequence[str],
+        batch: int = 128,
+        normalized: bool = False,
+        words_seen: Callable[[int, Words], None] | None = None,
+    ) -> NDArray[np.uint32]:
+        """One row per text. `normalized`: the texts are normalize()d already. `words_seen(lo, words)`
+        is shown the words of each batch (from text `lo` on), for checks that read the same words."""
         # 128 texts a batch keeps the (num_perm × shingles) hash matrix in cache: ~25% faster than 256
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
         for lo in range(0, len(texts), batch):
-            part = texts[lo : lo + batch]
-            words = _SEP.join(t.casefold().translate(_PUNCT) for t in part).split()
-            out[lo : lo + batch] = self._batch(words, len(part))
+            words = self.hasher.words(texts[lo : lo + batch], normalized)
+            if words_seen is not None:
+                words_seen(lo, words)
+            out[lo : lo + batch] = self._batch(words)
         return out
 
-    def _word_hashes(self, words: list[str]) -> NDArray[np.uint64]:
-        """32-bit hashes of the words, stable across processes and runs (Python's hash() is salted),
-        `_BOUNDARY` for the separator. A dict remembers each word's hash: the lookups run at C
-        speed, where hashing every word (or factorizing the batch) costs ~1.6× more."""
-        if len(self._words) > self._MAX_WORDS:
-            self._words.clear()
-        return np.fromiter(map(self._words.__getitem__, words), dtype=np.uint64, count=len(words))
-
-    def _batch(self, words: list[str], n_docs: int) -> NDArray[np.uint32]:
-        """Signatures of `n_docs` texts given as their words, with the separator word between texts."""
-        h = self._word_hashes(words)
-        boundary = h == np.uint64(_BOUNDARY)
-        doc = np.cumsum(boundary)  # doc index of each word (separators belong to the next)
-        h, doc = h[~boundary], doc[~boundary]
+    def _batch(self, words: Words) -> NDArray[np.uint32]:
+        """Signatures of a batch of texts."""
+        h, doc, n_docs = words.hashes, words.doc, words.n_docs
         n = self.n
-        # polynomial hash of each window of n words; windows that cross a document are masked
+        # the hash of each window of n words; windows that cross a document are masked
         m = len(h) - n + 1
         if m > 0:
-            sh = h[:m].copy()
-            for j in range(1, n):
-                sh *= np.uint64(1_000_003)
-                sh += h[j : j + m]
+            sh = window_hashes(h, n)
             valid = doc[:m] == doc[n - 1 :]
             sh, sh_doc = sh[valid], doc[:m][valid]
         else:
@@ -125,11 +154,30 @@ class MinHasher:
         return sig
 
 
+_WINDOW_BASE = np.uint64(1_000_003)
+
+
+def word_hash(word: str) -> int:
+    """A normalized word's hash, the same in every process and run: crc32 of its UTF-8."""
+    return zlib.crc32(word.encode("utf-8", "surrogatepass"))
+
+
+def window_hashes(h: NDArray[np.uint64], k: int) -> NDArray[np.uint64]:
+    """The hash of each window of k consecutive word hashes (len(h) - k + 1 of them): a
+    polynomial in base 1,000,003, wrapping at 2^64 (where texts meet, the caller masks)."""
+    m = len(h) - k + 1
+    out = h[:m].copy()
+    for j in range(1, k):
+        out *= _WINDOW_BASE
+        out += h[j : j + m]
+    return out
+
+
 class _WordHashes(dict[str, int]):
-    """word → crc32 of its UTF-8, computed on first sight; the separator word → `_BOUNDARY`."""
+    """word → its word_hash and length (bits 32 on), computed on first sight; the separator → 0."""
 
     def __missing__(self, word: str) -> int:
-        value = self[word] = _BOUNDARY if word == _SEP_WORD else zlib.crc32(word.encode("utf-8", "surrogatepass"))
+        value = self[word] = 0 if word == _SEP_WORD else word_hash(word) | len(word) << 32
         return value
 
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import zlib
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
 from distill4all.config import FILTER_RULES, CurateFiltersConfig
-from distill4all.curate.dedup import normalize
+from distill4all.curate.dedup import WordHasher, normalize, window_hashes
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,10 @@ Hit = tuple[str, str]  # (rule, detail)
 class AnswerForms:
     """A pair's answer in the forms the rules read, each made once per pair rather than per rule."""
 
-    __slots__ = ("fences", "normal", "prompt_normal", "text", "words")
+    __slots__ = ("fences", "normal", "pair", "prompt_normal", "repetition", "text", "words")
 
     def __init__(self, pair: Pair, prompt_normal: str | None, normal: str | None) -> None:
+        self.pair = pair
         self.text = pair.response or ""
         # lower-cased: the repetition rule compares them so; the other rules only count them
         self.words = self.text.lower().split()
@@ -48,6 +51,7 @@ class AnswerForms:
         # the prompt's and the whole answer's normalize()d forms, when the caller has them
         self.prompt_normal = prompt_normal
         self.normal = normal
+        self.repetition: str | None = None  # malformed.repetition's detail, found for many answers at once
 
 
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -159,20 +163,42 @@ class Filters:
             ("language", self.language),
         ]
         self._active = [(name, rule) for name, rule in self._rules if name in self.enabled]
+        self._words = WordHasher()
 
     def check(self, pair: Pair, prompt_normal: str | None = None, answer_normal: str | None = None) -> list[Hit]:
         """Every enabled rule that fires on `pair`, in rule order. `prompt_normal` and
         `answer_normal` are the prompt's and the answer's `normalize()`d forms, when the caller has
         them already (the results are the same)."""
-        failure = self.failure(pair) or self.reasoning_only(pair)
-        if failure is not None:
-            return [failure] if failure[0] in self.enabled else []
-        if not (pair.response or "").strip():
-            return []  # all reasoning, which training sees: the answer rules have nothing to read
-        answer = AnswerForms(pair, prompt_normal, answer_normal)
+        return self.check_many([pair], [prompt_normal], [answer_normal])[0]
+
+    def check_many(
+        self,
+        pairs: Sequence[Pair],
+        prompt_normals: Sequence[str | None] | None = None,
+        answer_normals: Sequence[str | None] | None = None,
+    ) -> list[list[Hit]]:
+        """`check` of each pair. The repetition rule counts the 2- and 5-grams of all the answers at
+        once (numpy: ~2× faster a pair than Counters): curation checks thousands a call."""
+        results: list[list[Hit] | AnswerForms] = []
+        for k, pair in enumerate(pairs):
+            failure = self.failure(pair) or self.reasoning_only(pair)
+            if failure is not None:
+                results.append([failure] if failure[0] in self.enabled else [])
+            elif not (pair.response or "").strip():
+                results.append([])  # all reasoning, which training sees: the answer rules have nothing to read
+            else:
+                prompt_normal = prompt_normals[k] if prompt_normals is not None else None
+                results.append(AnswerForms(pair, prompt_normal, answer_normals[k] if answer_normals else None))
+        if "malformed.repetition" in self.enabled:
+            forms = [r for r in results if isinstance(r, AnswerForms)]
+            for a, detail in zip(forms, _repetition(self.cfg, forms, self._words), strict=True):
+                a.repetition = detail
+        return [self._apply(r) if isinstance(r, AnswerForms) else r for r in results]
+
+    def _apply(self, a: AnswerForms) -> list[Hit]:
         hits = []
         for name, rule in self._active:
-            if (detail := rule(pair, answer)) is not None:
+            if (detail := rule(a.pair, a)) is not None:
                 hits.append((name, detail))
         return hits
 
@@ -273,34 +299,8 @@ class Filters:
         return "the answer starts by repeating the whole prompt" if answer.startswith(prompt + " ") else None
 
     def malformed_repetition(self, pair: Pair, a: AnswerForms) -> str | None:
-        """Repetition loops, by the Gopher rules: chars in repeated lines, top 2-gram, repeated 5-grams."""
-        if len(a.words) < self.cfg.repetition_min_words:
-            return None
-        text = a.text
-        data = text.encode()
-        if len(zlib.compress(data, 1)) > 0.5 * len(data):
-            return None  # fast path: text that repeats itself enough to trip a rule compresses below half
-        lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 3]
-        total = sum(len(ln) for ln in lines)
-        if total:
-            seen: set[str] = set()
-            dup = 0
-            for ln in lines:
-                if ln in seen:
-                    dup += len(ln)
-                seen.add(ln)
-            if dup / total > self.cfg.max_dup_line_chars:
-                return f"{dup / total:.0%} of the text is repeated lines"
-        lower = a.words
-        chars = sum(map(len, lower))
-        top_gram, top_count = Counter(itertools.pairwise(lower)).most_common(1)[0]
-        share = top_count * (len(top_gram[0]) + len(top_gram[1])) / chars
-        if top_count > 2 and share > self.cfg.max_top_bigram_chars:
-            return f"2-gram {' '.join(top_gram)!r} covers {share:.0%}"
-        share = _dup_ngram_char_share(lower, 5, chars)
-        if share > self.cfg.max_dup_ngram_chars:
-            return f"{share:.0%} of the text is in repeated 5-grams"
-        return None
+        """Repetition loops, by the Gopher rules (see `_repetition`, which `check_many` runs)."""
+        return a.repetition
 
     # --- length and language ------------------------------------------------------------------
 
@@ -356,15 +356,25 @@ def _quoted(text: str, at: int) -> bool:
     return (before.count('"') + before.count("“") + before.count("”")) % 2 == 1
 
 
-# Every opening refusal holds one of these: most answers are passed over by one search.
-_MAY_REFUSE = re.compile(r"not|n't|unable|decline|refuse|sorry|apologi|unfortunately|regrettably|nicht|je ne|no puedo")
+# Every opening refusal holds one of these: most answers are passed over by a few substring
+# searches (~2× faster than one regex alternation of them).
+_MAY_REFUSE = ("not", "n't", "unable", "decline", "refuse", "sorry", "apologi", "unfortunately", "regrettably",
+               "nicht", "je ne", "no puedo")  # fmt: skip
+
+
+def _may_refuse(head: str) -> bool:
+    for word in _MAY_REFUSE:  # noqa: SIM110 (a loop: any() over a generator costs ~25% more)
+        if word in head:
+            return True
+    return False
 
 
 def _opening_refusal(text: str, n_words: int) -> str | None:
     """A refusal in the first sentences of a lower-cased answer, or None (see Filters.refusal)."""
-    if not _MAY_REFUSE.search(text, 0, 600):
+    head = text[:600]
+    if not _may_refuse(head):
         return None
-    sentences = [m.group(0) for _, m in zip(range(OPENING_SENTENCES), _SENTENCE.finditer(text[:600]), strict=False)]
+    sentences = [m.group(0) for _, m in zip(range(OPENING_SENTENCES), _SENTENCE.finditer(head), strict=False)]
     if not sentences:
         return None
     opening = " ".join(sentences)
@@ -441,16 +451,74 @@ def _json_candidates(text: str) -> list[str]:
     return out
 
 
-def _dup_ngram_char_share(words: list[str], n: int, chars: int) -> float:
-    """Share of characters in words covered by an n-gram that occurs more than once (Gopher)."""
-    if len(words) < 2 * n or not chars:
-        return 0.0
-    grams = list(zip(*(words[i:] for i in range(n)), strict=False))
-    counts = Counter(grams)
-    if len(counts) == len(grams):  # no n-gram repeats: the common case, decided without the walk
-        return 0.0
-    covered = bytearray(len(words))
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i : i + n] = b"\x01" * n
-    return sum(len(w) for w, c in zip(words, covered, strict=True) if c) / chars
+def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], known: WordHasher) -> list[str | None]:
+    """malformed.repetition of many answers, by the Gopher rules on their lower-cased words: the
+    share of characters in repeated lines, in the most frequent 2-gram (seen over twice), and in
+    5-grams seen more than once. The n-grams of all answers are counted at once: each word is a
+    number (its crc32 and length, `WordHasher.packed`), each n-gram the hash of its words' and its
+    answer's, counted in one hash table."""
+    out: list[str | None] = [None] * len(forms)
+    todo = []
+    for k, a in enumerate(forms):
+        if len(a.words) < cfg.repetition_min_words:
+            continue
+        if "\n" in a.text and (share := _dup_line_share(a.text)) > cfg.max_dup_line_chars:
+            out[k] = f"{share:.0%} of the text is repeated lines"
+        else:
+            todo.append(k)
+    if not todo:
+        return out
+    words = list(itertools.chain.from_iterable(forms[k].words for k in todo))
+    counts = np.fromiter((len(forms[k].words) for k in todo), dtype=np.int64, count=len(todo))
+    ids = known.packed(words)
+    lens = (ids >> np.uint64(32)).astype(np.int64)
+    doc = np.repeat(np.arange(len(todo)), counts)
+    chars = np.bincount(doc, weights=lens, minlength=len(todo))
+    # the most frequent 2-gram of each answer (the first seen of equals, as Counter.most_common)
+    at, seen = _gram_counts(ids, doc, 2)
+    top = np.zeros(len(todo), dtype=np.int64)
+    np.maximum.at(top, doc[at], seen)
+    first = at[(seen == top[doc[at]]) & (top[doc[at]] > 2)]
+    docs, where = np.unique(doc[first], return_index=True)
+    for d, i in zip(docs.tolist(), first[where].tolist(), strict=True):
+        share = top[d] * (lens[i] + lens[i + 1]) / chars[d]
+        if share > cfg.max_top_bigram_chars:
+            out[todo[d]] = f"2-gram {words[i] + ' ' + words[i + 1]!r} covers {share:.0%}"
+    # the characters of words inside a 5-gram seen more than once (answers of ≥ 10 words)
+    at, seen = _gram_counts(ids, doc, 5)
+    repeated = at[(seen > 1) & (counts[doc[at]] >= 10)]
+    covered = np.zeros(len(words), dtype=bool)
+    for j in range(5):
+        covered[repeated + j] = True
+    shares = np.bincount(doc, weights=lens * covered, minlength=len(todo)) / chars
+    for d in np.flatnonzero(shares > cfg.max_dup_ngram_chars).tolist():
+        if out[todo[d]] is None:
+            out[todo[d]] = f"{shares[d]:.0%} of the text is in repeated 5-grams"
+    return out
+
+
+def _gram_counts(
+    ids: NDArray[np.uint64], doc: NDArray[np.int64], n: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The start of each n-gram inside one text, and how often its text holds that n-gram."""
+    m = len(ids) - n + 1
+    if m <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    at = np.flatnonzero(doc[:m] == doc[n - 1 :])
+    with np.errstate(over="ignore"):
+        key = window_hashes(ids, n)[at] + doc[at].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    codes = pd.factorize(key)[0]
+    return at, np.bincount(codes)[codes]
+
+
+def _dup_line_share(text: str) -> float:
+    """Share of the characters of lines of 3+ words that are in a line seen before."""
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 3]
+    total = sum(len(ln) for ln in lines)
+    seen: set[str] = set()
+    dup = 0
+    for ln in lines:
+        if ln in seen:
+            dup += len(ln)
+        seen.add(ln)
+    return dup / total if total else 0.0
