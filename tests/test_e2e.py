@@ -138,7 +138,9 @@ def check_report_page(page_path: Path, tmp_path: Path) -> None:
         student = page.locator("section#student").inner_text()
         assert "pruned from 4 to 3 layers" in student and "gap closed" in student, student
         assert "Decode speed" in student and "tokens/s" in student, student
-        assert page.locator("section#data").inner_text().count("yes") >= 1  # the homogeneous flag
+        data = page.locator("section#data").inner_text()
+        assert data.count("yes") >= 1  # the homogeneous flag
+        assert "fires on" in data and "Eval-set copies" in data and "eval items" in data, data
         page.frame_locator("iframe").locator("canvas").first.wait_for(timeout=30_000)
         map_frame = next(f for f in page.frames if f.url.endswith("curate/map.html"))
         map_frame.wait_for_function("window.__datamap !== undefined")

@@ -53,12 +53,14 @@ def _fold(text: str) -> str:
     return text.casefold().translate(_PUNCT)
 
 
-def exact_key(text: str) -> bytes:
+def exact_key(text: str) -> int:
     return normalized_key(normalize(text))
 
 
-def normalized_key(normalized: str) -> bytes:
-    return hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+def normalized_key(normalized: str) -> int:
+    """A normalized text's 64-bit key (blake2b): kept in a uint64 array, compared in numpy."""
+    digest = hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 @dataclass(frozen=True)
@@ -240,19 +242,16 @@ def near_duplicate_edges(
     return np.asarray(edges[similar], dtype=np.int64)
 
 
-def exact_duplicate_edges(keys: Sequence[bytes]) -> NDArray[np.int64]:
+def exact_duplicate_edges(keys: Sequence[int] | NDArray[np.uint64]) -> NDArray[np.int64]:
     """Link each repeated key to its first occurrence. Texts with no words (`???`, `...`) have the
     empty normal form: they are not the same text as each other, so they link nothing (as a text
     without words matches nothing near)."""
-    first: dict[bytes, int] = {}
-    edges = []
-    for i, k in enumerate(keys):
-        if k == _EMPTY_KEY:
-            continue
-        j = first.setdefault(k, i)
-        if j != i:
-            edges.append((j, i))
-    return np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    keys = np.asarray(keys, dtype=np.uint64)
+    codes = pd.factorize(keys)[0]
+    first = np.zeros(codes.max() + 1 if len(codes) else 0, dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes))[::-1]  # the last write of each code is its first position
+    at = np.flatnonzero((first[codes] != np.arange(len(codes))) & (keys != np.uint64(_EMPTY_KEY)))
+    return np.stack([first[codes[at]], at], axis=1).astype(np.int64).reshape(-1, 2)
 
 
 _EMPTY_KEY = normalized_key("")

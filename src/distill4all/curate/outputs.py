@@ -146,6 +146,37 @@ def _write_maps(out_dir: Path, c: Curation, title: str) -> list[Path]:
     return paths
 
 
+RULE_ABOUT: dict[str, str] = {
+    "failure.api": "no answer, or the API said error / content_filter",
+    "failure.empty": "an empty answer",
+    "failure.malformed": "an imported row whose prompt or answer is not text",
+    "refusal": "a refusal or AI disclaimer: a listed phrase anywhere, or a first-person refusal to do the task, "
+    "a disclaimer with a refusal, or a short apology in the opening sentences",
+    "truncated.length": "the teacher ran out of tokens (finish_reason length)",
+    "truncated.mid-sentence": "prose that stops mid-sentence (structured answers are not judged unless cut by length)",
+    "truncated.code-fence": "a code block opened and never closed",
+    "truncated.reasoning": "a reasoning answer cut while still reasoning",
+    "reasoning.no-answer": "reasoning and no answer after it",
+    "malformed.fence": "a code fence opened inside an open block",
+    "malformed.json": "JSON was asked for and none parses",
+    "malformed.mojibake": "replacement characters or mis-decoded text",
+    "malformed.echo": "the answer repeats the whole prompt",
+    "malformed.repetition": "a repetition loop (repeated lines, one 2-gram, repeated 5-grams)",
+    "length.short": "fewer words than min_response_words",
+    "length.long": "an answer or prompt longer than the limits",
+    "language": "prose in a language not listed",
+    "source.excluded": "its source is in exclude_sources",
+    "source.homogeneous": "its source was flagged homogeneous (auto_exclude_homogeneous)",
+    "eval.copy": "holds an eval item: a shared 13-gram or an embedding as close as a copy's",
+    "dup.exact-pair": "the same prompt and answer as a kept pair (case, punctuation, spacing ignored)",
+    "dup.near-pair": "a near-duplicate of a kept pair (MinHash)",
+    "dup.exact-prompt": "the same prompt as a kept pair, and an answer like its",
+    "dup.near-prompt": "a near-duplicate prompt of a kept pair, and an answer like its",
+    "dup.semantic": "an embedding as close as a duplicate's to a kept pair's",
+}
+"""What each rule that drops a pair means, one line each, for the report (docs/curate.md has more)."""
+
+
 def build_report(c: Curation, cfg: CurateConfig, *, seed: int, split: tuple[int, int]) -> dict[str, Any]:
     rows = c.rows
     counts: Counter[str] = Counter()
@@ -170,7 +201,10 @@ def build_report(c: Curation, cfg: CurateConfig, *, seed: int, split: tuple[int,
         "kept": kept,
         "dropped": len(rows) - kept,
         "funnel": c.funnel,
-        "rules": {r: {"count": counts[r], "examples": examples[r]} for r, _ in counts.most_common()},
+        "rules": {
+            r: {"count": counts[r], "about": RULE_ABOUT.get(r, ""), "examples": examples[r]}
+            for r, _ in counts.most_common()
+        },
         "sources": [
             s.as_dict()
             | {"total": by_source[s.source], "kept": kept_by_source[s.source], "excluded": c.excluded.get(s.source)}
@@ -217,10 +251,13 @@ def report_markdown(r: dict[str, Any], title: str) -> str:
     ]
     out += ["## Funnel", "", "| step | dropped | remaining |", "|---|---:|---:|"]
     out += [f"| {f['step']} | {f['dropped']:,} | {f['remaining']:,} |" for f in r["funnel"]]
-    out += ["", "## Rules", "", "| rule | pairs | example |", "|---|---:|---|"]
+    out += ["", "## Rules", "", "| rule | pairs | fires on | example |", "|---|---:|---|---|"]
     for rule, info in r["rules"].items():
         ex = info["examples"][0]
-        out.append(f"| `{rule}` | {info['count']:,} | {_md_cell(ex['detail'], 40)} — {_md_cell(ex['response'], 60)} |")
+        out.append(
+            f"| `{rule}` | {info['count']:,} | {_md_cell(info['about'], 70)} "
+            f"| {_md_cell(ex['detail'], 40)} — {_md_cell(ex['response'], 60)} |"
+        )
     dc = r["decontamination"]
     out += ["", "## Eval-set copies", ""]
     if not dc["eval_items"]:
