@@ -362,9 +362,21 @@ _MAY_REFUSE = ("not", "n't", "unable", "decline", "refuse", "sorry", "apologi", 
                "nicht", "je ne", "no puedo")  # fmt: skip
 
 
+# ... and one of these, or an apology opening, in the words _REFUSAL_SENTENCE, _LACKS or the
+# apology rule read ("not" alone is everywhere; "cannot", "for me to" or "don't have" are rarer)
+_REFUSAL_CUES = ("cannot", "can not", "can't", "won't", "will not", "decline", "refuse", "unable", "not able",
+                 "not allowed", "not permitted", "comfortable", "not going", "not willing", "think i",
+                 "not something i", "for me to", "don't have", "do not have", "don't possess", "do not possess",
+                 "kann ich", "ich kann", "je ne", "no puedo")  # fmt: skip
+
+
 def _may_refuse(head: str) -> bool:
-    for word in _MAY_REFUSE:  # noqa: SIM110 (a loop: any() over a generator costs ~25% more)
-        if word in head:
+    return _holds_any(head, _MAY_REFUSE) and (_holds_any(head, _REFUSAL_CUES) or bool(_APOLOGY_OPENER.match(head)))
+
+
+def _holds_any(text: str, words: tuple[str, ...]) -> bool:
+    for word in words:  # noqa: SIM110 (a loop: any() over a generator costs ~25% more)
+        if word in text:
             return True
     return False
 
