@@ -46,7 +46,7 @@ from distill4all.store import Store, decisions
 T = TypeVar("T")
 U = TypeVar("U", np.uint32, np.uint64)
 
-_STATE: dict[str, Any] = {}  # what forked workers see: the rows, filters, hasher, signature arrays
+_STATE: dict[str, Any] = {}  # what forked workers see: the rows, filters, hasher, eval index, shared arrays
 
 
 @dataclass
@@ -101,7 +101,7 @@ def scan(
 ) -> Scan:
     """Filters, exact keys, MinHash signatures and eval-item n-grams of every row, in `workers` processes."""
     n = len(rows)
-    # the workers write signatures straight into shared memory: nothing big is pickled back
+    # the workers write signatures and keys straight into shared memory: nothing big is pickled back
     kinds = ("prompt", "pair", "answer") if "prompt" in cfg.dedup.scope else ("prompt", "pair")
     sigs = {what: _shared_array((n, cfg.dedup.num_perm), np.uint32) for what in kinds}
     keys = {what: _shared_array((n,), np.uint64) for what in ("prompt", "pair")}
@@ -145,11 +145,14 @@ def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[tuple[s
 
     def watch(what: str) -> Callable[[int, dedup.Words], None] | None:
         """Flags the texts of each batch that `index.match` must read (the others cannot match)."""
+        if index is None:
+            return None
+        eval_index = index
 
         def seen(at: int, words: dedup.Words) -> None:
-            may_copy[what][at : at + words.n_docs] |= index.may_match(words)  # type: ignore[union-attr]
+            may_copy[what][at : at + words.n_docs] |= eval_index.may_match(words)
 
-        return None if index is None else seen
+        return seen
 
     sig_prompt = hasher.signatures(prompts, _SIG_BATCH, normalized=True, words_seen=watch("prompt"))
     _STATE["sigs"]["prompt"][lo:hi] = sig_prompt

@@ -127,7 +127,7 @@ class _StaticEncoder:
 
     model2vec tokenizes every text in full (~110 µs a pair text on 2 threads, most of a 1M-pair
     curation); words repeat, so here a text is split on whitespace in C, its chunks' token ids are
-    looked up, and the mean is one sparse (texts × vocabulary) product: ~20 µs a text on one core,
+    looked up, and the mean is one sparse (texts × vocabulary) product: ~35 µs a text on one core,
     the same vectors (cosine to model2vec's ≥ 0.99999). Valid only where the tokenizer itself splits
     on whitespace and drops it before its model (BERT's pre-tokenizer, char-local normalizer): a
     chunk then tokenizes alone as it does inside its text. Other tokenizers use model2vec's encode.
