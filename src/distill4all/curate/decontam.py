@@ -47,25 +47,24 @@ class EvalIndex:
     def build(cls, items: list[Item], n: int, min_words: int) -> EvalIndex:
         index = cls(n, items=items)
         vocab: set[str] = set()
-        for it in items:
-            for text in (f"{it.instruction} {it.input}", it.output):
-                words = normalize(text).split()
-                vocab.update(words)
-                if len(words) >= n:
-                    for i in range(len(words) - n + 1):
-                        index.grams.setdefault(" ".join(words[i : i + n]), it.id)
-                elif len(words) >= min_words:
-                    index.whole.setdefault(len(words), {}).setdefault(" ".join(words), it.id)
+        texts = [normalize(text).split() for it in items for text in (f"{it.instruction} {it.input}", it.output)]
+        for k, words in enumerate(texts):
+            item_id = items[k // 2].id
+            vocab.update(words)
+            if len(words) >= n:
+                for i in range(len(words) - n + 1):
+                    index.grams.setdefault(" ".join(words[i : i + n]), item_id)
+            elif len(words) >= min_words:
+                index.whole.setdefault(len(words), {}).setdefault(" ".join(words), item_id)
         index.vocab = frozenset(vocab)
         index.anchor = min((n, *index.whole))
         index.bitmap = np.zeros(1 << (_BITMAP_BITS - 3), dtype=np.uint8)
-        for it in items:
-            for text in (f"{it.instruction} {it.input}", it.output):
-                h = np.fromiter(map(dedup.word_hash, normalize(text).split()), dtype=np.uint64)
-                if len(h) >= index.anchor:
-                    slots = _bitmap_slots(dedup.window_hashes(h, index.anchor))
-                    bits = np.left_shift(np.uint8(1), (slots & np.uint64(7)).astype(np.uint8))
-                    np.bitwise_or.at(index.bitmap, slots >> np.uint64(3), bits)
+        for words in texts:
+            if len(words) >= index.anchor:
+                h = np.fromiter(map(dedup.word_hash, words), dtype=np.uint64, count=len(words))
+                slots = _bitmap_slots(dedup.window_hashes(h, index.anchor))
+                bits = np.left_shift(np.uint8(1), (slots & np.uint64(7)).astype(np.uint8))
+                np.bitwise_or.at(index.bitmap, slots >> np.uint64(3), bits)
         return index
 
     def may_match(self, words: dedup.Words) -> NDArray[np.bool_]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import string
-import sys
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ _ASCII = bytes(ord(_PUNCT.get(i, chr(i))) if i in _PUNCT else ord(chr(i).lower()
     range(128, 256)
 )
 _MAX_HASH = np.uint64((1 << 32) - 1)
-_LITTLE_ENDIAN = sys.byteorder == "little"
 # Texts of a batch are joined after normalization with a NUL word, which normalization has removed
 # from every text: no text can forge a boundary (a word made of letters could be written by anyone).
 _SEP_WORD = "\x00"
@@ -66,11 +64,10 @@ def normalized_key(normalized: str) -> int:
 
 @dataclass(frozen=True)
 class Words:
-    """The normalized words of a batch of texts, as numbers: each word's `word_hash`, its length
-    in characters, and the index of its text in the batch."""
+    """The normalized words of a batch of texts, as numbers: each word's `word_hash` and the index
+    of its text in the batch."""
 
     hashes: NDArray[np.uint64]
-    lengths: NDArray[np.int64]
     doc: NDArray[np.int64]
     n_docs: int
 
@@ -90,8 +87,7 @@ class WordHasher:
         packed = self.packed(joined.split())
         separator = packed == 0  # a word's packed value holds its length: never 0
         doc = np.cumsum(separator)  # text index of each word (separators belong to the next)
-        packed = packed[~separator]
-        return Words(packed & _MAX_HASH, (packed >> np.uint64(32)).astype(np.int64), doc[~separator], len(texts))
+        return Words(packed[~separator] & _MAX_HASH, doc[~separator], len(texts))
 
     def packed(self, tokens: list[str]) -> NDArray[np.uint64]:
         """Each token's `word_hash` in the low 32 bits and its length above: a number per word
