@@ -6,7 +6,9 @@ names each reason. Rule names are listed in `config.FILTER_RULES`; `filters.disa
 config turns off a rule or a whole family ("malformed" for every "malformed.*").
 
 No library ships rules for malformed LLM answers, so these are written here; mojibake detection
-is ftfy's and language identification is py3langid's.
+is ftfy's and language identification is py3langid's; the refusal rule's many literal phrases
+are found by ahocorasick_rs's automaton (one pass over an answer, ~8× Python's re) before its
+regexes read the few answers that hold one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ahocorasick_rs
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
@@ -148,6 +151,7 @@ class Filters:
             self.enabled.discard("language")
         phrases = [_straight(p).lower() for p in (*REFUSAL_PHRASES, *cfg.refusal_phrases)]
         self._refusal = re.compile(_trie_pattern(phrases))
+        self._refusal_any = ahocorasick_rs.AhoCorasick(phrases)  # where the regex may match: few answers
         self._rules: list[tuple[str, Callable[[Pair, AnswerForms], str | None]]] = [
             ("refusal", self.refusal),
             ("truncated.length", self.truncated_length),
@@ -234,7 +238,7 @@ class Filters:
         (a first-person "cannot" + doing the task, a disclaimer opener + a refusal or a "don't have",
         an apology with a "cannot" in a short answer) that is not followed by the task done anyway."""
         text = _straight(a.text).lower()
-        if m := self._refusal.search(text):
+        if self._refusal_any.find_matches_as_indexes(text) and (m := self._refusal.search(text)):
             return f'"{m.group(0)}"'
         return _opening_refusal(text, len(a.words))
 
@@ -357,22 +361,22 @@ def _quoted(text: str, at: int) -> bool:
     return (before.count('"') + before.count("“") + before.count("”")) % 2 == 1
 
 
-# Every opening refusal holds one of these: most answers are passed over by a few substring
-# searches (~2× faster than one regex alternation of them).
+# Every opening refusal holds one of these...
 _MAY_REFUSE = ("not", "n't", "unable", "decline", "refuse", "sorry", "apologi", "unfortunately", "regrettably",
                "nicht", "je ne", "no puedo")  # fmt: skip
-
-
 # ... and one of these, or an apology opening, in the words _REFUSAL_SENTENCE, _LACKS or the
-# apology rule read ("not" alone is everywhere; "cannot", "for me to" or "don't have" are rarer)
+# apology rule read ("not" alone is everywhere; "cannot", "for me to" or "don't have" are rarer).
+# The cues are searched first, all at once: ~6 answers in 7 hold none and are passed over.
 _REFUSAL_CUES = ("cannot", "can not", "can't", "won't", "will not", "decline", "refuse", "unable", "not able",
                  "not allowed", "not permitted", "comfortable", "not going", "not willing", "think i",
                  "not something i", "for me to", "don't have", "do not have", "don't possess", "do not possess",
                  "kann ich", "ich kann", "je ne", "no puedo")  # fmt: skip
+_CUE_SEARCH = ahocorasick_rs.AhoCorasick(_REFUSAL_CUES)
 
 
 def _may_refuse(head: str) -> bool:
-    return _holds_any(head, _MAY_REFUSE) and (_holds_any(head, _REFUSAL_CUES) or bool(_APOLOGY_OPENER.match(head)))
+    cued = bool(_CUE_SEARCH.find_matches_as_indexes(head)) or bool(_APOLOGY_OPENER.match(head))
+    return cued and _holds_any(head, _MAY_REFUSE)
 
 
 def _holds_any(text: str, words: tuple[str, ...]) -> bool:
