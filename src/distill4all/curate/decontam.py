@@ -79,10 +79,9 @@ class EvalIndex:
         out[doc[: len(slots)][(hit == 1) & (doc[: len(slots)] == doc[k - 1 :])]] = True
         return out
 
-    def match(self, normalized: str) -> tuple[str, str] | None:
-        """(item id, the shared words) for the first eval n-gram or whole short text in a
-        normalized text, or None."""
-        words = normalized.split()
+    def match(self, words: list[str]) -> tuple[str, str] | None:
+        """(item id, the shared words) for the first eval n-gram or whole short text in a text
+        given as its `dedup.normal_words`, or None."""
         shortest = min((self.n, *self.whole), default=self.n)
         if len(words) < shortest:
             return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import string
 import zlib
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 # punctuation → space with str.translate: ~18× faster than a [\W_]+ regex on a million characters;
-# NUL too, so that no text can hold the separator word below
+# NUL too: no word holds one
 _PUNCT = str.maketrans(dict.fromkeys(string.punctuation + "“”‘’«»—–…¿¡·•\x00", " "))
 # the same for ASCII text as a byte table, lower-casing too: bytes.translate is a table lookup per
 # byte, ~3× faster than str.translate's per-character dict (most answers are ASCII)
@@ -34,15 +35,16 @@ _ASCII = bytes(ord(_PUNCT.get(i, chr(i))) if i in _PUNCT else ord(chr(i).lower()
     range(128, 256)
 )
 _MAX_HASH = np.uint64((1 << 32) - 1)
-# Texts of a batch are joined after normalization with a NUL word, which normalization has removed
-# from every text: no text can forge a boundary (a word made of letters could be written by anyone).
-_SEP_WORD = "\x00"
-_SEP = f" {_SEP_WORD} "
 
 
 def normalize(text: str) -> str:
     """What "the same text" means: case-folded words, punctuation and spacing ignored."""
-    return " ".join(_fold(text).split())
+    return " ".join(normal_words(text))
+
+
+def normal_words(text: str) -> list[str]:
+    """The words of `normalize(text)`."""
+    return _fold(text).split()
 
 
 def _fold(text: str) -> str:
@@ -81,17 +83,15 @@ class WordHasher:
     def __init__(self) -> None:
         self._known = _WordHashes()
 
-    def words(self, texts: Sequence[str], normalized: bool = False) -> Words:
-        """`normalized`: the texts are normalize()d already (the same words, one pass less)."""
-        joined = _SEP.join(texts if normalized else map(_fold, texts))
-        packed = self.packed(joined.split())
-        separator = packed == 0  # a word's packed value holds its length: never 0
-        doc = np.cumsum(separator)  # text index of each word (separators belong to the next)
-        return Words(packed[~separator] & _MAX_HASH, doc[~separator], len(texts))
+    def words(self, texts: Sequence[list[str]]) -> Words:
+        """The `Words` of texts given as their `normal_words`."""
+        counts = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        packed = self.packed(list(itertools.chain.from_iterable(texts)))
+        return Words(packed & _MAX_HASH, np.repeat(np.arange(len(texts)), counts), len(texts))
 
     def packed(self, tokens: list[str]) -> NDArray[np.uint64]:
         """Each token's `word_hash` in the low 32 bits and its length above: a number per word
-        that equal words share (0 for the separator word)."""
+        that equal words share."""
         if len(self._known) > self._MAX_WORDS:
             self._known.clear()
         return np.fromiter(map(self._known.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
@@ -108,19 +108,19 @@ class MinHasher:
         self.b = (gen.randint(0, 2**63, size=num_perm, dtype=np.uint64) >> np.uint64(31)).astype(np.uint32)
         self.hasher = WordHasher()
 
-    def signatures(
-        self,
-        texts: Sequence[str],
-        batch: int = 128,
-        normalized: bool = False,
-        words_seen: Callable[[int, Words], None] | None = None,
+    def signatures(self, texts: Sequence[str], batch: int = 128) -> NDArray[np.uint32]:
+        """One row per text."""
+        return self.word_signatures([normal_words(t) for t in texts], batch)
+
+    def word_signatures(
+        self, texts: Sequence[list[str]], batch: int = 128, words_seen: Callable[[int, Words], None] | None = None
     ) -> NDArray[np.uint32]:
-        """One row per text. `normalized`: the texts are normalize()d already. `words_seen(lo, words)`
-        is shown the words of each batch (from text `lo` on), for checks that read the same words."""
+        """`signatures` of texts given as their `normal_words`. `words_seen(lo, words)` is shown
+        the words of each batch (from text `lo` on), for checks that read the same words."""
         # 128 texts a batch keeps the (num_perm × shingles) hash matrix in cache: ~25% faster than 256
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
         for lo in range(0, len(texts), batch):
-            words = self.hasher.words(texts[lo : lo + batch], normalized)
+            words = self.hasher.words(texts[lo : lo + batch])
             if words_seen is not None:
                 words_seen(lo, words)
             out[lo : lo + batch] = self._batch(words)
@@ -185,11 +185,20 @@ def window_hashes(h: NDArray[np.uint64], k: int) -> NDArray[np.uint64]:
     return out
 
 
+def window_hashes_at(h: NDArray[np.uint64], at: NDArray[np.int64], k: int) -> NDArray[np.uint64]:
+    """`window_hashes(h, k)[at]`, computed at those positions only."""
+    out = h[at]
+    with np.errstate(over="ignore"):
+        for j in range(1, k):
+            out = out * _WINDOW_BASE + h[at + j]
+    return out
+
+
 class _WordHashes(dict[str, int]):
-    """word → its word_hash and length (bits 32 on), computed on first sight; the separator → 0."""
+    """word → its word_hash and length (bits 32 on), computed on first sight."""
 
     def __missing__(self, word: str) -> int:
-        value = self[word] = 0 if word == _SEP_WORD else word_hash(word) | len(word) << 32
+        value = self[word] = word_hash(word) | len(word) << 32
         return value
 
 

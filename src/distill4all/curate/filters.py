@@ -26,7 +26,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from distill4all.config import FILTER_RULES, CurateFiltersConfig
-from distill4all.curate.dedup import WordHasher, normalize, window_hashes
+from distill4all.curate.dedup import WordHasher, normalize, window_hashes_at
 
 
 @dataclass(frozen=True)
@@ -472,8 +472,8 @@ def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], known: W
     """malformed.repetition of many answers, by the Gopher rules on their lower-cased words: the
     share of characters in repeated lines, in the most frequent 2-gram (seen over twice), and in
     5-grams seen more than once. The n-grams of all answers are counted at once: each word is a
-    number (its crc32 and length, `WordHasher.packed`), each n-gram the hash of its words' and its
-    answer's, counted in one hash table."""
+    number (its crc32 and length, `WordHasher.packed`), each n-gram the hash of its words, counted
+    in hash tables (`_counts`)."""
     out: list[str | None] = [None] * len(forms)
     todo = []
     for k, a in enumerate(forms):
@@ -492,7 +492,7 @@ def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], known: W
     doc = np.repeat(np.arange(len(todo)), counts)
     chars = np.bincount(doc, weights=lens, minlength=len(todo))
     # the most frequent 2-gram of each answer (the first seen of equals, as Counter.most_common)
-    at, seen = _gram_counts(ids, doc, 2)
+    at, seen = _bigram_counts(ids, doc)
     top = np.zeros(len(todo), dtype=np.int64)
     np.maximum.at(top, doc[at], seen)
     first = at[(seen == top[doc[at]]) & (top[doc[at]] > 2)]
@@ -501,9 +501,14 @@ def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], known: W
         share = top[d] * (lens[i] + lens[i + 1]) / chars[d]
         if share > cfg.max_top_bigram_chars:
             out[todo[d]] = f"2-gram {words[i] + ' ' + words[i + 1]!r} covers {share:.0%}"
-    # the characters of words inside a 5-gram seen more than once (answers of ≥ 10 words)
-    at, seen = _gram_counts(ids, doc, 5)
-    repeated = at[(seen > 1) & (counts[doc[at]] >= 10)]
+    # the characters of words inside a 5-gram seen more than once (answers of ≥ 10 words). Each of
+    # a repeated 5-gram's 2-grams is repeated too: only where all four are are 5-grams counted
+    twice = np.zeros(len(words), dtype=bool)
+    twice[at[seen > 1]] = True
+    at = np.flatnonzero(twice[:-4] & twice[1:-3] & twice[2:-2] & twice[3:-1])  # 5-grams that may repeat
+    at = at[(doc[at] == doc[at + 4]) & (counts[doc[at]] >= 10)]
+    seen = _counts(window_hashes_at(ids, at, 5), doc[at])
+    repeated = at[seen > 1]
     covered = np.zeros(len(words), dtype=bool)
     for j in range(5):
         covered[repeated + j] = True
@@ -514,18 +519,29 @@ def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], known: W
     return out
 
 
-def _gram_counts(
-    ids: NDArray[np.uint64], doc: NDArray[np.int64], n: int
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """The start of each n-gram inside one text, and how often its text holds that n-gram."""
-    m = len(ids) - n + 1
-    if m <= 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    at = np.flatnonzero(doc[:m] == doc[n - 1 :])
-    with np.errstate(over="ignore"):
-        key = window_hashes(ids, n)[at] + doc[at].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    codes = pd.factorize(key)[0]
-    return at, np.bincount(codes)[codes]
+def _bigram_counts(ids: NDArray[np.uint64], doc: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The start of each 2-gram inside one text, and how often its text holds that 2-gram."""
+    at = np.flatnonzero(doc[:-1] == doc[1:])
+    return at, _counts(window_hashes_at(ids, at, 2), doc[at])
+
+
+_COUNT_SLICE = 1 << 15  # keys counted in one hash table: one that stays in cache is ~4x faster a key
+
+
+def _counts(key: NDArray[np.uint64], doc: NDArray[np.int64]) -> NDArray[np.int64]:
+    """How often each key occurs among its own text's keys (`doc` ascending). A few texts are
+    counted at a time, cut where a text begins; their keys are told apart by their text's number."""
+    seen = np.empty(len(key), dtype=np.int64)
+    cuts = np.unique(np.r_[np.searchsorted(doc, doc[_COUNT_SLICE::_COUNT_SLICE]), len(key)])
+    cuts = cuts[cuts > 0]
+    lo = 0
+    for hi in cuts.tolist():
+        with np.errstate(over="ignore"):
+            salted = key[lo:hi] + doc[lo:hi].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        codes = pd.factorize(salted)[0]
+        seen[lo:hi] = np.bincount(codes)[codes]
+        lo = hi
+    return seen
 
 
 def _dup_line_share(text: str) -> float:
