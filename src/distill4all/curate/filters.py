@@ -149,9 +149,13 @@ class Filters:
         self.enabled = {r for r in FILTER_RULES if r not in disabled and r.split(".")[0] not in disabled}
         if not cfg.languages:
             self.enabled.discard("language")
-        phrases = [_straight(p).lower() for p in (*REFUSAL_PHRASES, *cfg.refusal_phrases)]
-        self._refusal = re.compile(_trie_pattern(phrases))
-        self._refusal_any = ahocorasick_rs.AhoCorasick(phrases)  # where the regex may match: few answers
+        phrases = {_straight(p).lower() for p in (*REFUSAL_PHRASES, *cfg.refusal_phrases)}
+        self._refusal = re.compile(_trie_pattern(sorted(phrases)))
+        # the phrases (where the regex may match: few answers) and the opening refusal's cues, found
+        # in one pass; each distinct string once, knowing which it is
+        strings = sorted({*phrases, *_REFUSAL_CUES})
+        self._refusal_strings = ahocorasick_rs.AhoCorasick(strings)
+        self._is_phrase = [s in phrases for s in strings]
         self._rules: list[tuple[str, Callable[[Pair, AnswerForms], str | None]]] = [
             ("refusal", self.refusal),
             ("truncated.length", self.truncated_length),
@@ -238,9 +242,11 @@ class Filters:
         (a first-person "cannot" + doing the task, a disclaimer opener + a refusal or a "don't have",
         an apology with a "cannot" in a short answer) that is not followed by the task done anyway."""
         text = _straight(a.text).lower()
-        if self._refusal_any.find_matches_as_indexes(text) and (m := self._refusal.search(text)):
+        found = self._refusal_strings.find_matches_as_indexes(text, overlapping=True)
+        if any(self._is_phrase[k] for k, _, _ in found) and (m := self._refusal.search(text)):
             return f'"{m.group(0)}"'
-        return _opening_refusal(text, len(a.words))
+        cues = [(start, end) for k, start, end in found if not self._is_phrase[k] and end <= _HEAD]
+        return _opening_refusal(text, len(a.words), cues)
 
     # --- truncation ---------------------------------------------------------------------------
 
@@ -366,17 +372,17 @@ _MAY_REFUSE = ("not", "n't", "unable", "decline", "refuse", "sorry", "apologi", 
                "nicht", "je ne", "no puedo")  # fmt: skip
 # ... and one of these, or an apology opening, in the words _REFUSAL_SENTENCE, _LACKS or the
 # apology rule read ("not" alone is everywhere; "cannot", "for me to" or "don't have" are rarer).
-# The cues are searched first, all at once: ~6 answers in 7 hold none and are passed over.
+# The cues are searched first, with the phrases: ~6 answers in 7 hold none and are passed over.
 _REFUSAL_CUES = ("cannot", "can not", "can't", "won't", "will not", "decline", "refuse", "unable", "not able",
                  "not allowed", "not permitted", "comfortable", "not going", "not willing", "think i",
                  "not something i", "for me to", "don't have", "do not have", "don't possess", "do not possess",
                  "kann ich", "ich kann", "je ne", "no puedo")  # fmt: skip
-_CUE_SEARCH = ahocorasick_rs.AhoCorasick(_REFUSAL_CUES)
+_HEAD = 600  # characters the opening sentences are read from
 
 
-def _may_refuse(head: str) -> bool:
-    cued = bool(_CUE_SEARCH.find_matches_as_indexes(head)) or bool(_APOLOGY_OPENER.match(head))
-    return cued and _holds_any(head, _MAY_REFUSE)
+def _may_refuse(head: str, cued: bool) -> bool:
+    """`cued`: the head holds one of _REFUSAL_CUES."""
+    return (cued or bool(_APOLOGY_OPENER.match(head))) and _holds_any(head, _MAY_REFUSE)
 
 
 def _holds_any(text: str, words: tuple[str, ...]) -> bool:
@@ -386,17 +392,24 @@ def _holds_any(text: str, words: tuple[str, ...]) -> bool:
     return False
 
 
-def _opening_refusal(text: str, n_words: int) -> str | None:
-    """A refusal in the first sentences of a lower-cased answer, or None (see Filters.refusal)."""
-    head = text[:600]
-    if not _may_refuse(head):
+def _opening_refusal(text: str, n_words: int, cues: list[tuple[int, int]]) -> str | None:
+    """A refusal in the first sentences of a lower-cased answer, or None (see Filters.refusal).
+    `cues`: where the answer's first _HEAD characters hold one of _REFUSAL_CUES (start, end)."""
+    head = text[:_HEAD]
+    if not _may_refuse(head, bool(cues)):
         return None
-    sentences = [m.group(0) for _, m in zip(range(OPENING_SENTENCES), _SENTENCE.finditer(head), strict=False)]
-    if not sentences:
+    found = [m for _, m in zip(range(OPENING_SENTENCES), _SENTENCE.finditer(head), strict=False)]
+    if not found:
         return None
+    sentences = [m.group(0) for m in found]
     opening = " ".join(sentences)
-    disclaimer = _AI_OPENER.search(opening)
+    disclaimer: bool | None = None
     for k, sentence in enumerate(sentences):
+        lo, hi = found[k].span()
+        if not any(lo <= start and end <= hi for start, end in cues):
+            continue  # every sentence the two patterns below match holds a cue
+        if disclaimer is None:
+            disclaimer = bool(_AI_OPENER.search(opening))
         hit = _REFUSAL_SENTENCE.search(sentence) or (_LACKS.search(sentence) if disclaimer else None)
         if hit is None or _quoted(opening, opening.find(sentence) + hit.start()):
             continue  # "I can't do this," the robot said: a story's words, not the teacher's
