@@ -158,11 +158,11 @@ class MinHasher:
         # reaches the empty text's marker
         perm = np.multiply(self.a[:, None], x[None, :])
         perm += self.b[:, None]
-        perm >>= np.uint32(8)
         sig = np.full((n_docs, self.num_perm), _MAX_HASH, dtype=np.uint32)
         if len(sh_doc):  # sh_doc is sorted: each document's shingles are one run
             first = np.flatnonzero(np.r_[True, sh_doc[1:] != sh_doc[:-1]])
-            sig[sh_doc[first]] = np.minimum.reduceat(perm, first, axis=1).T
+            # the shift to 24 bits keeps order, so it is taken of the minima alone
+            sig[sh_doc[first]] = np.minimum.reduceat(perm, first, axis=1).T >> np.uint32(8)
         return sig
 
 
