@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distill4all.config import CurateConfig
 from distill4all.curate import curation, dedup
@@ -222,8 +224,41 @@ def test_scan_in_worker_processes_equals_one_process() -> None:
         assert (one.sigs[what] != 0).any(axis=1).all()
 
 
-def test_forgetting_word_hashes_changes_no_signature() -> None:
-    texts = corpus(50, length=30, seed=4)
-    small = dedup.MinHasher()
-    small.hasher._MAX_WORDS = 10  # the remembered word hashes are dropped between every batch
-    assert (small.signatures(texts, batch=8) == dedup.MinHasher().signatures(texts)).all()
+_SPACES_AND_ODD = [chr(c) for c in range(0x3001) if chr(c).isspace()] + [
+    "a",
+    "B",
+    "é",
+    "ß",
+    "日",
+    "😀",
+    "\x00",
+    ".",
+    "\u200b",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(_SPACES_AND_ODD), max_size=40) | st.text(max_size=40), max_size=6))
+def test_split_words_cuts_as_str_split_and_hashes_equal_words_alike(texts: list[str]) -> None:
+    """The numpy word splitter reads UTF-8 bytes: its words are str.split()'s (all of Unicode's
+    whitespace, control characters that are whitespace, lone surrogates), counted in characters."""
+    words = dedup.split_words(texts)
+    got: list[list[str]] = [[] for _ in texts]
+    for i, d in enumerate(words.doc.tolist()):
+        got[d].append(words.word(i))
+    assert got == [t.split() for t in texts]
+    flat = [w for t in texts for w in t.split()]
+    assert words.chars.tolist() == [len(w) for w in flat]
+    by_hash = dict(zip(words.hashes.tolist(), flat, strict=True))
+    assert len(by_hash) == len(set(flat))  # equal words share a hash, distinct ones do not
+    assert words.n_docs == len(texts)
+
+
+def test_a_word_hashes_the_same_in_any_batch_however_long() -> None:
+    """Hashes come from powers of the batch's byte positions: a batch longer than the powers kept
+    (a long answer) computes its own, and a word's hash does not depend on where it stands."""
+    long_text = "pad " * 300_000 + "needle haystack"  # 1.2 MB of bytes
+    assert len(long_text) > 1 << 20
+    short, long = dedup.split_words(["haystack needle"]), dedup.split_words(["x y", long_text])
+    assert short.hashes.tolist() == long.hashes[-1:-3:-1].tolist()
+    assert long.doc[-1] == 1 and long.chars[-1] == len("haystack")

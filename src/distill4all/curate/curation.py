@@ -127,7 +127,7 @@ def scan(
     )
 
 
-_SIG_BATCH = 128  # texts MinHash hashes at once (dedup.MinHasher.word_signatures)
+_SIG_BATCH = 128  # texts MinHash hashes at once (dedup.MinHasher.signatures)
 
 
 def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[tuple[str, str] | None]]:
@@ -137,9 +137,8 @@ def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[tuple[s
     f: filters.Filters = _STATE["filters"]
     hasher: dedup.MinHasher = _STATE["hasher"]
     index: decontam.EvalIndex | None = _STATE["index"]
-    prompt_words = [dedup.normal_words(p) for p in rows.prompts[lo:hi]]
-    answer_words = [dedup.normal_words(r or "") for r in rows.responses[lo:hi]]
-    prompts, answers = [" ".join(w) for w in prompt_words], [" ".join(w) for w in answer_words]
+    prompts = [dedup.normalize(p) for p in rows.prompts[lo:hi]]
+    answers = [dedup.normalize(r or "") for r in rows.responses[lo:hi]]
     # a pair's shingles are its prompt's and its answer's, so its signature is the element-wise
     # minimum of theirs and the prompt is hashed only once; the eval check reads the same words
     may_copy = {what: np.zeros(hi - lo, dtype=bool) for what in ("prompt", "answer")}
@@ -155,9 +154,9 @@ def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[tuple[s
 
         return seen
 
-    sig_prompt = hasher.word_signatures(prompt_words, _SIG_BATCH, words_seen=watch("prompt"))
+    sig_prompt = hasher.signatures(prompts, _SIG_BATCH, normalized=True, words_seen=watch("prompt"))
     _STATE["sigs"]["prompt"][lo:hi] = sig_prompt
-    sig_answer = hasher.word_signatures(answer_words, _SIG_BATCH, words_seen=watch("answer"))
+    sig_answer = hasher.signatures(answers, _SIG_BATCH, normalized=True, words_seen=watch("answer"))
     np.minimum(sig_prompt, sig_answer, out=_STATE["sigs"]["pair"][lo:hi])
     if "answer" in _STATE["sigs"]:  # prompt dedup tells answers apart
         _STATE["sigs"]["answer"][lo:hi] = sig_answer
@@ -168,9 +167,9 @@ def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[tuple[s
     hits = f.check_many(pairs, prompts, answers)
     prompt_keys, pair_keys, copies = [], [], []
     for k, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        copy = index.match(prompt_words[k]) if index is not None and may_copy["prompt"][k] else None
+        copy = index.match(prompt) if index is not None and may_copy["prompt"][k] else None
         if copy is None and index is not None and may_copy["answer"][k]:
-            copy = index.match(answer_words[k])
+            copy = index.match(answer)
         copies.append(copy)
         # normalize() joins words with one space, so the pair's normal form is the prompt's and
         # the answer's joined (== exact_key(pair_text(...)))

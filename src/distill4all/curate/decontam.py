@@ -47,7 +47,8 @@ class EvalIndex:
     def build(cls, items: list[Item], n: int, min_words: int) -> EvalIndex:
         index = cls(n, items=items)
         vocab: set[str] = set()
-        texts = [normalize(text).split() for it in items for text in (f"{it.instruction} {it.input}", it.output)]
+        normal = [normalize(text) for it in items for text in (f"{it.instruction} {it.input}", it.output)]
+        texts = [text.split() for text in normal]
         for k, words in enumerate(texts):
             item_id = items[k // 2].id
             vocab.update(words)
@@ -59,10 +60,10 @@ class EvalIndex:
         index.vocab = frozenset(vocab)
         index.anchor = min((n, *index.whole))
         index.bitmap = np.zeros(1 << (_BITMAP_BITS - 3), dtype=np.uint8)
-        for words in texts:
-            if len(words) >= index.anchor:
-                h = np.fromiter(map(dedup.word_hash, words), dtype=np.uint64, count=len(words))
-                slots = _bitmap_slots(dedup.window_hashes(h, index.anchor))
+        for text in normal:
+            hashes = dedup.split_words([text]).hashes
+            if len(hashes) >= index.anchor:
+                slots = _bitmap_slots(dedup.window_hashes(hashes, index.anchor))
                 bits = np.left_shift(np.uint8(1), (slots & np.uint64(7)).astype(np.uint8))
                 np.bitwise_or.at(index.bitmap, slots >> np.uint64(3), bits)
         return index
@@ -79,9 +80,10 @@ class EvalIndex:
         out[doc[: len(slots)][(hit == 1) & (doc[: len(slots)] == doc[k - 1 :])]] = True
         return out
 
-    def match(self, words: list[str]) -> tuple[str, str] | None:
-        """(item id, the shared words) for the first eval n-gram or whole short text in a text
-        given as its `dedup.normal_words`, or None."""
+    def match(self, normalized: str) -> tuple[str, str] | None:
+        """(item id, the shared words) for the first eval n-gram or whole short text in a
+        normalized text, or None."""
+        words = normalized.split()
         shortest = min((self.n, *self.whole), default=self.n)
         if len(words) < shortest:
             return None

@@ -13,7 +13,6 @@ regexes read the few answers that hold one.
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from distill4all.config import FILTER_RULES, CurateFiltersConfig
-from distill4all.curate.dedup import WordHasher, normalize, window_hashes_at
+from distill4all.curate.dedup import Words, normalize, split_words, window_hashes_at
 
 
 @dataclass(frozen=True)
@@ -43,13 +42,13 @@ Hit = tuple[str, str]  # (rule, detail)
 class AnswerForms:
     """A pair's answer in the forms the rules read, each made once per pair rather than per rule."""
 
-    __slots__ = ("fences", "normal", "pair", "prompt_normal", "repetition", "text", "words")
+    __slots__ = ("fences", "lower", "n_words", "normal", "pair", "prompt_normal", "repetition", "text")
 
-    def __init__(self, pair: Pair, prompt_normal: str | None, normal: str | None) -> None:
+    def __init__(self, pair: Pair, lower: str, n_words: int, prompt_normal: str | None, normal: str | None) -> None:
         self.pair = pair
         self.text = pair.response or ""
-        # lower-cased: the repetition rule compares them so; the other rules only count them
-        self.words = self.text.lower().split()
+        self.lower = lower  # the text lower-cased
+        self.n_words = n_words  # its words, as str.split() cuts them
         self.fences = _fence_state(self.text)
         # the prompt's and the whole answer's normalize()d forms, when the caller has them
         self.prompt_normal = prompt_normal
@@ -171,7 +170,6 @@ class Filters:
             ("language", self.language),
         ]
         self._active = [(name, rule) for name, rule in self._rules if name in self.enabled]
-        self._words = WordHasher()
 
     def check(self, pair: Pair, prompt_normal: str | None = None, answer_normal: str | None = None) -> list[Hit]:
         """Every enabled rule that fires on `pair`, in rule order. `prompt_normal` and
@@ -188,7 +186,8 @@ class Filters:
         """`check` of each pair. The repetition rule counts the 2- and 5-grams of all the answers at
         once in numpy: exact on every answer for what per-answer Counters cost behind a zlib
         pre-check, which passed over ~1 loop in 200. Curation checks thousands a call."""
-        results: list[list[Hit] | AnswerForms] = []
+        results: list[list[Hit] | None] = []
+        todo = []  # the pairs with an answer to read
         for k, pair in enumerate(pairs):
             failure = self.failure(pair) or self.reasoning_only(pair)
             if failure is not None:
@@ -196,13 +195,28 @@ class Filters:
             elif not (pair.response or "").strip():
                 results.append([])  # all reasoning, which training sees: the answer rules have nothing to read
             else:
-                prompt_normal = prompt_normals[k] if prompt_normals is not None else None
-                results.append(AnswerForms(pair, prompt_normal, answer_normals[k] if answer_normals else None))
+                results.append(None)
+                todo.append(k)
+        # every answer's lower-cased words at once: the repetition rule compares them, the others count them
+        lowers = [(pairs[k].response or "").lower() for k in todo]
+        words = split_words(lowers)
+        counts = np.bincount(words.doc, minlength=len(todo)).tolist()
+        forms = [
+            AnswerForms(
+                pairs[k],
+                lower,
+                n,
+                prompt_normals[k] if prompt_normals is not None else None,
+                answer_normals[k] if answer_normals is not None else None,
+            )
+            for k, lower, n in zip(todo, lowers, counts, strict=True)
+        ]
         if "malformed.repetition" in self.enabled:
-            forms = [r for r in results if isinstance(r, AnswerForms)]
-            for a, detail in zip(forms, _repetition(self.cfg, forms, self._words), strict=True):
+            for a, detail in zip(forms, _repetition(self.cfg, forms, words), strict=True):
                 a.repetition = detail
-        return [self._apply(r) if isinstance(r, AnswerForms) else r for r in results]
+        for k, a in zip(todo, forms, strict=True):
+            results[k] = self._apply(a)
+        return [r if r is not None else [] for r in results]
 
     def _apply(self, a: AnswerForms) -> list[Hit]:
         hits = []
@@ -241,12 +255,12 @@ class Filters:
         """A refusal or AI disclaimer: a listed phrase anywhere, or a refusal in the opening sentences
         (a first-person "cannot" + doing the task, a disclaimer opener + a refusal or a "don't have",
         an apology with a "cannot" in a short answer) that is not followed by the task done anyway."""
-        text = _straight(a.text).lower()
+        text = _straight(a.lower)
         found = self._refusal_strings.find_matches_as_indexes(text, overlapping=True)
         if any(self._is_phrase[k] for k, _, _ in found) and (m := self._refusal.search(text)):
             return f'"{m.group(0)}"'
         cues = [(start, end) for k, start, end in found if not self._is_phrase[k] and end <= _HEAD]
-        return _opening_refusal(text, len(a.words), cues)
+        return _opening_refusal(text, a.n_words, cues)
 
     # --- truncation ---------------------------------------------------------------------------
 
@@ -257,7 +271,7 @@ class Filters:
         """A prose answer whose last line stops without closing punctuation. Structured answers
         (lists, tables, key: value lines, code, parses, menus) end so when complete: unless the
         teacher said it ran out of tokens, their end is not read as a cut."""
-        if len(a.words) < self.cfg.truncation_min_words or a.fences[0]:
+        if a.n_words < self.cfg.truncation_min_words or a.fences[0]:
             return None  # short answers (labels, names) need no full stop; open fences are another rule
         last = a.text.rstrip().rsplit("\n", 1)[-1].strip()
         if len(last.split(None, 2)) < 3 or _LIST_OR_MARKUP.match(last) or last[-1] in _TERMINAL:
@@ -316,7 +330,7 @@ class Filters:
     # --- length and language ------------------------------------------------------------------
 
     def length_short(self, pair: Pair, a: AnswerForms) -> str | None:
-        n = len(a.words)
+        n = a.n_words
         return f"{n} words < {self.cfg.min_response_words}" if n < self.cfg.min_response_words else None
 
     def length_long(self, pair: Pair, a: AnswerForms) -> str | None:
@@ -481,16 +495,16 @@ def _json_candidates(text: str) -> list[str]:
     return out
 
 
-def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], known: WordHasher) -> list[str | None]:
+def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], words: Words) -> list[str | None]:
     """malformed.repetition of many answers, by the Gopher rules on their lower-cased words: the
     share of characters in repeated lines, in the most frequent 2-gram (seen over twice), and in
     5-grams seen more than once. The n-grams of all answers are counted at once: each word is a
-    number (its crc32 and length, `WordHasher.packed`), each n-gram the hash of its words, counted
-    in hash tables (`_counts`)."""
+    number (`dedup.split_words` of the lower-cased answers), each n-gram the hash of its words,
+    counted in hash tables (`_counts`)."""
     out: list[str | None] = [None] * len(forms)
     todo = []
     for k, a in enumerate(forms):
-        if len(a.words) < cfg.repetition_min_words:
+        if a.n_words < cfg.repetition_min_words:
             continue
         if "\n" in a.text and (share := _dup_line_share(a.text)) > cfg.max_dup_line_chars:
             out[k] = f"{share:.0%} of the text is repeated lines"
@@ -498,11 +512,11 @@ def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], known: W
             todo.append(k)
     if not todo:
         return out
-    words = list(itertools.chain.from_iterable(forms[k].words for k in todo))
-    counts = np.fromiter((len(forms[k].words) for k in todo), dtype=np.int64, count=len(todo))
-    ids = known.packed(words)
-    lens = (ids >> np.uint64(32)).astype(np.int64)
-    doc = np.repeat(np.arange(len(todo)), counts)
+    place = np.full(len(forms), -1, dtype=np.int64)  # each answer's place in todo
+    place[todo] = np.arange(len(todo))
+    kept = np.flatnonzero(place[words.doc] >= 0)  # the words of the answers in todo
+    ids, lens, doc = words.hashes[kept], words.chars[kept], place[words.doc[kept]]
+    counts = np.bincount(doc, minlength=len(todo))
     chars = np.bincount(doc, weights=lens, minlength=len(todo))
     # the most frequent 2-gram of each answer (the first seen of equals, as Counter.most_common)
     at, seen = _bigram_counts(ids, doc)
@@ -513,16 +527,17 @@ def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], known: W
     for d, i in zip(docs.tolist(), first[where].tolist(), strict=True):
         share = top[d] * (lens[i] + lens[i + 1]) / chars[d]
         if share > cfg.max_top_bigram_chars:
-            out[todo[d]] = f"2-gram {words[i] + ' ' + words[i + 1]!r} covers {share:.0%}"
+            gram = f"{words.word(kept[i])} {words.word(kept[i + 1])}"
+            out[todo[d]] = f"2-gram {gram!r} covers {share:.0%}"
     # the characters of words inside a 5-gram seen more than once (answers of ≥ 10 words). Each of
     # a repeated 5-gram's 2-grams is repeated too: only where all four are are 5-grams counted
-    twice = np.zeros(len(words), dtype=bool)
+    twice = np.zeros(len(ids), dtype=bool)
     twice[at[seen > 1]] = True
     at = np.flatnonzero(twice[:-4] & twice[1:-3] & twice[2:-2] & twice[3:-1])  # 5-grams that may repeat
     at = at[(doc[at] == doc[at + 4]) & (counts[doc[at]] >= 10)]
     seen = _counts(window_hashes_at(ids, at, 5), doc[at])
     repeated = at[seen > 1]
-    covered = np.zeros(len(words), dtype=bool)
+    covered = np.zeros(len(ids), dtype=bool)
     for j in range(5):
         covered[repeated + j] = True
     shares = np.bincount(doc, weights=lens * covered, minlength=len(todo)) / chars
