@@ -262,3 +262,10 @@ def test_a_word_hashes_the_same_in_any_batch_however_long() -> None:
     short, long = dedup.split_words(["haystack needle"]), dedup.split_words(["x y", long_text])
     assert short.hashes.tolist() == long.hashes[-1:-3:-1].tolist()
     assert long.doc[-1] == 1 and long.chars[-1] == len("haystack")
+    # many texts are hashed ~64 KB at a time: a word's hash is the same in every slice
+    texts = [f"w{i % 97} é{i % 13} x" * (i % 7) for i in range(6000)]
+    batch = dedup.split_words(texts)
+    assert len(batch.data) > 2 * (1 << 16)
+    alone = np.concatenate([dedup.split_words([t]).hashes for t in texts])
+    assert (batch.hashes == alone).all()
+    assert batch.chars.tolist() == [len(w) for t in texts for w in t.split()]

@@ -183,10 +183,11 @@ class Filters:
         prompt_normals: Sequence[str | None] | None = None,
         answer_normals: Sequence[str | None] | None = None,
     ) -> list[list[Hit]]:
-        """`check` of each pair. The repetition rule counts the 2- and 5-grams of all the answers at
-        once in numpy: exact on every answer for what per-answer Counters cost behind a zlib
-        pre-check, which passed over ~1 loop in 200. Curation checks thousands a call."""
-        results: list[list[Hit] | None] = []
+        """`check` of each pair. The answers' words are cut and hashed all at once in numpy, and the
+        repetition rule counts the 2- and 5-grams of all of them at once: exact on every answer for
+        what per-answer Counters cost behind a zlib pre-check, which passed over ~1 loop in 200.
+        Curation checks thousands a call."""
+        results: list[list[Hit]] = []
         todo = []  # the pairs with an answer to read
         for k, pair in enumerate(pairs):
             failure = self.failure(pair) or self.reasoning_only(pair)
@@ -195,7 +196,7 @@ class Filters:
             elif not (pair.response or "").strip():
                 results.append([])  # all reasoning, which training sees: the answer rules have nothing to read
             else:
-                results.append(None)
+                results.append([])  # the answer rules' hits, below
                 todo.append(k)
         # every answer's lower-cased words at once: the repetition rule compares them, the others count them
         lowers = [(pairs[k].response or "").lower() for k in todo]
@@ -216,7 +217,7 @@ class Filters:
                 a.repetition = detail
         for k, a in zip(todo, forms, strict=True):
             results[k] = self._apply(a)
-        return [r if r is not None else [] for r in results]
+        return results
 
     def _apply(self, a: AnswerForms) -> list[Hit]:
         hits = []
