@@ -503,33 +503,30 @@ def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], words: W
     number (`dedup.split_words` of the lower-cased answers), each n-gram the hash of its words,
     counted in hash tables (`_counts`)."""
     out: list[str | None] = [None] * len(forms)
-    todo = []
+    judged = np.zeros(len(forms), dtype=bool)  # long enough, and not already repeated lines
     for k, a in enumerate(forms):
         if a.n_words < cfg.repetition_min_words:
             continue
         if "\n" in a.text and (share := _dup_line_share(a.text)) > cfg.max_dup_line_chars:
             out[k] = f"{share:.0%} of the text is repeated lines"
         else:
-            todo.append(k)
-    if not todo:
+            judged[k] = True
+    if not judged.any():
         return out
-    place = np.full(len(forms), -1, dtype=np.int64)  # each answer's place in todo
-    place[todo] = np.arange(len(todo))
-    kept = np.flatnonzero(place[words.doc] >= 0)  # the words of the answers in todo
-    ids, lens, doc = words.hashes[kept], words.chars[kept], place[words.doc[kept]]
-    counts = np.bincount(doc, minlength=len(todo))
-    chars = np.bincount(doc, weights=lens, minlength=len(todo))
+    # every answer's n-grams are counted (the few not judged cost less than picking the others out)
+    ids, lens, doc = words.hashes, words.chars, words.doc
+    counts = np.bincount(doc, minlength=len(forms))
+    chars = np.maximum(np.bincount(doc, weights=lens, minlength=len(forms)), 1)
     # the most frequent 2-gram of each answer (the first seen of equals, as Counter.most_common)
     at, seen = _bigram_counts(ids, doc)
-    top = np.zeros(len(todo), dtype=np.int64)
+    top = np.zeros(len(forms), dtype=np.int64)
     np.maximum.at(top, doc[at], seen)
-    first = at[(seen == top[doc[at]]) & (top[doc[at]] > 2)]
+    first = at[(seen == top[doc[at]]) & (top[doc[at]] > 2) & judged[doc[at]]]
     docs, where = np.unique(doc[first], return_index=True)
     for d, i in zip(docs.tolist(), first[where].tolist(), strict=True):
         share = top[d] * (lens[i] + lens[i + 1]) / chars[d]
         if share > cfg.max_top_bigram_chars:
-            gram = f"{words.word(kept[i])} {words.word(kept[i + 1])}"
-            out[todo[d]] = f"2-gram {gram!r} covers {share:.0%}"
+            out[d] = f"2-gram {words.word(i) + ' ' + words.word(i + 1)!r} covers {share:.0%}"
     # the characters of words inside a 5-gram seen more than once (answers of ≥ 10 words). Each of
     # a repeated 5-gram's 2-grams is repeated too: only where all four are are 5-grams counted
     twice = np.zeros(len(ids), dtype=bool)
@@ -541,10 +538,10 @@ def _repetition(cfg: CurateFiltersConfig, forms: Sequence[AnswerForms], words: W
     covered = np.zeros(len(ids), dtype=bool)
     for j in range(5):
         covered[repeated + j] = True
-    shares = np.bincount(doc, weights=lens * covered, minlength=len(todo)) / chars
-    for d in np.flatnonzero(shares > cfg.max_dup_ngram_chars).tolist():
-        if out[todo[d]] is None:
-            out[todo[d]] = f"{shares[d]:.0%} of the text is in repeated 5-grams"
+    shares = np.bincount(doc, weights=lens * covered, minlength=len(forms)) / chars
+    for d in np.flatnonzero((shares > cfg.max_dup_ngram_chars) & judged).tolist():
+        if out[d] is None:
+            out[d] = f"{shares[d]:.0%} of the text is in repeated 5-grams"
     return out
 
 
