@@ -87,7 +87,7 @@ class Scan:
     """What one pass over the pairs finds: filter hits, exact keys and MinHash signatures."""
 
     hits: list[list[filters.Hit]]
-    keys: dict[str, NDArray[np.uint64]]  # "prompt" / "pair" → one key per row (dedup.normalized_key)
+    keys: dict[str, NDArray[np.uint64]]  # "prompt" / "pair" → one key per row (dedup.exact_key)
     copies: list[tuple[str, str] | None]  # per row: (eval item id, the words it shares), if any
     sigs: dict[str, NDArray[np.uint32]]  # "prompt" / "pair" → (rows, num_perm)
 
@@ -131,52 +131,50 @@ _SIG_BATCH = 128  # texts MinHash hashes at once (dedup.MinHasher.signatures)
 
 
 def _scan_range(lo: int, hi: int) -> tuple[list[list[filters.Hit]], list[tuple[str, str] | None]]:
-    """Rows [lo, hi): each prompt and answer is normalized once, for the echo rule, the exact keys,
-    MinHash and the eval n-grams."""
+    """Rows [lo, hi): each prompt is normalized and each answer folded once; their words, cut and
+    hashed once a batch, serve MinHash, the exact keys and the eval check."""
     rows: Rows = _STATE["rows"]
     f: filters.Filters = _STATE["filters"]
     hasher: dedup.MinHasher = _STATE["hasher"]
     index: decontam.EvalIndex | None = _STATE["index"]
-    prompts = [dedup.normalize(p) for p in rows.prompts[lo:hi]]
-    answers = [dedup.normalize(r or "") for r in rows.responses[lo:hi]]
-    # a pair's shingles are its prompt's and its answer's, so its signature is the element-wise
-    # minimum of theirs and the prompt is hashed only once; the eval check reads the same words
+    prompts = [dedup.normalize(p) for p in rows.prompts[lo:hi]]  # the echo rule reads them too
+    answers = [dedup.fold(r or "") for r in rows.responses[lo:hi]]
+    # per text: whether `index.match` must read it (the others cannot match), and its word sums
     may_copy = {what: np.zeros(hi - lo, dtype=bool) for what in ("prompt", "answer")}
+    sums = {what: (np.zeros(hi - lo, dtype=np.uint64), np.zeros(hi - lo, dtype=np.int64)) for what in may_copy}
 
-    def watch(what: str) -> Callable[[int, dedup.Words], None] | None:
-        """Flags the texts of each batch that `index.match` must read (the others cannot match)."""
-        if index is None:
-            return None
-        eval_index = index
+    def seen(what: str) -> Callable[[int, dedup.Words], None]:
+        def read(at: int, words: dedup.Words) -> None:
+            batch = slice(at, at + words.n_docs)
+            sums[what][0][batch], sums[what][1][batch] = dedup.word_sums(words)
+            if index is not None:
+                may_copy[what][batch] |= index.may_match(words)
 
-        def seen(at: int, words: dedup.Words) -> None:
-            may_copy[what][at : at + words.n_docs] |= eval_index.may_match(words)
+        return read
 
-        return seen
-
-    sig_prompt = hasher.signatures(prompts, _SIG_BATCH, normalized=True, words_seen=watch("prompt"))
+    # a pair's shingles are its prompt's and its answer's, so its signature is the element-wise
+    # minimum of theirs and the prompt is hashed only once
+    sig_prompt = hasher.signatures(prompts, _SIG_BATCH, folded=True, words_seen=seen("prompt"))
     _STATE["sigs"]["prompt"][lo:hi] = sig_prompt
-    sig_answer = hasher.signatures(answers, _SIG_BATCH, normalized=True, words_seen=watch("answer"))
+    sig_answer = hasher.signatures(answers, _SIG_BATCH, folded=True, words_seen=seen("answer"))
     np.minimum(sig_prompt, sig_answer, out=_STATE["sigs"]["pair"][lo:hi])
     if "answer" in _STATE["sigs"]:  # prompt dedup tells answers apart
         _STATE["sigs"]["answer"][lo:hi] = sig_answer
+    # a pair's words are its prompt's then its answer's (== exact_key(pair_text(...)))
+    _STATE["keys"]["prompt"][lo:hi] = dedup.text_keys(*sums["prompt"])
+    _STATE["keys"]["pair"][lo:hi] = dedup.text_keys(*dedup.joined_sums(sums["prompt"], sums["answer"]))
     pairs = [
         filters.Pair(rows.prompts[i], rows.responses[i], rows.finish_reasons[i], rows.reasonings[i])
         for i in range(lo, hi)
     ]
-    hits = f.check_many(pairs, prompts, answers)
-    prompt_keys, pair_keys, copies = [], [], []
-    for k, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        copy = index.match(prompt) if index is not None and may_copy["prompt"][k] else None
-        if copy is None and index is not None and may_copy["answer"][k]:
-            copy = index.match(answer)
-        copies.append(copy)
-        # normalize() joins words with one space, so the pair's normal form is the prompt's and
-        # the answer's joined (== exact_key(pair_text(...)))
-        prompt_keys.append(dedup.normalized_key(prompt))
-        pair_keys.append(dedup.normalized_key(f"{prompt} {answer}" if prompt and answer else prompt or answer))
-    _STATE["keys"]["prompt"][lo:hi] = prompt_keys
-    _STATE["keys"]["pair"][lo:hi] = pair_keys
+    hits = f.check_many(pairs, prompts)
+    copies: list[tuple[str, str] | None] = [None] * (hi - lo)
+    if index is not None:
+        for k in np.flatnonzero(may_copy["prompt"] | may_copy["answer"]).tolist():
+            copy = index.match(prompts[k]) if may_copy["prompt"][k] else None
+            if copy is None and may_copy["answer"][k]:
+                copy = index.match(" ".join(answers[k].split()))  # its normalize()d form
+            copies[k] = copy
     return hits, copies
 
 

@@ -13,7 +13,6 @@ measures both side by side; a test checks both find the planted duplicates).
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import string
 from collections.abc import Callable, Sequence
@@ -39,24 +38,20 @@ _MAX_HASH = np.uint64((1 << 32) - 1)
 
 def normalize(text: str) -> str:
     """What "the same text" means: case-folded words, punctuation and spacing ignored."""
-    return " ".join(_fold(text).split())
+    return " ".join(fold(text).split())
 
 
-def _fold(text: str) -> str:
-    """Case-folded, punctuation as spaces."""
+def fold(text: str) -> str:
+    """Case-folded, punctuation as spaces: the words of `normalize(text)`, not yet joined."""
     if text.isascii():
         return text.encode().translate(_ASCII).decode()
     return text.casefold().translate(_PUNCT)
 
 
 def exact_key(text: str) -> int:
-    return normalized_key(normalize(text))
-
-
-def normalized_key(normalized: str) -> int:
-    """A normalized text's 64-bit key (blake2b): kept in a uint64 array, compared in numpy."""
-    digest = hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    """A text's 64-bit key, the same for texts whose `normalize()`d forms are: kept in a uint64
+    array, compared in numpy."""
+    return int(text_keys(*word_sums(split_words([fold(text)])))[0])
 
 
 @dataclass(frozen=True)
@@ -133,23 +128,60 @@ def split_words(texts: Sequence[str]) -> Words:
 _SLICE = 1 << 16
 
 
-_POWERS: list[NDArray[np.uint64]] = []
+_POWERS: dict[int, tuple[NDArray[np.uint64], NDArray[np.uint64]]] = {}
 
 
-def _powers(n: int) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
-    """B^i and B^-i modulo 2^64 for i < n."""
-    if _POWERS and len(_POWERS[0]) >= n:
-        return _POWERS[0][:n], _POWERS[1][:n]
+def _powers(n: int, base: int = _BASE) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
+    """base^i and base^-i modulo 2^64 for i < n."""
+    kept = _POWERS.get(base)
+    if kept is not None and len(kept[0]) >= n:
+        return kept[0][:n], kept[1][:n]
     size = max(n, 1024) if n > _POWERS_KEPT else min(_POWERS_KEPT, 1 << max(n - 1, 1023).bit_length())
     tables = []
-    for base in (_BASE, pow(_BASE, -1, 1 << 64)):
-        t = np.full(size, base, dtype=np.uint64)
+    for b in (base, pow(base, -1, 1 << 64)):
+        t = np.full(size, b, dtype=np.uint64)
         t[0] = 1
         with np.errstate(over="ignore"):
             tables.append(np.cumprod(t, dtype=np.uint64))
     if size <= _POWERS_KEPT:
-        _POWERS[:] = tables
+        _POWERS[base] = (tables[0], tables[1])
     return tables[0][:n], tables[1][:n]
+
+
+_KEY_BASE = 0x9E3779B97F4A7C15  # odd
+
+
+def word_sums(words: Words) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
+    """Per text of a batch: the polynomial Σ h_i·K^(n-1-i) of its n word hashes (modulo 2^64),
+    and n. `text_keys` turns them into keys; `joined_sums` gives those of two texts joined."""
+    counts = np.bincount(words.doc, minlength=words.n_docs)
+    ends = np.cumsum(counts)
+    power, inverse = _powers(len(words.hashes) + 1, _KEY_BASE)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(len(words.hashes) + 1, dtype=np.uint64)
+        np.cumsum(words.hashes * inverse[:-1], out=prefix[1:])
+        sums = (prefix[ends] - prefix[ends - counts]) * power[np.maximum(ends - 1, 0)]
+    return sums, counts
+
+
+def joined_sums(
+    first: tuple[NDArray[np.uint64], NDArray[np.int64]], then: tuple[NDArray[np.uint64], NDArray[np.int64]]
+) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
+    """The `word_sums` of each text of `first` followed by the same text of `then`."""
+    power, _ = _powers(int(then[1].max(initial=0)) + 1, _KEY_BASE)
+    with np.errstate(over="ignore"):
+        return first[0] * power[then[1]] + then[0], first[1] + then[1]
+
+
+def text_keys(sums: NDArray[np.uint64], counts: NDArray[np.int64]) -> NDArray[np.uint64]:
+    """Each text's 64-bit key from its `word_sums`: a polynomial of 64-bit word hashes, mixed with
+    the word count (splitmix64's finalizer). Computed for whole batches in numpy where a
+    cryptographic hash of each normalized text cost a Python call a text."""
+    with np.errstate(over="ignore"):
+        h = sums ^ (counts.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93))
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return np.asarray(h ^ (h >> np.uint64(31)), dtype=np.uint64)
 
 
 class MinHasher:
@@ -166,16 +198,17 @@ class MinHasher:
         self,
         texts: Sequence[str],
         batch: int = 128,
-        normalized: bool = False,
+        folded: bool = False,
         words_seen: Callable[[int, Words], None] | None = None,
     ) -> NDArray[np.uint32]:
-        """One row per text. `normalized`: the texts are normalize()d already. `words_seen(lo, words)`
-        is shown the words of each batch (from text `lo` on), for checks that read the same words."""
+        """One row per text. `folded`: the texts are `fold()`ed (or normalize()d) already.
+        `words_seen(lo, words)` is shown the words of each batch (from text `lo` on), for checks
+        and keys that read the same words."""
         # 128 texts a batch keeps the (num_perm × shingles) hash matrix in cache: ~25% faster than 256
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
         for lo in range(0, len(texts), batch):
             part = texts[lo : lo + batch]
-            words = split_words(part if normalized else [normalize(t) for t in part])
+            words = split_words(part if folded else [fold(t) for t in part])
             if words_seen is not None:
                 words_seen(lo, words)
             out[lo : lo + batch] = self._batch(words)
@@ -304,7 +337,7 @@ def exact_duplicate_edges(keys: Sequence[int] | NDArray[np.uint64]) -> NDArray[n
     return np.stack([first[codes[at]], at], axis=1).astype(np.int64).reshape(-1, 2)
 
 
-_EMPTY_KEY = normalized_key("")
+_EMPTY_KEY = exact_key("")
 
 
 def semantic_duplicate_edges(emb: NDArray[np.float32], threshold: float) -> NDArray[np.int64]:

@@ -25,7 +25,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from distill4all.config import FILTER_RULES, CurateFiltersConfig
-from distill4all.curate.dedup import Words, normalize, split_words, window_hashes_at
+from distill4all.curate.dedup import Words, fold, normalize, split_words, window_hashes_at
 
 
 @dataclass(frozen=True)
@@ -319,6 +319,8 @@ class Filters:
             return None
         if a.normal is not None and not a.normal.startswith(prompt):
             return None  # the start's normal form is the whole's up to a cut last word: no echo either
+        if a.normal is None and len(head := fold(a.text[:64]).split()) > 1 and head[0] != prompt.split(" ", 1)[0]:
+            return None  # an echo's first word is the prompt's (this one is whole: a word follows it)
         answer = normalize(a.text[: 2 * len(pair.prompt) + 64])  # only its start can echo the prompt
         if answer == prompt and len(a.text) <= 2 * len(pair.prompt) + 64:
             return "the answer is the prompt"
