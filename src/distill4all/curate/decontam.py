@@ -60,12 +60,13 @@ class EvalIndex:
         index.vocab = frozenset(vocab)
         index.anchor = min((n, *index.whole))
         index.bitmap = np.zeros(1 << (_BITMAP_BITS - 3), dtype=np.uint8)
-        for text in normal:
-            hashes = dedup.split_words([text]).hashes
-            if len(hashes) >= index.anchor:
-                slots = _bitmap_slots(dedup.window_hashes(hashes, index.anchor))
-                bits = np.left_shift(np.uint8(1), (slots & np.uint64(7)).astype(np.uint8))
-                np.bitwise_or.at(index.bitmap, slots >> np.uint64(3), bits)
+        hashed = dedup.split_words(normal)
+        h, k = hashed.hashes, index.anchor
+        if len(h) >= k:  # every window of `anchor` words inside one eval text
+            inside = hashed.doc[: len(h) - k + 1] == hashed.doc[k - 1 :]
+            slots = _bitmap_slots(dedup.window_hashes(h, k)[inside])
+            bits = np.left_shift(np.uint8(1), (slots & np.uint64(7)).astype(np.uint8))
+            np.bitwise_or.at(index.bitmap, slots >> np.uint64(3), bits)
         return index
 
     def may_match(self, words: dedup.Words) -> NDArray[np.bool_]:
