@@ -150,11 +150,8 @@ class Filters:
             self.enabled.discard("language")
         phrases = {_straight(p).lower() for p in (*REFUSAL_PHRASES, *cfg.refusal_phrases)}
         self._refusal = re.compile(_trie_pattern(sorted(phrases)))
-        # the phrases (where the regex may match: few answers) and the opening refusal's cues, found
-        # in one pass; each distinct string once, knowing which it is
-        strings = sorted({*phrases, *_REFUSAL_CUES})
-        self._refusal_strings = ahocorasick_rs.AhoCorasick(strings)
-        self._is_phrase = [s in phrases for s in strings]
+        # where the regex may match (few answers): leftmost-first finds a match wherever one exists
+        self._phrase_search = ahocorasick_rs.AhoCorasick(sorted(phrases), matchkind=_LEFTMOST)
         self._rules: list[tuple[str, Callable[[Pair, AnswerForms], str | None]]] = [
             ("refusal", self.refusal),
             ("truncated.length", self.truncated_length),
@@ -257,11 +254,9 @@ class Filters:
         (a first-person "cannot" + doing the task, a disclaimer opener + a refusal or a "don't have",
         an apology with a "cannot" in a short answer) that is not followed by the task done anyway."""
         text = _straight(a.lower)
-        found = self._refusal_strings.find_matches_as_indexes(text, overlapping=True)
-        if any(self._is_phrase[k] for k, _, _ in found) and (m := self._refusal.search(text)):
+        if self._phrase_search.find_matches_as_indexes(text) and (m := self._refusal.search(text)):
             return f'"{m.group(0)}"'
-        cues = [(start, end) for k, start, end in found if not self._is_phrase[k] and end <= _HEAD]
-        return _opening_refusal(text, a.n_words, cues)
+        return _opening_refusal(text, a.n_words)
 
     # --- truncation ---------------------------------------------------------------------------
 
@@ -389,11 +384,14 @@ _MAY_REFUSE = ("not", "n't", "unable", "decline", "refuse", "sorry", "apologi", 
                "nicht", "je ne", "no puedo")  # fmt: skip
 # ... and one of these, or an apology opening, in the words _REFUSAL_SENTENCE, _LACKS or the
 # apology rule read ("not" alone is everywhere; "cannot", "for me to" or "don't have" are rarer).
-# The cues are searched first, with the phrases: ~6 answers in 7 hold none and are passed over.
+# The cues are searched first: ~6 answers in 7 hold none and are passed over. Cues that overlap
+# lie in one sentence, so the leftmost of them tells where there is one.
 _REFUSAL_CUES = ("cannot", "can not", "can't", "won't", "will not", "decline", "refuse", "unable", "not able",
                  "not allowed", "not permitted", "comfortable", "not going", "not willing", "think i",
                  "not something i", "for me to", "don't have", "do not have", "don't possess", "do not possess",
                  "kann ich", "ich kann", "je ne", "no puedo")  # fmt: skip
+_LEFTMOST = ahocorasick_rs.MatchKind.LeftmostFirst
+_CUE_SEARCH = ahocorasick_rs.AhoCorasick(_REFUSAL_CUES, matchkind=_LEFTMOST)
 _HEAD = 600  # characters the opening sentences are read from
 
 
@@ -409,10 +407,10 @@ def _holds_any(text: str, words: tuple[str, ...]) -> bool:
     return False
 
 
-def _opening_refusal(text: str, n_words: int, cues: list[tuple[int, int]]) -> str | None:
-    """A refusal in the first sentences of a lower-cased answer, or None (see Filters.refusal).
-    `cues`: where the answer's first _HEAD characters hold one of _REFUSAL_CUES (start, end)."""
+def _opening_refusal(text: str, n_words: int) -> str | None:
+    """A refusal in the first sentences of a lower-cased answer, or None (see Filters.refusal)."""
     head = text[:_HEAD]
+    cues = [(start, end) for _, start, end in _CUE_SEARCH.find_matches_as_indexes(head)]
     if not _may_refuse(head, bool(cues)):
         return None
     found = [m for _, m in zip(range(OPENING_SENTENCES), _SENTENCE.finditer(head), strict=False)]
