@@ -214,6 +214,9 @@ def test_given_normal_forms_change_nothing() -> None:
         Pair(prompt, f" {'.' * 20} ".join(prompt.split()) + " apples."),  # spread past the part that is read
         Pair(prompt, prompt.upper()),
         Pair(prompt, "Name three fruits that are redder"),
+        Pair(prompt, "." * 70 + prompt),  # no word where the first-word check reads: the whole rule decides
+        Pair(prompt, "x" * 80 + " " + prompt),  # a first word longer than that
+        Pair(prompt, "Sure! " + prompt),  # another first word
     ]
     for _, bad, good in [*CASES, *((None, e, e) for e in echoes)]:
         for pair in (bad, good):
@@ -221,3 +224,5 @@ def test_given_normal_forms_change_nothing() -> None:
             assert filters.check(pair, normalize(pair.prompt), normalize(pair.response or "")) == expected
     assert [h[0] for h in filters.check(echoes[0])] == ["malformed.echo"]
     assert not filters.check(echoes[2])  # its whole normal form starts with the prompt; its start's does not
+    assert [h[0] for h in filters.check(echoes[5])] == ["malformed.echo"]
+    assert not filters.check(echoes[6]) and not filters.check(echoes[7])

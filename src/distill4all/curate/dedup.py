@@ -79,6 +79,7 @@ _WIDE_SPACE = str.maketrans(dict.fromkeys("\x85\xa0\u1680\u2000\u2001\u2002\u200
                                           "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000", " "))  # fmt: skip
 _BASE = 0x100000001B3  # odd, so it has an inverse modulo 2^64
 _POWERS_KEPT = 1 << 20  # bytes' powers remembered (16 MB at most); a longer text computes its own
+_SLICE = 1 << 16  # bytes of texts hashed at a time (the powers and prefix sums stay in cache)
 
 
 def split_words(texts: Sequence[str]) -> Words:
@@ -118,14 +119,15 @@ def split_words(texts: Sequence[str]) -> Words:
             leads = np.zeros(hi - lo + 1, dtype=np.int64)
             np.cumsum((seg & np.uint8(0xC0)) != np.uint8(0x80), out=leads[1:])
             chars[w] = leads[e] - leads[s]
+    return Words(_mix(h), chars, doc, len(texts), data, starts, ends)
+
+
+def _mix(h: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """splitmix64's finalizer: every bit of the result depends on every bit of `h`."""
     with np.errstate(over="ignore"):
         h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
-    return Words(h, chars, doc, len(texts), data, starts, ends)
-
-
-_SLICE = 1 << 16
+        return np.asarray(h ^ (h >> np.uint64(31)), dtype=np.uint64)
 
 
 _POWERS: dict[int, tuple[NDArray[np.uint64], NDArray[np.uint64]]] = {}
@@ -178,10 +180,7 @@ def text_keys(sums: NDArray[np.uint64], counts: NDArray[np.int64]) -> NDArray[np
     the word count (splitmix64's finalizer). Computed for whole batches in numpy where a
     cryptographic hash of each normalized text cost a Python call a text."""
     with np.errstate(over="ignore"):
-        h = sums ^ (counts.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93))
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return np.asarray(h ^ (h >> np.uint64(31)), dtype=np.uint64)
+        return _mix(sums ^ (counts.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)))
 
 
 class MinHasher:
