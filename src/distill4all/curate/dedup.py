@@ -107,15 +107,12 @@ def split_words(texts: Sequence[str]) -> Words:
     chars = ends - starts  # in bytes, which are characters where all is ASCII
     later = np.searchsorted(first, np.arange(_SLICE, len(b), _SLICE))  # slices begin where texts do
     cuts = np.unique(np.r_[0, first[later[later < len(first)]], len(b)]).tolist()
+    wide = not all(ascii)
     for lo, hi in itertools.pairwise(cuts):
         w = slice(*np.searchsorted(starts, [lo, hi]).tolist())
         s, e, seg = starts[w] - lo, ends[w] - lo, b[lo:hi]
-        power, inverse = _powers(hi - lo)
-        with np.errstate(over="ignore"):
-            prefix = np.zeros(hi - lo + 1, dtype=np.uint64)
-            np.cumsum((seg + np.uint64(1)) * inverse, out=prefix[1:])
-            h[w] = (prefix[e] - prefix[s]) * power[e - 1]
-        if not all(ascii):  # characters are the bytes that do not continue one
+        h[w] = _segment_sums(seg + np.uint64(1), s, e, _BASE)
+        if wide:  # characters are the bytes that do not continue one
             leads = np.zeros(hi - lo + 1, dtype=np.int64)
             np.cumsum((seg & np.uint8(0xC0)) != np.uint8(0x80), out=leads[1:])
             chars[w] = leads[e] - leads[s]
@@ -128,6 +125,18 @@ def _mix(h: NDArray[np.uint64]) -> NDArray[np.uint64]:
         h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return np.asarray(h ^ (h >> np.uint64(31)), dtype=np.uint64)
+
+
+def _segment_sums(
+    values: NDArray[np.uint64], starts: NDArray[np.int64], ends: NDArray[np.int64], base: int
+) -> NDArray[np.uint64]:
+    """Σ values[i]·base^(end-1-i) over each segment [start, end) of `values`, modulo 2^64 (0 for an
+    empty one), from one prefix sum of values[i]·base^-i."""
+    power, inverse = _powers(len(values) + 1, base)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(len(values) + 1, dtype=np.uint64)
+        np.cumsum(values * inverse[:-1], out=prefix[1:])
+        return np.asarray((prefix[ends] - prefix[starts]) * power[np.maximum(ends - 1, 0)], dtype=np.uint64)
 
 
 _POWERS: dict[int, tuple[NDArray[np.uint64], NDArray[np.uint64]]] = {}
@@ -158,12 +167,7 @@ def word_sums(words: Words) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
     and n. `text_keys` turns them into keys; `joined_sums` gives those of two texts joined."""
     counts = np.bincount(words.doc, minlength=words.n_docs)
     ends = np.cumsum(counts)
-    power, inverse = _powers(len(words.hashes) + 1, _KEY_BASE)
-    with np.errstate(over="ignore"):
-        prefix = np.zeros(len(words.hashes) + 1, dtype=np.uint64)
-        np.cumsum(words.hashes * inverse[:-1], out=prefix[1:])
-        sums = (prefix[ends] - prefix[ends - counts]) * power[np.maximum(ends - 1, 0)]
-    return sums, counts
+    return _segment_sums(words.hashes, ends - counts, ends, _KEY_BASE), counts
 
 
 def joined_sums(

@@ -190,10 +190,9 @@ class Filters:
             failure = self.failure(pair) or self.reasoning_only(pair)
             if failure is not None:
                 results.append([failure] if failure[0] in self.enabled else [])
-            elif not (pair.response or "").strip():
-                results.append([])  # all reasoning, which training sees: the answer rules have nothing to read
-            else:
-                results.append([])  # the answer rules' hits, below
+                continue
+            results.append([])  # the answer rules' hits, below
+            if (pair.response or "").strip():  # else all reasoning, which training sees: nothing to read
                 todo.append(k)
         # every answer's lower-cased words at once: the repetition rule compares them, the others count them
         lowers = [(pairs[k].response or "").lower() for k in todo]
