@@ -1,8 +1,14 @@
 """Crash-safe file output: every artifact is written beside its final name and renamed into place.
 
 A reader therefore sees either the previous complete artifact or the new complete one, never a
-half-written file, whatever moment the writer is killed at. Leftover temp paths carry the
-`.tmp-` marker so that `clean_temp` can sweep them on the next run.
+half-written file, whatever moment the writer is killed at. A temp path is named
+`.NAME.d4a-tmp-TAG` (hidden, with a marker no user writes), and `clean_temp` sweeps only names of
+exactly that shape: a user's `notes.tmp-2024.txt` beside a run's files is never touched.
+
+While a stage runs, the runner installs a claim hook (`claiming`): every path an atomic write is
+about to replace is claimed first, which records it in the run's ledger of its own files and refuses
+a file that exists but that the run did not write — so no stage overwrites a user's file, and
+`--force` can remove exactly what a stage wrote.
 
 Temp files and folders are created by hand rather than with tempfile.mkstemp/mkdtemp, which make
 them 0600/0700: renamed into place, artifacts would stay unreadable to anyone else. Created with
@@ -15,13 +21,46 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-TEMP_MARK = ".tmp-"
+TEMP_MARK = ".d4a-tmp-"
+_TEMP_NAME = re.compile(r"\..+" + re.escape(TEMP_MARK) + r"[0-9a-z]+(?:-[0-9a-z]+)*")
+
+_claim_hook: Callable[[Path], None] | None = None
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is one of our temp names (and so may be swept)."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def temp_path(path: Path, tag: str | None = None) -> Path:
+    """The temp name beside `path`: unique per process and call unless a `tag` is given (a name
+    several processes must agree on, e.g. the ranks of one training job)."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{tag or f'{os.getpid()}-{secrets.token_hex(4)}'}")
+
+
+@contextlib.contextmanager
+def claiming(hook: Callable[[Path], None]) -> Iterator[None]:
+    """Call `hook(path)` before any atomic write replaces `path` (it may refuse by raising)."""
+    global _claim_hook
+    previous, _claim_hook = _claim_hook, hook
+    try:
+        yield
+    finally:
+        _claim_hook = previous
+
+
+def claim(path: Path) -> None:
+    """Claim a path the caller is about to write by other means than this module (a log, a
+    database): recorded and checked as an atomic write's target is. A no-op outside a stage."""
+    if _claim_hook is not None and not any(is_temp(part) for part in path.parts):
+        _claim_hook(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,14 +71,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-
-
 def _new_temp_file(path: Path) -> tuple[int, Path]:
     """An open, new temp file beside `path`, with the mode the umask gives (not mkstemp's 0600)."""
     while True:
-        tmp = _temp_name(path)
+        tmp = temp_path(path)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:
@@ -49,7 +84,7 @@ def _new_temp_file(path: Path) -> tuple[int, Path]:
 def _new_temp_dir(path: Path) -> Path:
     """A new empty temp folder beside `path`, with the mode the umask gives (not mkdtemp's 0700)."""
     while True:
-        tmp = _temp_name(path)
+        tmp = temp_path(path)
         try:
             tmp.mkdir(0o777)
             return tmp
@@ -58,6 +93,7 @@ def _new_temp_dir(path: Path) -> Path:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+    claim(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_temp_file(path)
     try:
@@ -84,8 +120,9 @@ def write_json(path: Path, obj: Any) -> None:
 @contextlib.contextmanager
 def output_file(path: Path) -> Iterator[Path]:
     """Yield a temp path to write (by any library); it is renamed to `path` only on success."""
+    claim(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}")
+    tmp = temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -106,13 +143,14 @@ def output_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
     """
     if path.exists() and not replace:
         raise FileExistsError(f"{path} exists")
+    claim(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temp_dir(path)
     try:
         yield tmp
         old = None
         if path.exists():
-            old = path.with_name(f"{path.name}{TEMP_MARK}old-{os.getpid()}")
+            old = temp_path(path)
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -123,19 +161,34 @@ def output_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A temp folder in `parent` for work that is thrown away, removed on exit (and swept by
+    `clean_temp` if the process is killed first)."""
+    path = _new_temp_dir(parent / name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def clean_temp(folder: Path) -> list[Path]:
-    """Remove temp leftovers of killed writers anywhere under `folder`; return what was removed."""
+    """Remove temp leftovers of killed writers under `folder`, and nothing else: only names of
+    our temp shape, never through a symlink; return what was removed."""
     removed: list[Path] = []
-    if not folder.exists():
+    if not folder.is_dir() or folder.is_symlink():
         return removed
-    for p in sorted(folder.rglob(f"*{TEMP_MARK}*"), key=lambda q: len(q.parts), reverse=True):
-        if not p.exists():
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
+    for root, dirs, files in os.walk(folder):  # os.walk does not follow symlinked folders
+        for name in [*files, *dirs]:
+            if not is_temp(name):
+                continue
+            p = Path(root) / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+        dirs[:] = [d for d in dirs if not is_temp(d)]
     return removed
 
 

@@ -4,6 +4,7 @@
     ├── UserError            the cause is the user's input: one line on stderr, exit code 2
     │   ├── ConfigError          the run config cannot be read or does not validate
     │   ├── RunDirError          the run directory is missing, locked, or from a newer version
+    │   ├── ForeignFileError     a file the run would write exists and the run did not write it
     │   ├── StageError           a stage cannot run as asked (unknown, upstream unfinished, settings changed)
     │   ├── ModelError           a model name or path cannot be resolved or loaded
     │   ├── DataError            an input data file is missing or malformed
@@ -44,6 +45,10 @@ class ConfigError(UserError):
 
 class RunDirError(UserError):
     """The run directory is missing, locked by another process, or from a newer version."""
+
+
+class ForeignFileError(UserError):
+    """A path a stage would write already holds a file or folder this run did not write."""
 
 
 class StageError(UserError):

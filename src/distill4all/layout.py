@@ -17,6 +17,7 @@ A stage's folder is `<run_dir>/<stage>` unless its config section has an `out_di
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,6 +104,11 @@ class TrainLayout:
         """Written last: its presence means training finished."""
         return self.dir / "summary.json"
 
+    def fixed_outputs(self) -> list[Path]:
+        """What the training processes write (not only this one, so not all by atomic writes)."""
+        return [self.data, self.student, self.dir / "teacher", self.checkpoints, self.job, self.metrics,
+                self.loss_png, self.model, self.summary]  # fmt: skip
+
     @property
     def student(self) -> Path:
         """base_model pruned (train.prune): the checkpoint that is trained."""
@@ -147,10 +153,11 @@ class ExportLayout:
         """The model card of the GGUF files."""
         return self.dir / "README.md"
 
-    def outputs(self) -> list[Path]:
-        """Everything the stage writes: what `--force` removes (the folder may be the run directory)."""
-        modelfiles = sorted(self.dir.glob("model-*.Modelfile"))
-        return [*self.ggufs(), *modelfiles, self.merged, self.quant_report, self.gpt4all, self.card]
+    def planned(self, kinds: Sequence[str]) -> list[Path]:
+        """Every file an export of these GGUF kinds may write, claimed before it starts, so that a
+        user's file at one of these names stops it before any work rather than after."""
+        ggufs = [self.gguf(k) for k in kinds]
+        return [*ggufs, *map(self.modelfile, ggufs), self.merged, self.quant_report, self.gpt4all, self.card]
 
 
 @dataclass(frozen=True)
@@ -176,10 +183,10 @@ class EvalLayout:
         """The judge's own request ledger, apart from the training data's store."""
         return self.dir / "judge.sqlite"
 
-    def outputs(self) -> list[Path]:
-        """Everything the stage writes: what `--force` removes (the folder may be the run directory)."""
-        found = [*self.dir.glob("figure3-*.png"), *self.dir.glob("judge.sqlite*"), *self.dir.glob("teacher-*.log")]
-        return [*self.all_items(), *sorted(found), self.summary]
+    @property
+    def judge_files(self) -> list[Path]:
+        """The judge's store with SQLite's journal files beside it."""
+        return [self.judge_store, *(self.judge_store.with_name(f"judge.sqlite-{s}") for s in ("wal", "shm", "journal"))]
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,19 @@ class RunLayout:
     def archive(self) -> Path:
         """Stores set aside by `collect --force`: paid answers are never thrown away."""
         return self.root / "archive"
+
+    def run_files(self) -> list[Path]:
+        """The runner's own files, which no stage claims (a stage's folder may be the run directory)."""
+        return [self.store, self.store.with_name("store.sqlite-wal"), self.store.with_name("store.sqlite-shm"),
+                self.manifest, self.lock, self.archive, self.report_dir]  # fmt: skip
+
+    def fixed_outputs(self, stage: str) -> list[Path]:
+        """Paths a stage writes that are claimed when it starts; all others are claimed as written."""
+        if stage == "train":
+            return self.train.fixed_outputs()
+        if stage == "collect":
+            return [self.collect.pairs]
+        return []
 
     def stage_dir(self, stage: str) -> Path:
         if stage == "export" and self.export_dir is not None:

@@ -31,7 +31,7 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -44,7 +44,7 @@ from distill4all import __version__, atomic, offline_defaults
 from distill4all.config import STAGE_ORDER, LoadedConfig, RunConfig
 from distill4all.errors import RunDirError, StageError
 from distill4all.layout import RunLayout
-from distill4all.store import SCHEMA_VERSION, StageRow, Store
+from distill4all.store import SCHEMA_VERSION, StageRow, Store, outputs
 from distill4all.store import meta as store_meta
 
 STAGE_MODULES: dict[str, str] = {
@@ -131,8 +131,10 @@ class RunDir:
             raise RunDirError(f"not a directory: {path}")
         self.layout = RunLayout(path)
         store_path = self.layout.store
-        if not store_path.exists() and not create:
-            raise RunDirError(f"not a run directory (no store.sqlite): {path}")
+        if not store_path.exists():
+            if not create:
+                raise RunDirError(f"not a run directory (no store.sqlite): {path}")
+            _refuse_foreign_run_files(self.layout)
         self.store = Store(store_path, readonly=readonly)
         self._lock_fd: int | None = None
 
@@ -201,6 +203,17 @@ class RunDir:
 
     def write_manifest(self, loaded: LoadedConfig, inputs: dict[str, str]) -> None:
         atomic.write_json(self.layout.manifest, self.manifest(loaded, inputs))
+
+
+def _refuse_foreign_run_files(layout: RunLayout) -> None:
+    """A new run in an existing folder must not take over files of the runner's names that some
+    other program (or a run whose store is gone) left there."""
+    for path in layout.run_files():
+        if os.path.lexists(path):
+            raise RunDirError(
+                f"{path} exists but {layout.root} is not a run directory (no store.sqlite): "
+                "point run_dir at a new or empty folder"
+            )
 
 
 def _stage_summary(row: StageRow) -> dict[str, Any]:
@@ -325,19 +338,51 @@ def _run_stage(
     if action == "skipped":
         assert row is not None
         return StageOutcome(name, action, row)
-    if action == "ran" and row is not None:
-        ctx.console.print(f"{name}: redoing (--force)")
-        module.reset(ctx)
-    elif action == "resumed":
-        assert row is not None
-        ctx.console.print(f"{name}: resuming (attempt {row.attempts + 1})")
-    fresh = action == "ran"
-    store.begin_stage(name, run_id=uuid.uuid4().hex[:12], config_hash=fingerprint, upstream=upstream, fresh=fresh)
-    ctx.run.write_manifest(ctx.loaded, all_inputs)
-    _execute(ctx, module, all_inputs)
+    ledger = outputs.Ledger(store, ctx.run.path, name)
+    with atomic.claiming(_claim_hook(ctx, ledger)):
+        _claim_known(ctx, ledger, row)
+        if action == "ran" and row is not None:
+            ctx.console.print(f"{name}: redoing (--force)")
+            outputs.remove(store, ctx.run.path, name)  # exactly the files it wrote, nothing else
+            module.reset(ctx)
+            _claim_known(ctx, ledger, None)
+        elif action == "resumed":
+            assert row is not None
+            ctx.console.print(f"{name}: resuming (attempt {row.attempts + 1})")
+        fresh = action == "ran"
+        store.begin_stage(name, run_id=uuid.uuid4().hex[:12], config_hash=fingerprint, upstream=upstream, fresh=fresh)
+        ctx.run.write_manifest(ctx.loaded, all_inputs)
+        _execute(ctx, module, all_inputs)
     final = store.stage(name)
     assert final is not None
     return StageOutcome(name, action, final)
+
+
+def _claim_hook(ctx: StageContext, ledger: outputs.Ledger) -> Callable[[Path], None]:
+    """Claims for the stage what is written into its folder; the runner's own files (the stage's
+    folder may be the run directory) and anything outside it (the model cache) are not its."""
+    folder = os.path.abspath(ctx.dir)
+    own = {os.path.abspath(p) for p in ctx.layout.run_files()}
+
+    def claim(path: Path) -> None:
+        full = os.path.abspath(path)
+        if os.path.commonpath([full, folder]) != folder or full in own:
+            return
+        if any(full == o or full.startswith(o + os.sep) for o in own):
+            return
+        ledger.claim(path)
+
+    return claim
+
+
+def _claim_known(ctx: StageContext, ledger: outputs.Ledger, row: StageRow | None) -> None:
+    """Claim the paths the stage writes from other processes, and (a store from before the
+    ledger adopts them) the artifacts it recorded when it last finished."""
+    known = ctx.layout.fixed_outputs(ctx.name)
+    if row is not None:
+        known += [ctx.run.path / a for a in row.artifacts]
+    for path in known:
+        atomic.claim(path)
 
 
 def _upstream_run_ids(store: Store, name: str, upstream: tuple[str, ...], configured: list[str]) -> dict[str, str]:

@@ -10,7 +10,6 @@ unfinished with the first error of each kind, and a rerun asks again.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -102,10 +101,10 @@ def _kinds(failures: list[tuple[str, str]], width: int = 240) -> str:
 
 
 def reset(ctx: StageContext) -> None:
-    """--force: archive the store (paid answers are never thrown away), then start collect afresh."""
+    """--force: archive the store (paid answers are never thrown away), then start collect afresh
+    (the runner removes the stage's files)."""
     archive = ctx.run.layout.archive / f"store-{time.strftime('%Y%m%d-%H%M%S')}.sqlite"
     archive.parent.mkdir(parents=True, exist_ok=True)
     ctx.store.backup_to(archive)
     ctx.console.print(f"collect: previous answers archived in {archive}")
     tasks.reset(ctx.store)
-    shutil.rmtree(ctx.dir, ignore_errors=True)

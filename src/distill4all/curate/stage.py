@@ -8,7 +8,6 @@ A rerun after a kill recomputes the same decisions; finished embeddings and proj
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -82,9 +81,9 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def reset(ctx: StageContext) -> None:
-    """Forget the decisions and outputs (and imported pairs); the embeddings cache stays."""
+    """Forget the decisions (and imported pairs); the embeddings cache stays. Its files are
+    removed by the runner."""
     cfg = ctx.config.curate
     decisions.clear(ctx.store)
     if cfg is not None and cfg.input is not None:
         pairs.remove_import(ctx.store, cfg.import_teacher)
-    shutil.rmtree(ctx.dir, ignore_errors=True)

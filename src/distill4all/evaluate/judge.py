@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from distill4all import atomic
 from distill4all.config import JudgeConfig, Price, TeacherConfig
 from distill4all.evaluate.data import Item
 from distill4all.evaluate.runner import ModelSpec
@@ -170,6 +171,8 @@ def win_rates(
 ) -> tuple[list[dict[str, Any]], float]:
     """Every model's answers, then the judge's verdicts against `baseline`; the win rates and
     what the judge cost. The requests' ledger is `folder.judge_store`, so a killed run resumes."""
+    for path in folder.judge_files:
+        atomic.claim(path)
     store = Store(folder.judge_store)
     budget = Budget(cfg.max_cost_usd)
     try:

@@ -83,6 +83,7 @@ def score_model(
         if model.template != "own":
             engine.use_chat_template(layout_jinja(model.template, engine.adds_bos))
         try:
+            atomic.claim(path)
             with open(path, "a", encoding="utf-8") as f:
                 for it in todo:
                     t0 = time.perf_counter()

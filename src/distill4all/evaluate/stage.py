@@ -90,6 +90,4 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def reset(ctx: StageContext) -> None:
-    """Remove the files this stage wrote, and only those: its folder may be the run directory."""
-    for path in ctx.layout.eval.outputs():
-        path.unlink(missing_ok=True)
+    """Nothing beyond its files, which the runner removes (exactly those the stage wrote)."""

@@ -7,7 +7,6 @@ moment picks up where it stopped when run again. Used by the `export` stage and 
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +71,9 @@ def export_model(
     console = console or Console(stderr=True, quiet=quiet)
     files = ExportLayout(out_dir)
     kinds = [cfg.base_type, *[q for q in cfg.quantizations if q != cfg.base_type]]
+    for path in files.planned(kinds):  # a user's file at one of these names stops it here, not later
+        atomic.claim(path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.clean_temp(out_dir)
     # Everything that can reject the input happens before the progress bar starts.
     with console.status(f"reading {spec}…") if not quiet else contextlib.nullcontext():
         provenance, source_url = source_provenance(spec)
@@ -105,8 +105,8 @@ def export_model(
 
         if cfg.compat and outcome.pre_tokenizer in COMPAT_PRE_TOKENIZERS.values():
             original = next(k for k, v in COMPAT_PRE_TOKENIZERS.items() if v == outcome.pre_tokenizer)
-            with tempfile.TemporaryDirectory(dir=out_dir, prefix=f"compat{atomic.TEMP_MARK}") as work:
-                outcome.compat_checked_tokens = check_compat(hf_dir, original, outcome.pre_tokenizer, Path(work))
+            with atomic.scratch_dir(out_dir, "compat") as work:
+                outcome.compat_checked_tokens = check_compat(hf_dir, original, outcome.pre_tokenizer, work)
 
         for kind in kinds[1:]:
             target = files.gguf(kind)

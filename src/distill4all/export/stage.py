@@ -3,7 +3,6 @@ files in export/, their quantization report in export/quant_report.json and the 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from distill4all.config import RunConfig
@@ -65,9 +64,4 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def reset(ctx: StageContext) -> None:
-    """Remove the files this stage wrote, and only those: its folder may be the run directory."""
-    for path in ctx.layout.export.outputs():
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    """Nothing beyond its files, which the runner removes (exactly those the stage wrote)."""

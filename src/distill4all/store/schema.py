@@ -105,6 +105,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE responses ADD COLUMN reasoning TEXT;
     """,
+    # 5 -> 6: the ledger of the files each stage wrote (store/outputs.py); a store that already ran
+    # stages adopts the files at its stages' names, which it wrote before there was a ledger
+    """
+    CREATE TABLE outputs (
+        path TEXT PRIMARY KEY,           -- relative to the run directory when inside it, else absolute
+        stage TEXT NOT NULL,
+        claimed_at REAL NOT NULL
+    );
+    CREATE INDEX outputs_stage ON outputs (stage);
+    INSERT INTO meta (key, value) SELECT 'outputs_adopt', '1' WHERE EXISTS (SELECT 1 FROM stages);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

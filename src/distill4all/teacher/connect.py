@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from distill4all import atomic
 from distill4all.config import TeacherConfig
 from distill4all.teacher.client import TeacherClient
 from distill4all.teacher.limiter import RateLimiter
@@ -29,7 +30,9 @@ def connect(teacher: TeacherConfig, log_dir: Path) -> Iterator[tuple[TeacherClie
         )
         yield client, teacher.model
         return
-    with local_teacher(teacher.model, log_path=log_dir / f"teacher-{teacher.name}.log") as (base_url, model_id):
+    log_path = log_dir / f"teacher-{teacher.name}.log"
+    atomic.claim(log_path)
+    with local_teacher(teacher.model, log_path=log_path) as (base_url, model_id):
         client = TeacherClient(
             base_url,
             api_key=None,

@@ -53,7 +53,7 @@ def _fsync_tree(folder: Path) -> None:
 
 def save(accelerator: Any, root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     final = root / f"step-{step:08d}"
-    tmp = root / f"{final.name}{atomic.TEMP_MARK}"
+    tmp = atomic.temp_path(final, tag="ranks")  # every rank must name the same folder
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -164,4 +164,4 @@ def _layers(files: TrainLayout) -> int | None:
 
 
 def reset(ctx: StageContext) -> None:
-    shutil.rmtree(ctx.dir, ignore_errors=True)
+    """Nothing beyond its files, which the runner removes (exactly those the stage wrote)."""
