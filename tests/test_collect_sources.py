@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import run_cli, store_query, write_config
 from distill4all.collect.sources import SourceStats, read_source
 from distill4all.config import SourceConfig
 from distill4all.errors import DataError
@@ -110,9 +111,9 @@ def test_generic_formats_with_a_field_mapping(tmp_path: Path) -> None:
         assert [p.text for p in got] == ["one?", "two?"], fmt
         assert str(got[0].meta["id"]) == "1"
     bad = tmp_path / "bad.json"
-    bad.write_text('{"data": [1, 2')
-    with pytest.raises(DataError, match=rf"{bad}:1: not valid JSON"):
-        list(read_source(src(format="json", path=bad)))
+    bad.write_text('{"data": [{"question": "one?"},\n{"question": "two?"')  # cut off
+    with pytest.raises(DataError, match=rf"{bad}:2: not valid JSON"):
+        list(read_source(src(format="json", path=bad, field="question")))
     with pytest.raises(DataError, match="not a readable Parquet file"):
         list(read_source(src(format="parquet", path=c)))
 
@@ -166,3 +167,120 @@ def test_source_config_requires_where_to_read() -> None:
         SourceConfig.model_validate({"name": "s", "format": "csv"})
     with pytest.raises(ValueError, match="needs `dataset`"):
         SourceConfig.model_validate({"name": "s", "format": "hf"})
+
+
+# --- rows that are not text, through the CLI --------------------------------------------------
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # past any parser's recursion: the row's error, not the run's
+
+
+def hostile_sources(folder: Path) -> dict[str, tuple[str, Path, list[tuple[int | str, str]]]]:
+    """One file per format the sources read, each with good rows and rows that are not text:
+    name -> (format, path, [(line or row of a bad row, what the error says)])."""
+    jsonl = folder / "p.jsonl"
+    jsonl.write_bytes(
+        b'{"prompt": "jsonl one"}\n'
+        b'{"prompt": "not utf-8 \xff here"}\n'
+        b'{"prompt": "a lone \\ud800 surrogate"}\n'
+        b'{"prompt": "deep metadata", "meta": ' + DEEP + b"}\n"
+        b'{"prompt": "a huge number", "n": ' + b"9" * 5000 + b"}\n"
+        b'{"prompt": "jsonl two", "meta": {"ok": [1, [2]]}}\n'
+    )
+    csv_file = folder / "p.csv"
+    csv_file.write_bytes(b"prompt,x\ncsv one,1\nnot utf-8 \xfe here,2\ncsv two,3\n")
+    json_file = folder / "p.json"
+    json_file.write_bytes(
+        b'{"data": [{"prompt": "json one"},\n'
+        b'{"prompt": "not utf-8 \xc3\x28"},\n'
+        b'{"prompt": "lone \\udfff"},\n'
+        b'{"prompt": "deep", "m": ' + DEEP + b"},\n"
+        b'{"prompt": "json two"}]}\n'
+    )
+    parquet = folder / "p.parquet"
+    texts = pa.array([b"parquet one", b"not utf-8 \xff", b"parquet two"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": texts}), parquet)
+    so = folder / "so.csv"
+    with open(so, "w", newline="", encoding="utf-8") as h:
+        w = csv.writer(h)
+        w.writerows([["Title", "Body"], ["so one", ""], ["deep html", "<div>" * 100_000],
+                     ["so two", ""]])  # fmt: skip
+    return {
+        "jsonl": ("jsonl", jsonl, [(2, "not UTF-8 (byte 0xff at column 23)"),
+                                   (3, "a lone surrogate \\ud800 in a string (not text)"),
+                                   (4, "nests deeper than 100 levels"), (5, "not valid JSON (Exceeds the limit")]),
+        "csv": ("csv", csv_file, [(3, "not UTF-8 (byte 0xfe)")]),
+        "json": ("json", json_file, [("2 (element 1)", "not UTF-8 (byte 0xc3)"),
+                                     ("3 (element 2)", "a lone surrogate \\udfff in a string (not text)"),
+                                     ("4 (element 3)", "nests deeper than 100 levels")]),
+        "parquet": ("parquet", parquet, [("row 1", "not UTF-8 (byte 0xff in a string column)")]),
+        "so": ("stackoverflow", so, [(3, "nests too deep to read")]),
+    }  # fmt: skip
+
+
+def collect_config(tmp_path: Path, url: str, sources: list[dict[str, Any]], run_dir: str = "run") -> Path:
+    teacher = {"name": "stub", "model": "stub", "base_url": url, "max_tokens": 8}
+    data = {"name": "t", "run_dir": run_dir, "collect": {"sources": sources, "teachers": [teacher]}}
+    return write_config(tmp_path / f"{run_dir}.yaml", data)
+
+
+def test_rows_that_are_not_text_are_skipped_and_counted_in_every_format(tmp_path: Path, stub_teacher: str) -> None:
+    files = hostile_sources(tmp_path)
+    sources = [{"name": name, "format": fmt, "path": str(path), "on_error": "skip"}
+               for name, (fmt, path, _) in files.items()]  # fmt: skip
+    r = run_cli("collect", "run", collect_config(tmp_path, stub_teacher, sources))
+    assert r.code == 0, r.output
+    for name, (_, path, bad) in files.items():
+        for where, why in bad:
+            assert f"skipped {path}:{where}: {why}" in r.stderr, (name, where, r.stderr)
+        assert f"source {name}: 2 prompts from {2 + len(bad)} rows, {len(bad)} bad rows skipped" in r.stderr
+    stored = store_query(
+        tmp_path / "run", "SELECT p.source, p.text FROM prompts p JOIN responses r ON r.prompt_id = p.id"
+    )
+    assert sorted(stored) == sorted((name, f"{text} {n}") for name, text in
+                                    [("jsonl", "jsonl"), ("csv", "csv"), ("json", "json"), ("parquet", "parquet"),
+                                     ("so", "so")] for n in ("one", "two"))  # fmt: skip
+
+
+def test_a_row_that_is_not_text_fails_collect_with_its_file_and_line(tmp_path: Path, stub_teacher: str) -> None:
+    for name, (fmt, path, bad) in hostile_sources(tmp_path).items():
+        config = collect_config(tmp_path, stub_teacher, [{"name": name, "format": fmt, "path": str(path)}], name)
+        r = run_cli("collect", "run", config)
+        where, why = bad[0]
+        assert r.code == 2, (name, r.output)
+        assert r.stderr.splitlines()[-1].startswith(f"error: {path}:{where}: {why}"), (name, r.stderr)
+        assert "internal error" not in r.output and "Traceback" not in r.output
+        assert store_query(tmp_path / name, "SELECT COUNT(*) FROM prompts") == [(0,)]
+
+
+def test_a_hub_dataset_that_cannot_be_read_is_one_error_naming_its_row(tmp_path: Path, stub_teacher: str) -> None:
+    """An `hf` dataset from a local folder (the datasets library reads it; the hub check is served
+    by the stub): a row it cannot decode ends the source with the dataset, split and row."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    texts = pa.array([b"hub one", b"not utf-8 \xff", b"hub two"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": texts}), folder / "train.parquet")
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": stub_teacher, "HF_HOME": str(tmp_path / "hf")}
+    for on_error in ("fail", "skip"):  # the library cannot go on past it, so skip cannot either
+        source = {"name": "hub", "format": "hf", "dataset": str(folder), "on_error": on_error}
+        r = run_cli("collect", "run", collect_config(tmp_path, stub_teacher, [source], f"run-{on_error}"), env=env)
+        assert r.code == 2, r.output
+        line = r.stderr.splitlines()[-1]
+        assert line.startswith(f"error: {folder}:train:1: the dataset cannot be read past this row"), line
+
+
+def test_pairs_files_rows_that_are_not_text_fail_curate_with_file_and_line(tmp_path: Path) -> None:
+    good = b'{"prompt": "Why?", "response": "Because."}\n'
+    cases = {
+        "deep.jsonl": (good + b'{"prompt": "a", "response": "b", "m": ' + DEEP + b"}\n", "2: nests deeper than 100 levels"),
+        "number.jsonl": (good + b'{"prompt": "a", "response": ' + b"1" * 5000 + b"}\n", "2: not valid JSON (Exceeds"),
+        "bytes.jsonl": (good + b'{"prompt": "a\xff", "response": "b"}\n', "2: not UTF-8 (byte 0xff at column 14)"),
+    }  # fmt: skip
+    for name, (content, _) in cases.items():
+        (tmp_path / name).write_bytes(content)
+    texts = pa.array([b"Why?", b"not \xff text"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": texts, "response": ["Because.", "b"]}), tmp_path / "bytes.parquet")
+    cases["bytes.parquet"] = (b"", "row 1: not UTF-8 (byte 0xff in a string column)")
+    for name, (_, where_why) in cases.items():
+        r = run_cli("curate", tmp_path / name, "--out", tmp_path / f"run-{name}")
+        assert r.code == 2, (name, r.output)
+        assert r.stderr.splitlines()[-1].startswith(f"error: {tmp_path / name}:{where_why}"), (name, r.stderr)

@@ -15,16 +15,17 @@ import heapq
 import json
 import os
 import re
+import stat
 import sys
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from distill4all.config import SourceConfig
 from distill4all.errors import DataError
-from distill4all.records import parquet_rows
+from distill4all.records import MAX_DEPTH, SURROGATE, json_line, parquet_rows, unfit
 from distill4all.store.prompts import Prompt, prompt_id
 
 
@@ -58,50 +59,169 @@ Row = tuple[str, dict[str, Any]]
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that row's error, not the file's
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, RowError(f"not valid JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
+            row, why = json_line(raw)
+            if why is not None:
+                yield where, RowError(why)
+            elif not isinstance(row, dict):
                 yield where, RowError("not a JSON object")
-                continue
-            yield where, row
+            else:
+                yield where, row
 
 
 def _json_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
+    """The elements of a JSON list (or of the list under an object's "data" key), each named by
+    the line it starts on. Read element by element, so that one that is not UTF-8, holds a lone
+    surrogate or nests too deep is that row's error; a file whose structure is broken is the file's."""
+    # bytes that are not UTF-8 become lone surrogates (surrogateescape), found in the element's text
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    doc = _JsonText(path, text)
+    pos = doc.skip(0)
+    if text.startswith("[", pos):
+        yield from doc.elements(pos)
+        pos = doc.skip(doc.end)
+    elif text.startswith("{", pos):
+        found = False
+        pos = doc.skip(pos + 1)
+        while not text.startswith("}", pos):
+            key, after = doc.value(pos)
+            if not isinstance(key, str):
+                doc.syntax(pos, "a key must be a string")
+            pos = doc.expect(after, ":")
+            if key == "data" and text.startswith("[", pos) and not found:
+                found = True
+                yield from doc.elements(pos)
+                pos = doc.end
+            else:
+                pos = doc.skip_value(pos)
+            pos = doc.skip(pos)
+            if not text.startswith("}", pos):
+                pos = doc.expect(pos, ",")
+        if not found:
+            raise DataError(f"{path}: a JSON source must be a list of objects (or {{'data': [...]}})")
+        pos = doc.skip(pos + 1)
+    else:
         raise DataError(f"{path}: a JSON source must be a list of objects (or {{'data': [...]}})")
-    for i, row in enumerate(data):
-        where = f"{path}:item {i}"
-        yield (where, row) if isinstance(row, dict) else (where, RowError("not a JSON object"))
+    if pos < len(text):
+        doc.syntax(pos, "more after the end of the JSON value")
+
+
+class _JsonText:
+    """The outer levels of a JSON source, parsed by hand (positions and lines known); each element
+    is decoded on its own by the json module."""
+
+    _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.text, self.end = path, text, 0
+        self.decoder = json.JSONDecoder()
+        self._line, self._line_pos = 1, 0
+
+    def line(self, pos: int) -> int:
+        """The line of `pos`, counted once through the text (positions only grow)."""
+        self._line += self.text.count("\n", self._line_pos, pos)
+        self._line_pos = pos
+        return self._line
+
+    def skip(self, pos: int) -> int:
+        while pos < len(self.text) and self.text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def syntax(self, pos: int, why: str) -> NoReturn:
+        raise DataError(f"{self.path}:{self.line(pos)}: not valid JSON ({why})")
+
+    def expect(self, pos: int, char: str) -> int:
+        pos = self.skip(pos)
+        if not self.text.startswith(char, pos):
+            self.syntax(pos, f"expected {char!r}")
+        return self.skip(pos + 1)
+
+    def value(self, pos: int) -> tuple[Any, int]:
+        try:
+            return self.decoder.raw_decode(self.text, pos)
+        except json.JSONDecodeError as e:
+            self.syntax(e.pos, e.msg)
+        except ValueError as e:  # an integer past Python's 4300-digit limit
+            self.syntax(pos, str(e))
+
+    def skip_value(self, pos: int) -> int:
+        """The end of the value at `pos`, found by its brackets when it nests too deep to decode."""
+        try:
+            return self.value(pos)[1]
+        except RecursionError:
+            depth = 0
+            for m in self._TOKEN.finditer(self.text, pos):
+                depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(m.group(), 0)
+                if depth == 0:
+                    return m.end()
+            self.syntax(len(self.text), "a list or object is not closed")
+
+    def elements(self, pos: int) -> Iterator[Row | tuple[str, RowError]]:
+        """The elements of the list at `pos`; `end` is then the position after its `]`."""
+        pos, index = self.skip(pos + 1), 0
+        while not self.text.startswith("]", pos):
+            where = f"{self.path}:{self.line(pos)} (element {index})"
+            start = pos
+            try:
+                row, pos = self.value(pos)
+                why = unfit(row, self.text[start:pos])
+            except RecursionError:
+                pos, why = self.skip_value(pos), f"nests deeper than {MAX_DEPTH} levels"
+            if m := SURROGATE.search(self.text, start, pos):  # raw bytes, not a JSON escape
+                why = f"not UTF-8 (byte {ord(m.group()) - 0xDC00:#04x})"
+            if why is None and not isinstance(row, dict):
+                why = "not a JSON object"
+            yield (where, RowError(why)) if why is not None else (where, row)
+            index += 1
+            pos = self.skip(pos)
+            if not self.text.startswith("]", pos):
+                pos = self.expect(pos, ",")
+        self.end = pos + 1
 
 
 def _csv_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
     csv.field_size_limit(sys.maxsize)  # StackOverflow bodies exceed the 128 KiB default
-    with open(path, encoding="utf-8", newline="") as f:
+    # bytes that are not UTF-8 become lone surrogates (surrogateescape): that row's error, not the file's
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
-        for row in reader:
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as e:
+            raise DataError(f"{path}:1: not valid CSV ({e})") from None
+        if why := _not_utf8(header):
+            raise DataError(f"{path}:1: the header is {why}")
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield f"{path}:{reader.line_num}", RowError(f"not valid CSV ({e})")
+                continue
             # line_num is the line where the record ended; records can span lines (quoted HTML)
             where = f"{path}:{reader.line_num}"
             if None in row or any(v is None for v in row.values()):
                 yield (
                     where,
-                    RowError(f"has a different number of fields than the header's {len(reader.fieldnames or [])}"),
+                    RowError(f"has a different number of fields than the header's {len(header)}"),
                 )
-                continue
-            yield where, dict(row)
+            elif why := _not_utf8(row.values()):
+                yield where, RowError(why)
+            else:
+                yield where, dict(row)
+
+
+def _not_utf8(values: Iterable[str]) -> str | None:
+    """Where bytes that are not UTF-8 were decoded with surrogateescape: the first such byte."""
+    for value in values:
+        if m := SURROGATE.search(value):
+            return f"not UTF-8 (byte {ord(m.group()) - 0xDC00:#04x})"
+    return None
 
 
 def _hf_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
@@ -114,8 +234,18 @@ def _hf_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
     import datasets
 
     ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, streaming=True)
-    for i, row in enumerate(ds):
-        yield f"{cfg.dataset}:{cfg.split}:{i}", dict(row)
+    rows, i = iter(ds), 0
+    while True:
+        where = f"{cfg.dataset}:{cfg.split}:{i}"
+        try:
+            row = next(rows, None)
+        except Exception as e:  # the library's reader failed on its file: nothing after it can be read
+            raise DataError(f"{where}: the dataset cannot be read past this row ({type(e).__name__}: {e})") from None
+        if row is None:
+            return
+        i += 1
+        why = unfit(row)
+        yield (where, RowError(why)) if why is not None else (where, dict(row))
 
 
 def _check_hub_reachable(cfg: SourceConfig) -> None:
@@ -133,8 +263,13 @@ def _file_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
     if cfg.format == "hf":
         return _hf_rows(cfg)
     assert cfg.path is not None
-    if not cfg.path.is_file():
-        raise DataError(f"source {cfg.name!r}: file not found: {cfg.path}")
+    try:
+        if not stat.S_ISREG(os.stat(cfg.path).st_mode):
+            raise DataError(f"source {cfg.name!r}: not a file: {cfg.path}")
+    except FileNotFoundError:
+        raise DataError(f"source {cfg.name!r}: file not found: {cfg.path}") from None
+    except OSError as e:  # a symlink loop, a folder that may not be read…
+        raise DataError(f"source {cfg.name!r}: cannot read {cfg.path}: {e.strerror}") from None
     suffix = cfg.path.suffix.lower()
     kind = {"jsonl": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet"}.get(cfg.format)
     if kind is None:  # a dataset format: the file format comes from the extension
@@ -143,9 +278,17 @@ def _file_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
         "jsonl": _jsonl_rows,
         "json": _json_rows,
         "csv": _csv_rows,
-        "parquet": parquet_rows,
+        "parquet": lambda path: parquet_rows(path, bad=RowError),
     }
-    return readers[kind](cfg.path)
+    return _reading(cfg.path, readers[kind](cfg.path))
+
+
+def _reading(path: Path, rows: Iterator[Row | tuple[str, RowError]]) -> Iterator[Row | tuple[str, RowError]]:
+    """The rows, with a failure to read the file (a disk error, a file removed) named as its own."""
+    try:
+        yield from rows
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 # --- extract: dataset formats ------------------------------------------------------------------
@@ -277,6 +420,9 @@ def read_source(
             raw, meta = extract(row)
         except RowError as e:
             bad(where, str(e))
+            continue
+        except RecursionError:  # e.g. a StackOverflow body of HTML nested 100,000 deep
+            bad(where, "nests too deep to read")
             continue
         text = normalize(raw)
         if len(text) < cfg.min_chars:
