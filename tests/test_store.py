@@ -1,18 +1,25 @@
-"""The run store and atomic artifacts survive a SIGKILL at any moment."""
+"""The run store and atomic artifacts survive a SIGKILL at any moment; a store the machine fails
+(damaged, read-only, a full disk) is one line naming it, and loses nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conftest import CliResult, cli_command, run_cli, store_query, write_config, write_jsonl
 from distill4all import atomic
 from distill4all.errors import RunDirError
 from distill4all.store import SCHEMA_VERSION, Store, schema
@@ -156,3 +163,162 @@ def test_file_hash_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
         assert s.count("SELECT COUNT(*) FROM file_hashes") == 1
         f.write_text("abcd")
         assert s.file_hash(f) != h1
+
+
+# --- the machine at fault: a damaged store, a read-only folder, a full disk, a symlink loop ------
+
+
+def collected_run(tmp_path: Path, url: str, n: int = 6, run_dir: str = "run", **collect: Any) -> Path:
+    """A config whose collect stage has the stub teacher answer `n` prompts (the source lies
+    outside the run directory)."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"question number {i}?"} for i in range(n)])
+    teacher = {"name": "stub", "model": "stub", "base_url": url, "max_tokens": 8, "concurrency": 1}
+    data = {"name": "t", "run_dir": run_dir,
+            "collect": {"sources": [{"name": "qs", "path": "prompts.jsonl"}], "teachers": [teacher], **collect}}  # fmt: skip
+    return write_config(tmp_path / "run.yaml", data)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(r: CliResult) -> str:
+    assert r.code == 2, r.output
+    assert "internal error" not in r.output and "Traceback" not in r.output, r.output
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_a_damaged_store_is_one_line_naming_it_and_is_left_as_it_is(tmp_path: Path, stub_teacher: str) -> None:
+    config = collected_run(tmp_path, stub_teacher)
+    assert run_cli("collect", "run", config).code == 0
+    store = tmp_path / "run" / "store.sqlite"
+    whole = store.read_bytes()
+    damages = {
+        "it is damaged": whole[: len(whole) // 3],  # cut short: pages the schema points to are gone
+        "it is not a SQLite database": b"this is not a database at all\n" * 100,  # another file in its place
+    }
+    for why, damaged in damages.items():
+        store.write_bytes(damaged)
+        for args in (("status", tmp_path / "run"), ("collect", "run", config)):
+            line = one_error_line(run_cli(*args))
+            assert re.match(rf"error: \S*{re.escape(str(store.relative_to(tmp_path)))}: cannot use the run store: {why}",
+                            line), line  # fmt: skip
+            assert store.read_bytes() == damaged  # nothing was "repaired" or written over
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` made read-only for real: a read-only bind mount for root (who ignores file modes),
+    the folder's mode for anyone else."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if not _mount("--bind", folder, folder):
+        pytest.skip("running as root without the right to mount: no way to make a folder read-only")
+    try:
+        if not _mount("-o", "remount,ro,bind", folder):
+            pytest.skip("running as root without the right to remount read-only")
+        yield
+    finally:
+        subprocess.run(["umount", folder], check=True)
+
+
+def _mount(*args: str | Path) -> bool:
+    try:
+        return subprocess.run(["mount", *map(str, args)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def test_a_read_only_run_directory_shows_its_status_and_refuses_to_run_in_one_line(
+    tmp_path: Path, stub_teacher: str
+) -> None:
+    config = collected_run(tmp_path, stub_teacher)
+    assert run_cli("collect", "run", config).code == 0
+    run_dir = tmp_path / "run"
+    before = files_of(run_dir)
+    with read_only(run_dir):
+        r = run_cli("status", run_dir)
+        assert r.code == 0 and re.search(r"collect\s+│\s+done", r.stdout), r.output  # reading needs no writing
+        for args in (("collect", "run", config), ("collect", "run", config, "--force")):
+            line = one_error_line(run_cli(*args))
+            assert line.startswith(f"error: {run_dir / 'store.sqlite'}: cannot use the run store: "), line
+            assert "folder is read-only" in line, line
+    assert files_of(run_dir) == before
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: int) -> Iterator[None]:
+    """A tmpfs of `size` bytes mounted at `folder` (root only)."""
+    folder.mkdir()
+    if os.geteuid() != 0 or not _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder):
+        pytest.skip("mounting a small tmpfs needs root and the right to mount")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", folder], check=True)
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    def preexec() -> None:  # Python ignores SIGXFSZ: a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+@pytest.mark.parametrize("full", ["a full disk", "a file-size limit"])
+def test_a_full_disk_is_one_line_naming_the_store_and_keeps_every_answer(
+    tmp_path: Path, stub_teacher: str, full: str
+) -> None:
+    """The disk fills mid-collection: the stage ends with one line naming the store and the cause,
+    the answers committed before stay, and once there is room a rerun answers the rest, each once."""
+    config = collected_run(tmp_path, stub_teacher, n=200, run_dir="disk/run", batch_size=2)
+    store = tmp_path / "disk" / "run" / "store.sqlite"
+    with contextlib.ExitStack() as stack:
+        if full == "a full disk":
+            stack.enter_context(small_disk(tmp_path / "disk", 8 << 20))
+            filler = tmp_path / "disk" / "filler"
+            filler.write_bytes(b"\0" * ((8 << 20) - (1200 << 10)))  # ~1.2 MB left: some answers fit
+            preexec, cause = None, "the disk is full"
+        else:
+            preexec, cause = _file_size_limit(1 << 20), "reading or writing it failed"
+        p = subprocess.run(cli_command("collect", "run", config), capture_output=True, text=True, preexec_fn=preexec)
+        line = one_error_line(CliResult(p.returncode, p.stdout, p.stderr))
+        assert line.startswith(f"error: {store}: cannot use the run store: {cause}"), line
+        kept = store_query(store.parent, "SELECT prompt_id, text FROM responses")
+        assert 0 < len(kept) < 200
+        if full == "a full disk":
+            filler.unlink()
+        r = run_cli("collect", "run", config)
+        assert r.code == 0 and "collect: resumed" in r.stdout, r.output
+        after = store_query(store.parent, "SELECT prompt_id, text FROM responses")
+        assert len(after) == len({pid for pid, _ in after}) == 200 and set(kept) <= set(after)
+
+
+def test_a_symlink_loop_in_a_source_path_is_one_line_naming_it(tmp_path: Path, stub_teacher: str) -> None:
+    config = collected_run(tmp_path, stub_teacher)
+    (tmp_path / "prompts.jsonl").unlink()
+    (tmp_path / "loop").symlink_to("prompts.jsonl")
+    (tmp_path / "prompts.jsonl").symlink_to("loop")
+    line = one_error_line(run_cli("collect", "run", config))
+    assert line == f"error: source 'qs': cannot read {tmp_path / 'prompts.jsonl'}: Too many levels of symbolic links"
+
+
+def test_a_full_disk_is_named_even_when_recording_the_failure_fails_too(tmp_path: Path, stub_teacher: str) -> None:
+    """The prompts alone overflow the disk: the stage fails on the store, and writing the manifest
+    that records it fails as well; the line names the first fault, not the one that followed."""
+    config = collected_run(tmp_path, stub_teacher, run_dir="disk/run")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"question {i}? " + "x" * 300} for i in range(3000)])
+    run_dir = tmp_path / "disk" / "run"
+    with small_disk(tmp_path / "disk", 512 << 10):
+        line = one_error_line(run_cli("collect", "run", config))
+        assert line.startswith(f"error: {run_dir / 'store.sqlite'}: cannot use the run store: the disk is full"), line
+        line = one_error_line(run_cli("collect", "run", config))  # the resumed stage's first write
+        assert re.match(rf"error: {re.escape(str(run_dir))}/(manifest\.json: No space left on device|store\.sqlite: "
+                        "cannot use the run store: the disk is full)", line), line  # fmt: skip

@@ -7,6 +7,7 @@ traceback instead). Heavy libraries are imported inside commands so that `--help
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import sys
 import time
@@ -884,6 +885,34 @@ def serve(
 # --- entry point -------------------------------------------------------------------------------
 
 
+_MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.ELOOP,
+                             errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM})  # fmt: skip
+
+
+def _fault_line(e: BaseException) -> str | None:
+    """The line for an error of the machine rather than of distill4all (a full or failing disk, a
+    read-only file system, a symlink loop), or None. When it was raised while an earlier user's or
+    machine's error was being handled (a full disk fails the stage, then its manifest too), the
+    earliest that names its file is the cause, and reported."""
+
+    def line(x: BaseException) -> tuple[str, bool] | None:  # (the line, whether it names the file)
+        if isinstance(x, UserError):
+            return str(x), True
+        if isinstance(x, OSError) and x.errno in _MACHINE_ERRNOS:
+            if x.filename:
+                return f"{x.filename}: {x.strerror}", True
+            return f"a file could not be written or read: {x.strerror}", False
+        return None
+
+    found: str | None = None
+    node: BaseException | None = e
+    while node is not None and (seen := line(node)) is not None:
+        if seen[1] or found is None:
+            found = seen[0]
+        node = node.__cause__ or (None if node.__suppress_context__ else node.__context__)
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     import os
 
@@ -916,5 +945,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             raise
+        if (fault := _fault_line(e)) is not None:  # the machine's doing (a full disk…), not a bug
+            print(f"error: {fault}", file=sys.stderr)
+            sys.exit(2)
         print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)

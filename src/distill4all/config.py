@@ -817,12 +817,20 @@ def _interpolate(data: Any, path: KeyPath, env: dict[str, str], found: dict[KeyP
     return out
 
 
+def _absolute(path: Path) -> Path:
+    """The path resolved; one whose symlinks loop stays as written, for its reader to name the loop."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError
+        return Path(os.path.abspath(path))
+
+
 def _resolve_paths(model: BaseModel, base: Path) -> None:
     """Make every relative Path field absolute against the config file's folder."""
     for name in type(model).model_fields:
         value = getattr(model, name)
         if isinstance(value, Path) and not value.is_absolute():
-            object.__setattr__(model, name, (base / value).resolve())
+            object.__setattr__(model, name, _absolute(base / value))
         elif isinstance(value, BaseModel):
             _resolve_paths(value, base)
         elif isinstance(value, list):
@@ -830,7 +838,7 @@ def _resolve_paths(model: BaseModel, base: Path) -> None:
                 if isinstance(item, BaseModel):
                     _resolve_paths(item, base)
                 elif isinstance(item, Path) and not item.is_absolute():
-                    value[i] = (base / item).resolve()
+                    value[i] = _absolute(base / item)
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

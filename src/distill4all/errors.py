@@ -4,6 +4,7 @@
     ├── UserError            the cause is the user's input: one line on stderr, exit code 2
     │   ├── ConfigError          the run config cannot be read or does not validate
     │   ├── RunDirError          the run directory is missing, locked, or from a newer version
+    │   │   └── StoreError           its store cannot be used: damaged, read-only, its disk full or failing
     │   ├── ForeignFileError     a file the run would write exists and the run did not write it
     │   ├── StageError           a stage cannot run as asked (unknown, upstream unfinished, settings changed)
     │   ├── ModelError           a model name or path cannot be resolved or loaded
@@ -45,6 +46,11 @@ class ConfigError(UserError):
 
 class RunDirError(UserError):
     """The run directory is missing, locked by another process, or from a newer version."""
+
+
+class StoreError(RunDirError):
+    """The run store's file or its disk is at fault (damaged, read-only, full, failing): the cause
+    lies outside distill4all, and the message names the file."""
 
 
 class ForeignFileError(UserError):

@@ -1,16 +1,124 @@
-"""The connection to a run's store: pragmas, migrations, transactions, backup."""
+"""The connection to a run's store: pragmas, migrations, transactions, backup.
+
+An error of the store's file or of its disk (damaged, read-only, full, a disk error) is a
+StoreError naming the file, from whichever query meets it: the store's connection and cursors
+translate SQLite's error codes as they are raised, so that no caller needs to.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
-from distill4all.errors import RunDirError
+from distill4all.errors import RunDirError, StoreError
 from distill4all.store import file_hashes, schema, stages
 from distill4all.store.stages import StageRow
+
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_FAULTS = {  # SQLite's primary error codes that come from the file or the disk, never from a query
+    sqlite3.SQLITE_CORRUPT: "it is damaged; it was left as it is (restore it from a copy)",
+    sqlite3.SQLITE_NOTADB: "it is not a SQLite database (damaged, or another file in its place); it was left as it is",
+    sqlite3.SQLITE_FULL: "the disk is full; what was stored before is kept (free space and rerun)",
+    sqlite3.SQLITE_IOERR: "reading or writing it failed (a disk error, a quota, a file-size limit)",
+    sqlite3.SQLITE_CANTOPEN: "it cannot be opened",
+    sqlite3.SQLITE_READONLY: "it is read-only",
+    sqlite3.SQLITE_PERM: "permission denied",
+    sqlite3.SQLITE_BUSY: "another process holds it locked",
+}
+
+
+def fault(path: Path, e: sqlite3.Error) -> Exception:
+    """What an SQLite error is to the user: a StoreError naming the file and the cause when the
+    file or its disk is at fault; else the error itself (a bug in a query is an internal error)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None  # the extended code's low byte
+    why = _FAULTS.get(primary) if primary is not None else None
+    if why is None:
+        return e
+    if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY) and not os.access(path.parent, os.W_OK):
+        why += " (its folder is read-only: the store needs to write its -wal and -shm files there)"
+    return StoreError(f"{path}: cannot use the run store: {why} ({e})")
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor whose errors of the file or disk are StoreErrors naming the store."""
+
+    def _fault(self, e: sqlite3.Error) -> Exception:
+        connection = self.connection
+        return fault(connection.path, e) if isinstance(connection, _Connection) else e
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as e:
+            raise self._fault(e) from e
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> _Cursor:
+        try:
+            return super().executemany(sql, seq_of_parameters)
+        except sqlite3.Error as e:
+            raise self._fault(e) from e
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.Error as e:
+            raise self._fault(e) from e
+
+    def fetchmany(self, size: int | None = 1) -> list[Any]:
+        try:
+            return super().fetchmany(size)
+        except sqlite3.Error as e:
+            raise self._fault(e) from e
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.Error as e:
+            raise self._fault(e) from e
+
+    def __next__(self) -> Any:  # a damaged page can be met half-way through a result
+        try:
+            return super().__next__()
+        except sqlite3.Error as e:
+            raise self._fault(e) from e
+
+
+_C = TypeVar("_C", bound=sqlite3.Cursor)
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose cursors are `_Cursor`s (sqlite3's own `execute` would make plain ones)."""
+
+    path: Path
+
+    @overload
+    def cursor(self, factory: None = None) -> _Cursor: ...
+    @overload
+    def cursor(self, factory: Callable[[sqlite3.Connection], _C]) -> _C: ...
+    def cursor(self, factory: Callable[[sqlite3.Connection], sqlite3.Cursor] | None = None) -> sqlite3.Cursor:
+        return super().cursor(factory or _Cursor)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        return self.cursor().executemany(sql, parameters)
+
+
+def connect(path: Path, *, readonly: bool = False, immutable: bool = False) -> sqlite3.Connection:
+    """A connection to the store at `path` whose file and disk errors name it (see `fault`)."""
+    uri = f"file:{path}?mode=ro&immutable=1" if immutable else f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, factory=_Connection)
+    except sqlite3.Error as e:
+        raise fault(path, e) from e
+    db.path = path
+    return db
 
 
 class Store:
@@ -25,8 +133,20 @@ class Store:
         self.path = path
         if not path.exists() and (readonly or not create):
             raise RunDirError(f"no run store at {path}")
-        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-        self.db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+        self.db = connect(path, readonly=readonly)
+        try:
+            self._open(readonly)
+        except StoreError:
+            if not (readonly and self._on_readonly_media()):
+                self.db.close()
+                raise
+            # A WAL store can be read only where its -shm file can be made; in a read-only folder,
+            # and with no -wal file left by a writer, the file alone holds every commit.
+            self.db.close()
+            self.db = connect(path, immutable=True)
+            self._open(readonly)
+
+    def _open(self, readonly: bool) -> None:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout = 60000")
         if not readonly:
@@ -38,6 +158,11 @@ class Store:
             self._migrate()
         else:
             self._check_version()
+
+    def _on_readonly_media(self) -> bool:
+        folder = self.path.parent
+        wal = self.path.with_name(self.path.name + "-wal")
+        return not os.access(folder, os.W_OK) and not wal.exists()
 
     def close(self) -> None:
         self.db.close()
@@ -77,7 +202,9 @@ class Store:
         try:
             yield self.db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                with contextlib.suppress(sqlite3.Error, StoreError):  # keep the first error, not this one
+                    self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 
@@ -86,11 +213,15 @@ class Store:
 
     def backup_to(self, path: Path) -> None:
         """A consistent copy of the whole store at `path`, taken while it stays open."""
-        target = sqlite3.connect(path)
         try:
-            self.db.backup(target)
-        finally:
-            target.close()
+            target = sqlite3.connect(path)
+            try:
+                self.db.backup(target)
+            finally:
+                target.close()
+        except sqlite3.Error as e:  # a damaged page is this store's; anything else the copy's
+            code = getattr(e, "sqlite_errorcode", 0)
+            raise fault(self.path if code & 0xFF in _DAMAGED else path, e) from e
 
     # --- shorthands -----------------------------------------------------------------------------
 
