@@ -301,7 +301,15 @@ def test_a_full_disk_is_one_line_naming_the_store_and_keeps_every_answer(
         assert len(after) == len({pid for pid, _ in after}) == 200 and set(kept) <= set(after)
 
 
-def test_a_symlink_loop_in_a_source_path_is_one_line_naming_it(tmp_path: Path, stub_teacher: str) -> None:
+def test_a_symlink_loop_in_a_source_path_or_the_run_dir_is_one_line_naming_it(
+    tmp_path: Path, stub_teacher: str
+) -> None:
+    (tmp_path / "run-loop").symlink_to("run-loop")
+    config = collected_run(tmp_path, stub_teacher, run_dir="run-loop")
+    for args in (("collect", "run", config), ("status", tmp_path / "run-loop")):
+        line = one_error_line(run_cli(*args))
+        assert line == (f"error: run directory {tmp_path / 'run-loop'} is a symlink that cannot be followed: "
+                        "Too many levels of symbolic links"), line  # fmt: skip
     config = collected_run(tmp_path, stub_teacher)
     (tmp_path / "prompts.jsonl").unlink()
     (tmp_path / "loop").symlink_to("prompts.jsonl")

@@ -124,6 +124,12 @@ class RunDir:
     def __init__(self, path: Path, *, create: bool = False, readonly: bool = False) -> None:
         self.path = path
         if not path.exists():
+            if path.is_symlink():  # one that loops or leads nowhere: mkdir would say "a file is there"
+                try:
+                    os.stat(path)
+                except OSError as e:
+                    why = e.strerror
+                    raise RunDirError(f"run directory {path} is a symlink that cannot be followed: {why}") from None
             if not create:
                 raise RunDirError(f"run directory not found: {path}")
             path.mkdir(parents=True)
