@@ -1,12 +1,13 @@
 """Stand-ins for the outside world of the collect stage, on 127.0.0.1:
 
 - `StubTeacher`: an OpenAI-compatible chat endpoint that answers after a fixed delay (the
-  benchmark's "remote API"), honouring max_tokens (finish_reason=length) and an API key; and,
-  as some real endpoints do, answering without `usage`, with `content` as a list of parts, or
-  with an HTTP 200 whose body is an error (see StubTeacher.handle);
+  benchmark's "remote API"), honouring max_tokens (finish_reason=length) and an API key or HTTP
+  Basic credentials; and, as some real endpoints do, answering without `usage`, with `content`
+  as a list of parts, with an HTTP 200 whose body is an error, with logprobs of any shape, or
+  with errors that quote the credentials they were sent (see StubTeacher.handle);
 - `FaultProxy`: sits in front of any teacher and injects the failures real APIs produce — 429 with
-  Retry-After, 500/503, answers slower than the client's timeout, dropped connections, malformed
-  JSON — at a seeded rate, and counts what it did.
+  Retry-After (or any headers), 500/503, answers slower than the client's timeout, dropped
+  connections, malformed JSON — at a seeded rate, and counts what it did.
 
 Both are tiny asyncio HTTP/1.1 servers (keep-alive, Content-Length bodies), written by hand
 because the proxy must be able to drop a connection mid-request, which ASGI servers do not allow.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import random
@@ -82,18 +84,38 @@ class StubTeacher:
     passes them): `stub_usage: false` leaves `usage` out, `stub_content: "parts"` gives `content`
     as a list of parts, `stub_reasoning` a reasoning model's answer ("field": reasoning_content
     beside the answer, "ollama": `reasoning`, "inline": `<think>…</think>` before it, "only": content
-    null); a prompt starting with a key of ERRORS_IN_200 gets that body with HTTP 200.
+    null), `stub_logprobs` a logprobs entry per word (OpenAI's shape), its first token's fields
+    replaced by the object given; a prompt starting with a key of ERRORS_IN_200 gets that body with
+    HTTP 200.
+
+    With `api_key` (a Bearer token) or `basic` (user, password) set, other credentials get a 401;
+    with `echo` every error quotes the Authorization it was sent, as careless servers do, and a
+    prompt starting with ECHO-400 or ECHO-500 gets that status.
     """
 
-    def __init__(self, delay: float = 0.0, api_key: str | None = None, words: int = 40) -> None:
-        self.delay, self.api_key, self.words = delay, api_key, words
+    def __init__(
+        self,
+        delay: float = 0.0,
+        api_key: str | None = None,
+        words: int = 40,
+        basic: tuple[str, str] | None = None,
+        echo: bool = False,
+    ) -> None:
+        self.delay, self.api_key, self.words, self.echo = delay, api_key, words, echo
+        self.basic = "Basic " + base64.b64encode(":".join(basic).encode()).decode() if basic else None
         self.answered: Counter[str] = Counter()  # prompt → answers sent
+
+    def _error(self, status: int, message: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        if self.echo:
+            message += f" (you sent {headers.get('authorization')!r})"
+        return _json(status, {"error": {"message": message, "type": "invalid_request_error"}})
 
     async def handle(
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, str], bytes]:
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
-            return _json(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+        expected = f"Bearer {self.api_key}" if self.api_key is not None else self.basic
+        if expected is not None and headers.get("authorization") != expected:
+            return self._error(401, "Incorrect API key provided", headers)
         if method == "GET" and path.endswith("/models"):
             return _json(200, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
         if method == "GET" and path == "/_stats":
@@ -106,6 +128,8 @@ class StubTeacher:
             return _json(400, {"error": {"message": "bad request body", "type": "invalid_request_error"}})
         if prompt.startswith("REJECT"):
             return _json(400, {"error": {"message": "this prompt is rejected", "type": "invalid_request_error"}})
+        if prompt.startswith(("ECHO-400", "ECHO-500")):
+            return self._error(int(prompt[5:8]), "this prompt is rejected", headers)
         if error := next((body for start, body in ERRORS_IN_200.items() if prompt.startswith(start)), None):
             return _json(200, error)
         await asyncio.sleep(float(req.get("stub_delay", self.delay)))  # a test may ask for its own delay
@@ -129,11 +153,17 @@ class StubTeacher:
             message["reasoning"] = thinking
         elif shape == "inline":
             message["content"] = f"<think>\n{thinking}\n</think>\n\n{text}"
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+        if (first := req.get("stub_logprobs")) is not None:
+            tokens = [w if i == 0 else f" {w}" for i, w in enumerate(text.split(" "))]
+            content = [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []} for t in tokens]
+            content[0] |= first
+            choice["logprobs"] = {"content": content}
         answer = {
             "id": f"chatcmpl-{time.monotonic_ns()}",
             "object": "chat.completion",
             "model": req.get("model", "stub"),
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "choices": [choice],
         }
         return _json(200, answer if req.get("stub_usage") is False else answer | {"usage": usage})
 
@@ -152,9 +182,13 @@ class FaultProxy:
         seed: int = 0,
         slow_s: float = 3.0,
         script: list[str] | None = None,
+        retry_after: dict[str, str] | None = None,
+        answer_headers: dict[str, str] | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.rate, self.faults, self.slow_s = rate, faults, slow_s
+        self.retry_after = {"Retry-After": "1"} if retry_after is None else retry_after  # a 429's headers
+        self.answer_headers = answer_headers or {}  # added to every answer passed on (x-ratelimit-*)
         self.script = list(script or [])  # faults for the first requests, in order ("ok" for none)
         self.arrivals: list[float] = []  # monotonic time of each POST
         self.rng = random.Random(seed)
@@ -177,9 +211,7 @@ class FaultProxy:
         if fault != "ok":
             self.injected[fault] += 1
             if fault == "429":
-                return _json(
-                    429, {"error": {"message": "Rate limit reached", "type": "requests"}}, **{"Retry-After": "1"}
-                )
+                return _json(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, **self.retry_after)
             if fault in ("500", "503"):
                 return _json(int(fault), {"error": {"message": "The server had an error", "type": "server_error"}})
             if fault == "drop":
@@ -191,7 +223,8 @@ class FaultProxy:
         keep = {k: v for k, v in headers.items() if k in ("authorization", "content-type")}
         r = await self.client.request(method, self.upstream + path, headers=keep, content=body)
         self.forwarded += 1
-        return r.status_code, {"Content-Type": r.headers.get("content-type", "application/json")}, r.content
+        out = {"Content-Type": r.headers.get("content-type", "application/json")} | self.answer_headers
+        return r.status_code, out, r.content
 
 
 class Background:

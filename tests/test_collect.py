@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -608,3 +610,170 @@ def test_collect_says_the_cost_is_estimated_and_shows_an_error_given_with_http_2
     assert db.execute("SELECT usage, COUNT(*), MIN(cost_usd) > 0 FROM responses GROUP BY usage").fetchall() == [
         ("estimate (~4 characters a token)", 3, 1)
     ]
+
+
+# --- nothing hangs a paid run: bugs, and waits a teacher asks for --------------------------------
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """fn() in a thread, failing the test if it has not returned in time (a hang must not hang CI)."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    box["seconds"] = time.monotonic() - t0
+    return box
+
+
+def collect_within(seconds: float, path: Path, texts: list[str], teacher: TeacherConfig, client: Any) -> Any:
+    """`within` for run_collect on a new store of `texts` (a store is used in the thread that opened it)."""
+
+    def go() -> Any:
+        with Store(path) as store:
+            fill(store, texts)
+            return run_collect(store, teacher, client)
+
+    return within(seconds, go)
+
+
+def states(path: Path) -> dict[str, int]:
+    with Store(path) as store:
+        return dict(store.db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
+
+
+class FailsAfter:
+    """A Completer that answers through the real client, then raises what no code expects (a bug
+    in a later version, a library that changed): the loop must end at once and say so."""
+
+    def __init__(self, client: TeacherClient, answers: int) -> None:
+        self.client, self.answers, self.answered = client, answers, 0
+
+    async def complete(self, body: dict[str, Any], est_tokens: int, window: Window | None = None) -> Any:
+        if self.answered >= self.answers:
+            raise RuntimeError("a bug in the client")
+        reply = await self.client.complete(body, est_tokens, window)
+        self.answered += 1
+        return reply
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def test_a_bug_in_a_worker_ends_the_loop_at_once_with_its_cause(
+    tmp_path: Path, stub: tuple[StubTeacher, Background]
+) -> None:
+    _, server = stub
+    client = client_for(server.url)
+    teacher = TeacherConfig(name="t", model="m", max_tokens=4, concurrency=4)
+    path = tmp_path / "s.sqlite"
+    ended = collect_within(20, path, [f"q{i}" for i in range(40)], teacher, FailsAfter(client, 3))
+    assert isinstance(ended.get("error"), RuntimeError) and str(ended["error"]) == "a bug in the client"
+    assert ended["seconds"] < 5
+    # the answers that landed are stored, those in flight were cut off, and none is left in flight
+    done = states(path)
+    assert 3 <= done["done"] <= 3 + 4 and done == {"done": done["done"], "pending": 40 - done["done"]}
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "said"),
+    [
+        ("Retry-After", "99999999", r"1157 days \(retry-after: 99999999\)"),
+        ("Retry-After", "inf", r"forever \(retry-after: inf\)"),
+        ("retry-after-ms", "inf", r"forever \(retry-after-ms: inf\)"),
+        ("Retry-After", "Thu, 01 Jan 2099 00:00:00 GMT", r"\d+ days \(retry-after: Thu, 01 Jan 2099 00:00:00 GMT\)"),
+        ("Retry-After", "30", r"30 s \(retry-after: 30\)"),  # past this client's max_wait_s of 5
+        ("x-ratelimit-reset-requests", "99999h", r"4167 days \(x-ratelimit-reset-requests: 99999h\)"),
+    ],
+)
+def test_a_wait_past_the_limit_stops_at_once_and_loses_nothing(
+    header: str, value: str, said: str, tmp_path: Path, stub: tuple[StubTeacher, Background]
+) -> None:
+    from distill4all.errors import TeacherUnavailable
+
+    _, upstream = stub
+    if header.startswith("x-ratelimit"):  # an answer that says no request is left until the reset
+        proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=0.0,
+                           answer_headers={"x-ratelimit-remaining-requests": "0", header: value})  # fmt: skip
+    else:
+        proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=1.0, faults=("429",), retry_after={header: value})
+    server = Background(proxy.handle)
+    try:
+        client = client_for(server.url, limiter=RateLimiter(None, None, max_wait_s=5))
+        teacher = TeacherConfig(name="t", model="m", base_url=server.url, concurrency=2)
+        ended = collect_within(20, tmp_path / "s.sqlite", [f"q{i}" for i in range(12)], teacher, client)
+    finally:
+        server.stop()
+    error = ended.get("error")
+    assert isinstance(error, TeacherUnavailable), ended
+    told = rf"^teacher t \(m, {re.escape(server.url)}\) asks to wait {said}, longer than max_retry_wait_s \(5 s\)"
+    assert re.search(told, str(error)), str(error)
+    assert ended["seconds"] < 5 and len(proxy.arrivals) <= 3
+    # the answers that said so (both in flight) are kept, the rest pending
+    done = states(tmp_path / "s.sqlite").get("done", 0)
+    assert states(tmp_path / "s.sqlite") == {"pending": 12 - done} | ({"done": done} if done else {})
+    assert done == 0 if header == "Retry-After" or header == "retry-after-ms" else 1 <= done <= 2
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("Retry-After", "soon"), ("Retry-After", "nan"), ("retry-after-ms", "later"), ("Retry-After", "")],
+)
+def test_a_wait_the_client_cannot_read_is_its_own_backoff(
+    header: str, value: str, tmp_path: Path, stub: tuple[StubTeacher, Background]
+) -> None:
+    _, upstream = stub
+    proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=0.0, script=["429", "429"], retry_after={header: value})
+    server = Background(proxy.handle)
+    try:
+        teacher = TeacherConfig(name="t", model="m", concurrency=1)
+        ended = collect_within(20, tmp_path / "s.sqlite", ["q1", "q2"], teacher, client_for(server.url))
+    finally:
+        server.stop()
+    assert "error" not in ended, ended
+    assert ended["value"].answered == 2 and proxy.injected["429"] == 2
+
+
+def test_a_huge_retry_after_ends_collect_with_one_line_and_a_rerun_resumes(tmp_path: Path) -> None:
+    upstream = Background(StubTeacher().handle)
+    proxy = FaultProxy(upstream.url.removesuffix("/v1"), rate=0.0, script=["ok", "429"],
+                       retry_after={"Retry-After": "99999999"})  # fmt: skip
+    server = Background(proxy.handle)
+    env = {"D4A_KEY": "k"}
+    try:
+        r = run_cli("collect", "run", api_config(tmp_path, server.url, 6, concurrency=1), env=env)
+        lines = r.stderr.strip().splitlines()
+        assert r.code == 2 and lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1
+        assert "asks to wait 1157 days (retry-after: 99999999), longer than max_retry_wait_s (600 s)" in lines[-1]
+        assert "rerun later" in lines[-1] and count_responses(tmp_path / "run") == 1
+        # the setting is honoured, and changing it is no "other settings": the stage goes on
+        proxy.script, proxy.retry_after = ["429"], {"Retry-After": "1"}
+        config = api_config(tmp_path, server.url, 6, concurrency=1, max_retry_wait_s=0.5)
+        r = run_cli("collect", "run", config, env=env)
+        assert r.code == 2 and "asks to wait 1 s (retry-after: 1), longer than max_retry_wait_s (0.5 s)" in r.stderr
+        r = run_cli("collect", "run", config, env=env)
+    finally:
+        server.stop()
+        upstream.stop()
+    assert r.code == 0, r.output
+    assert count_responses(tmp_path / "run") == 6 and proxy.forwarded == 6  # each answer asked for once
+
+
+def test_what_is_not_finished_is_counted_right(tmp_path: Path) -> None:
+    """Failed answers and answers never asked are counted apart: a teacher down for a streak of 8
+    of 30 prompts leaves 8 failed and 22 not asked."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    r = run_cli("collect", "run", api_config(tmp_path, url, 30, concurrency=1, max_retries=0), env={"D4A_KEY": "k"})
+    assert r.code == 2 and "8 answers failed for reasons that may pass and 22 were not asked;" in r.stderr, r.output
+    r = run_cli("collect", "run", api_config(tmp_path / "b", url, 6, max_retries=0), env={"D4A_KEY": "k"})
+    assert r.code == 2 and "collect is not finished: 6 answers failed for reasons that may pass; rerun" in r.stderr

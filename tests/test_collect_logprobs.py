@@ -280,3 +280,106 @@ def test_the_format_round_trips_and_rows_go_with_their_answers(tmp_path: Path) -
         responses.remove_teacher(store, "t")
         assert logprobs.totals(store) == (0, 0, 0)
         tasks.reset(store)
+
+
+# --- what a teacher sends is data: logprobs of the wrong shape fail their answer ------------------
+
+
+def collect_one(tmp_path: Path, url: str, first_token: dict[str, Any]) -> tuple[Any, list[tuple[str, int]]]:
+    """One prompt answered through the real client by a stub whose first logprobs entry has
+    `first_token`'s fields; the outcome and (error, responses) of its task."""
+    import asyncio
+
+    from distill4all.config import Price
+    from distill4all.teacher.answers import answer_pending
+    from distill4all.teacher.client import TeacherClient
+    from distill4all.teacher.cost import Budget
+    from distill4all.teacher.limiter import RateLimiter
+
+    teacher = TeacherConfig(name="t", model="m", logprobs=2, max_tokens=6, extra_body={"stub_logprobs": first_token})
+    client = TeacherClient(url, api_key=None, timeout_s=5, max_retries=0, limiter=RateLimiter(None, None),
+                           max_connections=1)  # fmt: skip
+    with Store(tmp_path / "s.sqlite") as store:
+        tasks.add_prompts(store, [Prompt(prompt_id("s", "q"), "s", "what is it?")], [("t", 1)])
+
+        async def go() -> Any:
+            try:
+                return await answer_pending(store, teacher, client, Price(input=0, output=0), Budget(None),
+                                            batch_size=1)  # fmt: skip
+            finally:
+                await client.aclose()
+
+        outcome = asyncio.run(go())
+        rows = store.db.execute("SELECT COALESCE(last_error, ''), (SELECT COUNT(*) FROM responses) FROM tasks")
+        return outcome, [(str(e), int(n)) for e, n in rows]
+
+
+ALT = {"token": "a", "logprob": -1.0, "bytes": [97]}
+
+
+@pytest.mark.parametrize(
+    ("first_token", "reason"),
+    [
+        ({"bytes": 200_000_000}, "token 0: bytes is not a list of integers from 0 to 255"),
+        ({"bytes": [72, 256]}, "token 0: bytes is not a list of integers from 0 to 255"),
+        ({"bytes": [72, True]}, "token 0: bytes is not a list of integers from 0 to 255"),
+        ({"bytes": "SGk="}, "token 0: bytes is not a list of integers from 0 to 255"),
+        ({"bytes": [32] * 5000}, "token 0: more bytes than a token has (at most 1024)"),
+        ({"bytes": None, "token": "x" * 2000}, "token 0: more bytes than a token has (at most 1024)"),
+        ({"token": 7}, "token 0: token is not a string"),
+        ({"logprob": 0.5}, "token 0: logprob 0.5 is not a finite number ≤ 0"),
+        ({"logprob": "-1"}, "token 0: logprob -1 is not a finite number ≤ 0"),
+        ({"logprob": float("nan")}, "token 0: logprob nan is not a finite number ≤ 0"),
+        ({"logprob": float("-inf")}, "token 0: logprob -inf is not a finite number ≤ 0"),
+        ({"logprob": None}, "token 0: logprob None is not a finite number ≤ 0"),
+        ({"logprob": 10**400}, "token 0: logprob 10000000000000000000 is not a finite number ≤ 0"),
+        ({"top_logprobs": "x"}, "token 0: top_logprobs is a str, not a list of at most 256 alternatives"),
+        ({"top_logprobs": [ALT] * 300}, "token 0: top_logprobs is 300 entries, not a list of at most 256 alternatives"),
+        ({"top_logprobs": [ALT | {"bytes": 999_999}]}, "token 0, alternative 0: bytes is not a list of integers"),
+        ({"top_logprobs": [5]}, "token 0, alternative 0 is a int, not an object"),
+    ],
+)
+def test_a_logprobs_entry_of_the_wrong_shape_fails_its_answer_with_the_reason(
+    first_token: dict[str, Any], reason: str, tmp_path: Path
+) -> None:
+    from servers import Background, StubTeacher
+
+    server = Background(StubTeacher().handle)
+    try:
+        outcome, rows = collect_one(tmp_path, server.url, first_token)
+    finally:
+        server.stop()
+    assert outcome.answered == 0 and outcome.failed == 1
+    ((error, stored),) = rows
+    assert error.startswith("gave up after 1 attempts: malformed logprobs in the response body: " + reason), error
+    assert stored == 0 and (tmp_path / "s.sqlite").stat().st_size < 1_000_000
+
+
+@pytest.mark.parametrize(
+    "first_token", [{"bytes": None}, {"logprob": 1e-7}, {"logprob": 0}, {"top_logprobs": None}, {"bytes": []}]
+)
+def test_logprobs_entries_of_every_allowed_shape_are_kept(first_token: dict[str, Any], tmp_path: Path) -> None:
+    from servers import Background, StubTeacher
+
+    server = Background(StubTeacher().handle)
+    try:
+        outcome, rows = collect_one(tmp_path, server.url, {"top_logprobs": [ALT] * 3} | first_token)
+    finally:
+        server.stop()
+    assert outcome.answered == 1 and rows == [("", 1)]
+    with Store(tmp_path / "s.sqlite") as store:
+        (lp,) = logprobs.for_responses(store)
+    assert lp.tokens[1:] == [b" to:", b" what", b" is", b" it?", b" and"]
+    assert lp.top_tokens[0] == ([] if "top_logprobs" in first_token else [b"a", b"a"])  # K = 2 kept of 3
+
+
+def test_a_bytes_field_cannot_bloat_the_store(tmp_path: Path, stub_teacher: str) -> None:
+    """`"bytes": 2000000` (an integer, not a list) made 2 MB of NUL bytes of one token, stored as done;
+    now each such answer fails with the reason, stays to be asked again, and the store stays small."""
+    cfg = config(tmp_path, ["one?", "two?", "three?"], model="stub", base_url=stub_teacher, logprobs=5,
+                 max_retries=0, extra_body={"stub_logprobs": {"bytes": 2_000_000}})  # fmt: skip
+    r = run_cli("collect", "run", cfg)
+    assert r.code == 2 and "3 answers failed for reasons that may pass" in r.stderr, r.output
+    assert "malformed logprobs in the response body: token 0: bytes is not a list of integers" in r.stderr
+    assert count_responses(tmp_path / "run") == 0
+    assert sum(f.stat().st_size for f in (tmp_path / "run").rglob("*") if f.is_file()) < 1_000_000

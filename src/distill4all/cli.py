@@ -23,6 +23,7 @@ from rich.table import Table
 from distill4all import __version__
 from distill4all.config import CHAT_SAMPLING  # the chat options' defaults, shown in --help
 from distill4all.errors import UserError
+from distill4all.redact import redact  # every error printed: no secret a teacher echoed or a URL carried
 
 app = typer.Typer(
     name="distill4all",
@@ -349,7 +350,7 @@ def status(
     for name in configured:  # why a stage stopped, as `run` said it
         row = rows.get(name)
         if row is not None and row.status == "failed" and row.error:
-            out.print(f"{name}: {row.error}", markup=False, soft_wrap=True)
+            out.print(f"{name}: {redact(row.error)}", markup=False, soft_wrap=True)
 
 
 def _stage_json(name: str, row: Any, run_dir: Path) -> dict[str, Any]:
@@ -359,7 +360,7 @@ def _stage_json(name: str, row: Any, run_dir: Path) -> dict[str, Any]:
     return {
         "stage": name, "status": _shown_status(row, run_dir), "attempts": row.attempts, "started_at": row.started_at,
         "finished_at": row.finished_at, "seconds": row.seconds, "counts": row.counts, "costs": row.costs,
-        "artifacts": row.artifacts, "error": row.error,
+        "artifacts": row.artifacts, "error": redact(row.error) if row.error else row.error,
     }  # fmt: skip
 
 
@@ -929,7 +930,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(2)
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         # a path the user named (or its folder) is a file where a folder must be, or not writable
@@ -946,7 +947,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         if (fault := _fault_line(e)) is not None:  # the machine's doing (a full disk…), not a bug
-            print(f"error: {fault}", file=sys.stderr)
+            print(f"error: {redact(fault)}", file=sys.stderr)
             sys.exit(2)
-        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"internal error: {type(e).__name__}: {redact(str(e))} (rerun with --debug for the traceback)",
+              file=sys.stderr)  # fmt: skip
         sys.exit(1)

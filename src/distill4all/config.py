@@ -123,6 +123,29 @@ class TeacherConfig(Section):
     require_logprobs: bool = Field(
         True, description="an endpoint that returns no logprobs stops the stage; false: collect without them"
     )
+    max_retry_wait_s: float = Field(
+        600.0, gt=0, description="a teacher that asks to wait longer (Retry-After, x-ratelimit-reset-*) stops the "
+        "stage unfinished (exit 2), to be rerun later, instead of waiting",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_kind_of_credentials(self) -> TeacherConfig:
+        """`user:password@` in base_url is sent as HTTP Basic auth; with an api_key too a request would
+        need two Authorization headers, so the pair is refused rather than one silently dropped."""
+        from urllib.parse import urlsplit
+
+        from distill4all import redact
+
+        key = self.api_key.get_secret_value() if self.api_key is not None else ""
+        if self.base_url is not None and "@" in urlsplit(self.base_url).netloc and key:
+            raise ValueError(
+                "base_url carries user:password@ (sent as HTTP Basic auth) and api_key is set (sent as a Bearer "
+                "token): a request carries one Authorization; keep one of them"
+            )
+        # every error recorded or shown from now on is cleared of these (redact.py)
+        redact.remember_url(self.base_url)
+        redact.remember(key)
+        return self
 
     @model_validator(mode="after")
     def _logprobs_within_the_endpoint_cap(self) -> TeacherConfig:
@@ -725,10 +748,21 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {
 }
 
 
+# Settings that say how long a stage may wait, not what it makes: never in fingerprints, so that
+# raising one to let a stopped stage go on is not "other settings".
+UNHASHED_SETTINGS: tuple[tuple[str, ...], ...] = (
+    ("collect", "teachers", "*", "max_retry_wait_s"),
+    ("eval", "judge", "judge", "max_retry_wait_s"),
+)
+_ANY = object()
+
+
 def _without_later_defaults(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(json.dumps(data))  # a deep copy
     for path, default in LATER_SETTINGS.items():
         _drop_default(out, path, default)
+    for path in UNHASHED_SETTINGS:
+        _drop_default(out, path, _ANY)
     return out
 
 
@@ -739,7 +773,7 @@ def _drop_default(node: Any, path: tuple[str, ...], default: Any) -> None:
             _drop_default(item, tuple(rest), default)
     elif isinstance(node, dict) and head in node:
         if not rest:
-            if node[head] == default:
+            if default is _ANY or node[head] == default:
                 del node[head]
         else:
             _drop_default(node[head], tuple(rest), default)

@@ -104,9 +104,13 @@ class WorkerCrashed(StageFailure):
 
 
 class TeacherError(Distill4allError):
-    """A request that gave no answer. `permanent` ones (a 400, a 401…) are not retried on rerun."""
+    """A request that gave no answer. `permanent` ones (a 400, a 401…) are not retried on rerun;
+    `wait_s`: the teacher asked to wait that long before the next request, past the allowed wait."""
 
-    def __init__(self, message: str, *, permanent: bool, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, permanent: bool, status: int | None = None, wait_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.status = status
+        self.wait_s = wait_s

@@ -44,6 +44,7 @@ from distill4all import __version__, atomic, offline_defaults
 from distill4all.config import STAGE_ORDER, LoadedConfig, RunConfig
 from distill4all.errors import RunDirError, StageError
 from distill4all.layout import RunLayout
+from distill4all.redact import redact
 from distill4all.store import SCHEMA_VERSION, StageRow, Store, outputs
 from distill4all.store import meta as store_meta
 
@@ -437,7 +438,8 @@ def _execute(ctx: StageContext, module: StageModule, all_inputs: dict[str, str])
         result = module.run(ctx)
     except BaseException as e:
         store.add_stage_seconds(name, time.monotonic() - t0)
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        # the store and the manifest keep it: no secret a teacher echoed or a URL carried (redact.py)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else redact(f"{type(e).__name__}: {e}")
         store.update_stage(name, status="failed", error=reason)
         ctx.run.write_manifest(ctx.loaded, all_inputs)
         raise

@@ -18,6 +18,7 @@ from distill4all.collect.gather import load_sources
 from distill4all.collect.pairs_file import write_pairs
 from distill4all.config import RunConfig
 from distill4all.errors import BudgetReached, StageError, TeacherUnavailable
+from distill4all.redact import strip_userinfo
 from distill4all.run import StageContext, StageResult
 from distill4all.store import tasks
 from distill4all.teacher.client import failure_kind
@@ -56,8 +57,8 @@ def run(ctx: StageContext) -> StageResult:
             raise KeyboardInterrupt
         if stopped == "no-logprobs":
             raise StageError(
-                f"teacher {teacher.name} ({teacher.base_url or teacher.model}) returned no logprobs, which its "
-                f"setting logprobs: {teacher.logprobs} asks for; use an endpoint that gives them, or set "
+                f"teacher {teacher.name} ({strip_userinfo(teacher.base_url or teacher.model)}) returned no logprobs, "
+                f"which its setting logprobs: {teacher.logprobs} asks for; use an endpoint that gives them, or set "
                 "require_logprobs: false to collect without them"
             )
 
@@ -75,7 +76,7 @@ def run(ctx: StageContext) -> StageResult:
 def _stop_unless_settled(ctx: StageContext, teachers: list[str]) -> None:
     """TeacherUnavailable when answers are missing for reasons that may pass; a rerun retries them."""
     transient = [(t, e) for t, e in tasks.failures(ctx.store, permanent=False) if t in teachers]
-    pending = sum(tasks.count_pending(ctx.store, t) for t in teachers) - len(transient)
+    pending = sum(tasks.count_pending(ctx.store, t) for t in teachers)  # a failed task is not pending
     if not transient and not pending:
         return
     parts = [f"{len(transient)} answers failed for reasons that may pass"] if transient else []

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from distill4all.redact import redact
 from distill4all.store import logprobs as logprobs_table
 from distill4all.store import prompts as prompts_table
 from distill4all.store.prompts import Prompt
@@ -139,7 +140,8 @@ def record(store: Store, answers: list[Answer], failures: list[Failure]) -> int:
 
     Returns how many answers were new; an answer already stored (e.g. a Batch results file read
     twice) is ignored, so nothing is ever stored twice. An answer's logprobs are written only with
-    a new answer, keyed to its id: never attached to an answer stored before.
+    a new answer, keyed to its id: never attached to an answer stored before. A failure's error is
+    stored without the secrets a teacher may echo in it (redact.py).
     """
     now = time.time()
     new = 0
@@ -165,7 +167,10 @@ def record(store: Store, answers: list[Answer], failures: list[Failure]) -> int:
         db.executemany(
             "UPDATE tasks SET state = 'failed', last_error = ?, permanent = ?, updated_at = ?"
             " WHERE prompt_id = ? AND teacher = ? AND sample = ? AND state != 'done'",
-            [(f.error, int(f.permanent), now, f.task.prompt_id, f.task.teacher, f.task.sample) for f in failures],
+            [
+                (redact(f.error), int(f.permanent), now, f.task.prompt_id, f.task.teacher, f.task.sample)
+                for f in failures
+            ],
         )
     return new
 

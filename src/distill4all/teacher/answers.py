@@ -11,11 +11,17 @@ flight (already paid for) land and be stored; a second one stops at once.
 An answer that reports no `usage` is counted by teacher/usage.py and stored as such: its cost is
 an estimate, and the progress says so.
 
-Two answers from the teacher stop the sending early. A 401, 403 or 404 means no request can
+Three answers from the teacher stop the sending early. A 401, 403 or 404 means no request can
 succeed (key, access, model or URL): TeacherRefused at once, nothing stored as failed, every task
-still pending — not one doomed request per prompt. And a streak of requests that failed after
-all their retries (connection refused, timeouts, 5xx) stops with "unavailable": the teacher is
-down, and the rest stays pending for a rerun instead of each prompt waiting out its backoff.
+still pending — not one doomed request per prompt. A wait asked for beyond `max_retry_wait_s`
+(a Retry-After of days) is TeacherUnavailable at once, the same way. And a streak of requests
+that failed after all their retries (connection refused, timeouts, 5xx) stops with
+"unavailable": the teacher is down, and the rest stays pending for a rerun instead of each prompt
+waiting out its backoff.
+
+Anything else a worker, the claimer or the writer raises is a bug: it cancels the others at once
+and is raised (an internal error), after the answers that landed are stored — never a loop that
+waits for workers that are gone.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distill4all.config import Price, TeacherConfig
-from distill4all.errors import TeacherError, TeacherRefused
+from distill4all.errors import TeacherError, TeacherRefused, TeacherUnavailable
+from distill4all.redact import strip_userinfo
 from distill4all.store import Store, tasks
 from distill4all.teacher.client import REFUSING_STATUS, Reply, estimate_prompt_tokens
 from distill4all.teacher.cost import Budget, cost_usd
@@ -103,6 +110,7 @@ async def answer_pending(
     progress = AnswerProgress()
     counter = TokenCounter.for_teacher(teacher)
     refusal: list[str] = []
+    waits: list[str] = []  # a wait asked for beyond max_retry_wait_s
     failing = {"streak": 0, "limit": max(8, 2 * teacher.concurrency)}
     queue: asyncio.Queue[tasks.Task | None] = asyncio.Queue(maxsize=teacher.concurrency * 2)
     results: asyncio.Queue[tasks.Answer | tasks.Failure | None] = asyncio.Queue()
@@ -111,17 +119,16 @@ async def answer_pending(
     claimed_unsent: set[tasks.Task] = set()
 
     async def claimer() -> None:
-        try:
-            while stop["why"] is None:
-                claimed = tasks.claim(store, teacher.name, teacher.concurrency * 2)
-                if not claimed:
-                    break
-                claimed_unsent.update(claimed)
-                for t in claimed:
-                    await queue.put(t)
-        finally:
-            for _ in range(teacher.concurrency):
-                await queue.put(None)
+        while stop["why"] is None:
+            claimed = tasks.claim(store, teacher.name, teacher.concurrency * 2)
+            if not claimed:
+                break
+            claimed_unsent.update(claimed)
+            for t in claimed:
+                await queue.put(t)
+        # not in a `finally`: cancelled, it would wait for room that workers already gone never make
+        for _ in range(teacher.concurrency):
+            await queue.put(None)
 
     async def worker() -> None:
         while (task := await queue.get()) is not None:
@@ -138,9 +145,9 @@ async def answer_pending(
                 reply = await client.complete(body, est + teacher.max_tokens, window)
             except TeacherError as e:
                 budget.settle(worst, 0.0)
-                if e.status in REFUSING_STATUS:
+                if e.status in REFUSING_STATUS or e.wait_s is not None:
                     stop["why"] = "refused"
-                    refusal.append(str(e))
+                    (refusal if e.wait_s is None else waits).append(str(e))
                     claimed_unsent.add(task)  # not a failure of this task: it stays pending
                     continue
                 failing["streak"] = 0 if e.permanent else failing["streak"] + 1
@@ -148,6 +155,10 @@ async def answer_pending(
                     stop["why"] = "unavailable"
                 await results.put(tasks.Failure(task, str(e), e.permanent))
                 continue
+            except BaseException:  # a bug, or cancelled because one happened elsewhere
+                budget.settle(worst, 0.0)
+                claimed_unsent.add(task)  # no answer stored: back to pending
+                raise
             failing["streak"] = 0
             prompt_tokens, completion_tokens, usage = counter.count(
                 body["messages"], reply.text, reply.prompt_tokens, reply.completion_tokens
@@ -202,21 +213,26 @@ async def answer_pending(
 
     with _signal_handler(loop, on_sigint):
         writer_task = asyncio.create_task(writer())
-        claim_task = asyncio.create_task(claimer())
-        workers = [asyncio.create_task(worker()) for _ in range(teacher.concurrency)]
+        jobs = [asyncio.create_task(claimer()), *(asyncio.create_task(worker()) for _ in range(teacher.concurrency))]
         try:
-            await _gather(workers)
-            await claim_task
+            await _supervise(jobs, writer_task)
         finally:
-            await results.put(None)
-            await writer_task
-            if claimed_unsent:
-                tasks.release(store, list(claimed_unsent))
+            try:
+                await results.put(None)
+                await writer_task  # what landed is stored (paid for); a writer that failed raises here
+            finally:
+                if claimed_unsent:
+                    tasks.release(store, list(claimed_unsent))
+    where = f"{teacher.name} ({teacher.model}, {strip_userinfo(teacher.base_url or 'served locally')})"
     if refusal:
-        where = teacher.base_url or "served locally"
         raise TeacherRefused(
-            f"teacher {teacher.name} ({teacher.model}, {where}) refused the request: {refusal[0]} — check its "
+            f"teacher {where} refused the request: {refusal[0]} — check its "
             "api_key, model and base_url; nothing was stored as failed and every answer is still pending"
+        )
+    if waits:
+        raise TeacherUnavailable(
+            f"teacher {where} {waits[0]}: stopped rather than wait; what was answered is stored and "
+            "the rest is still pending — rerun later, or raise max_retry_wait_s, to continue"
         )
     return AnswerOutcome(
         progress.answered, progress.failed, stop["why"], progress.without_logprobs, progress.without_usage,
@@ -224,12 +240,19 @@ async def answer_pending(
     )  # fmt: skip
 
 
-async def _gather(jobs: list[asyncio.Task[None]]) -> None:
+async def _supervise(jobs: list[asyncio.Task[None]], writer: asyncio.Task[None]) -> None:
+    """Wait for the claimer and the workers to end. The first of them or the writer to fail (a
+    writer that fails would let answers be paid for and never stored) cancels the jobs and is
+    raised; so does a cancellation of this wait (a second Ctrl-C)."""
+    waiting: set[asyncio.Task[None]] = {*jobs, writer}
     try:
-        await asyncio.gather(*jobs)
+        while any(not job.done() for job in jobs):
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what it raised
     except BaseException:
-        for t in jobs:
-            t.cancel()
+        for job in jobs:
+            job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
         raise
 

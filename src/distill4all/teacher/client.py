@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import random
 import re
 import ssl
@@ -21,13 +22,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from distill4all.errors import TeacherError
+from distill4all.errors import ConfigError, TeacherError
 from distill4all.records import given_reasoning, split_reasoning
 from distill4all.store import logprobs
-from distill4all.teacher.limiter import RateLimiter, Window
+from distill4all.teacher.limiter import RateLimiter, Window, parse_duration
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 REFUSING_STATUS = frozenset({401, 403, 404})  # the key, the access or the model/URL: no request can succeed
@@ -47,9 +49,9 @@ class Reply:
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None) -> None:
+    def __init__(self, message: str, retry_after: tuple[float, str] | None = None, status: int | None = None) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after = retry_after  # (seconds, the header that said so)
         self.status = status
 
 
@@ -68,19 +70,52 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
+    """The wait a response asks for (`retry-after-ms`, else `Retry-After` in seconds or as an HTTP
+    date), possibly inf; None when it asks for none or in words the client cannot read, which
+    leave the wait to the client's own backoff."""
+    told = server_wait(headers)
+    return told[0] if told is not None else None
+
+
+def server_wait(headers: Mapping[str, str]) -> tuple[float, str] | None:
+    """retry_after_seconds, with the header and value it read (to name in a message)."""
+    for name in ("retry-after-ms", "retry-after"):
+        value = headers.get(name)
+        if value is None:
+            continue
+        seconds = parse_duration(value) if name == "retry-after" else _milliseconds(value)
+        if seconds is None and name == "retry-after":
+            seconds = _http_date_from_now(value)
+        if seconds is not None:
+            return seconds, f"{name}: {value.strip()[:40]}"
+    return None
+
+
+def _milliseconds(value: str) -> float | None:
     try:
-        return max(0.0, float(value))
+        ms = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+        return None
+    return None if math.isnan(ms) else max(0.0, ms / 1000)
+
+
+def _http_date_from_now(value: str) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None
+
+
+def _split_credentials(base_url: str) -> tuple[str, aiohttp.BasicAuth | None]:
+    """The URL without `user:password@`, and those as HTTP Basic auth (aiohttp refuses credentials
+    in a URL beside an Authorization header, and every message would quote them)."""
+    parts = urlsplit(base_url)
+    if "@" not in parts.netloc:
+        return base_url, None
+    host = parts.netloc.rpartition("@")[2]
+    auth = aiohttp.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+    return urlunsplit(parts._replace(netloc=host)), auth
 
 
 class TeacherClient:
@@ -101,6 +136,11 @@ class TeacherClient:
         rng: random.Random | None = None,
     ) -> None:
         headers = {"Content-Type": "application/json"}
+        base_url, self.auth = _split_credentials(base_url)
+        if api_key and self.auth is not None:
+            raise ConfigError(
+                "base_url carries user:password@ and an api_key is given: a request carries one Authorization"
+            )
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self.base_url = base_url.rstrip("/") + "/"
@@ -125,6 +165,7 @@ class TeacherClient:
             self._session = aiohttp.ClientSession(
                 base_url=self.base_url,
                 headers=self.headers,
+                auth=self.auth,
                 timeout=self.timeout,
                 connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=ssl.create_default_context()),
             )
@@ -132,7 +173,7 @@ class TeacherClient:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         jittered = self.rng.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
-        return max(jittered, retry_after or 0.0)
+        return max(jittered, retry_after or 0.0)  # never past the limiter's max_wait_s: that one raised
 
     async def complete(self, body: dict[str, Any], est_tokens: int, window: Window | None = None) -> Reply:
         last = "no attempt"
@@ -150,9 +191,12 @@ class TeacherClient:
                 throttled = e.status == 429
                 if throttled:
                     self.throttled += 1
-                delay = self._backoff(attempt, e.retry_after)
-                if e.retry_after is not None and throttled:
-                    self.limiter.pause(e.retry_after)
+                wait = e.retry_after[0] if e.retry_after is not None else None
+                if e.retry_after is not None and (throttled or e.retry_after[0] > self.limiter.max_wait_s):
+                    self.limiter.pause(*e.retry_after)  # every worker waits; past max_wait_s, all stop
+                if self.limiter.too_long is not None:
+                    raise self.limiter.wait_refused() from None
+                delay = self._backoff(attempt, wait)
             finally:
                 if window is not None:
                     await window.leave(throttled=throttled)
@@ -170,7 +214,7 @@ class TeacherClient:
             raise _Retryable(f"connection error ({type(e).__name__}: {e})") from None
         self.limiter.observe(headers, est_tokens)
         if status in RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {status}: {_error_text(raw)}", retry_after_seconds(headers), status)
+            raise _Retryable(f"HTTP {status}: {_error_text(raw)}", server_wait(headers), status)
         if status >= 400:
             raise TeacherError(f"HTTP {status}: {_error_text(raw)}", permanent=True, status=status)
         try:
@@ -180,14 +224,15 @@ class TeacherClient:
             choice = data["choices"][0]
             message = choice["message"]
             text = message_text(message)
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
+            # AttributeError: a choice or message that is not an object; RecursionError: JSON nested past the parser
             raise _Retryable(f"malformed response body ({type(e).__name__})") from None
         try:
             token_logprobs = (
                 parse_logprobs(choice, int(body.get("top_logprobs") or 0), text) if body.get("logprobs") else None
             )
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise _Retryable(f"malformed logprobs in the response body ({type(e).__name__})") from None
+        except MalformedLogprobs as e:
+            raise _Retryable(f"malformed logprobs in the response body: {e}") from None
         answer, reasoning, finish = split_reasoning(
             text, given_reasoning(message), str(choice.get("finish_reason") or "unknown")
         )
@@ -235,30 +280,67 @@ def _answer_error(error: Any) -> Exception:
     return _Retryable(text, status=code)
 
 
+MAX_TOKEN_BYTES = 1024  # the longest tokens of real vocabularies (runs of spaces or '=') are a few dozen bytes
+MAX_ALTERNATIVES = 256  # more than any endpoint returns (OpenAI 20, our serve 128), unless K asked for more
+LOGPROB_ROUNDING = 1e-3  # a logprob a hair above 0 is float rounding of a certain token (stored as 0)
+
+
+class MalformedLogprobs(ValueError):
+    """Teacher logprobs that do not have the shape of OpenAI's: the answer fails with this reason."""
+
+
 def parse_logprobs(choice: Mapping[str, Any], k: int, text: str) -> logprobs.Encoded | None:
     """A choice's `logprobs.content` (OpenAI's chat shape) in the stored form; None when the
-    endpoint gave none. An empty answer may come with no tokens at all."""
+    endpoint gave none. An empty answer may come with no tokens at all. Every entry is checked
+    (MalformedLogprobs): what a teacher sends is data, and one field must not become 200 MB."""
     given = choice.get("logprobs")
     content = given.get("content") if isinstance(given, Mapping) else None
     if content is None:
         return logprobs.encode(k, []) if isinstance(given, Mapping) and not text else None
-    return logprobs.encode(
-        k,
-        (
-            (
-                _token_bytes(t),
-                float(t["logprob"]),
-                [(_token_bytes(a), float(a["logprob"])) for a in t.get("top_logprobs") or ()],
-            )
-            for t in content
-        ),
-    )
+    if not isinstance(content, list):
+        raise MalformedLogprobs(f"logprobs.content is a {type(content).__name__}, not a list")
+    return logprobs.encode(k, [_position(entry, k, i) for i, entry in enumerate(content)])
 
 
-def _token_bytes(entry: Mapping[str, Any]) -> bytes:
-    # `bytes` holds a token's exact bytes (part of a character, too); some servers leave it null
-    raw = entry.get("bytes")
-    return bytes(raw) if raw is not None else str(entry["token"]).encode()
+def _position(entry: Any, k: int, i: int) -> logprobs.Position:
+    where = f"token {i}"
+    token, logprob = _token(entry, where)
+    top = entry.get("top_logprobs")
+    if top is None:
+        top = []
+    most = max(k + 1, MAX_ALTERNATIVES)  # some endpoints add the sampled token to the K asked for
+    if not isinstance(top, list) or len(top) > most:
+        shape = f"{len(top)} entries" if isinstance(top, list) else f"a {type(top).__name__}"
+        raise MalformedLogprobs(f"{where}: top_logprobs is {shape}, not a list of at most {most} alternatives")
+    return token, logprob, [_token(alt, f"{where}, alternative {j}") for j, alt in enumerate(top[:k])]
+
+
+def _token(entry: Any, where: str) -> tuple[bytes, float]:
+    """An entry's bytes and logprob. `bytes` holds a token's exact bytes (part of a character, too):
+    a list of 0–255 integers; some servers leave it null, and then the token's text is its bytes."""
+    if not isinstance(entry, Mapping):
+        raise MalformedLogprobs(f"{where} is a {type(entry).__name__}, not an object")
+    token, raw, logprob = entry.get("token"), entry.get("bytes"), entry.get("logprob")
+    if not isinstance(token, str):
+        raise MalformedLogprobs(f"{where}: token is not a string")
+    if raw is None:
+        try:
+            data = token.encode()
+        except UnicodeEncodeError:
+            raise MalformedLogprobs(f"{where}: no bytes, and a token that is not text (a lone surrogate)") from None
+    elif isinstance(raw, list) and all(type(b) is int and 0 <= b <= 255 for b in raw[: MAX_TOKEN_BYTES + 1]):
+        data = bytes(raw[: MAX_TOKEN_BYTES + 1])
+    else:
+        raise MalformedLogprobs(f"{where}: bytes is not a list of integers from 0 to 255")
+    if len(data) > MAX_TOKEN_BYTES:
+        raise MalformedLogprobs(f"{where}: more bytes than a token has (at most {MAX_TOKEN_BYTES})")
+    try:
+        value = math.nan if isinstance(logprob, bool) or not isinstance(logprob, int | float) else float(logprob)
+    except OverflowError:  # an integer past float's range
+        value = math.nan
+    if not math.isfinite(value) or value > LOGPROB_ROUNDING:
+        raise MalformedLogprobs(f"{where}: logprob {str(logprob)[:20]} is not a finite number ≤ 0")
+    return data, value
 
 
 def failure_kind(error: str) -> str:

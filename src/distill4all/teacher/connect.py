@@ -17,7 +17,7 @@ from distill4all.teacher.local import local_teacher
 def connect(teacher: TeacherConfig, log_dir: Path) -> Iterator[tuple[TeacherClient, str]]:
     """An HTTP client for the teacher and the model id to ask for; a local model (no base_url) is
     first served on 127.0.0.1 by distill4all itself, its log in `log_dir`."""
-    limiter = RateLimiter(teacher.requests_per_minute, teacher.tokens_per_minute)
+    limiter = RateLimiter(teacher.requests_per_minute, teacher.tokens_per_minute, teacher.max_retry_wait_s)
     if teacher.base_url is not None:
         key = teacher.api_key.get_secret_value() if teacher.api_key else None
         client = TeacherClient(
