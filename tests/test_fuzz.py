@@ -3,7 +3,11 @@
 Curation: random pairs files (any Unicode — lone surrogates, NULs, RTL marks, HTML/JS, Markdown,
 matplotlib mathtext, the dedup batch separator, huge texts — as JSON escapes, raw bytes that are
 not UTF-8, broken lines) through the import, the filters, dedup, the data map (HTML and PNG) and
-the report: the only error allowed is a UserError naming the file and line.
+the report: the only error allowed is a UserError naming the file and line. Prompt sources (JSONL,
+JSON, CSV) with rows that are not text — bytes that are not UTF-8, lone surrogates escaped as
+\ud800, nesting 100,000 deep, numbers past Python's digit limit, rows of the wrong shape — are read
+into a store: with `on_error: skip` every such row is skipped and counted and every other stored,
+with `on_error: fail` the first is a DataError naming its file and line.
 
 Serving: random JSON bodies (valid field names with values of any type and size, random keys,
 random nesting) to both engines: every answer is a 2xx or a 4xx with an OpenAI error body, and the
@@ -12,6 +16,8 @@ server is alive after each. Example counts are fixed per test (EXAMPLES) so CI t
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import re
@@ -23,15 +29,17 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
-from distill4all.config import CurateConfig
+from distill4all.collect.gather import load_sources
+from distill4all.config import CollectConfig, CurateConfig
 from distill4all.curate import curation, pairs
-from distill4all.errors import UserError
+from distill4all.errors import DataError, UserError
 from distill4all.store import Store
 from runtime_models import trained_export, trained_tiny
 from test_server import running_server
 
-EXAMPLES = {"curate": 30, "serve": 200}
+EXAMPLES = {"curate": 30, "serve": 200, "sources": 60}
 
 HOSTILE = [
     "qqdocsepqq", "QqDocSepQq!", "<!--<script>", "</script><script>alert(1)</script>", "<b>&amp;</b>", "\u2028\u2029",
@@ -54,10 +62,40 @@ valid_text = texts(st.characters(codec="utf-8"))  # every code point that is tex
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), hostile_text)
 
 
+UNFIT = ["not utf-8", "surrogate", "deep", "huge number"]  # rows no parser may choke on
+_MARK = "\x00unfit\x00"  # where a row's unfit part goes; json.dumps writes it as \u0000unfit\u0000
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@st.composite
+def unfit_line(draw: st.DrawFn, kind: str, row: dict[str, Any], field: str) -> bytes:
+    """`row` as a JSON line that cannot be stored as text, in the way `kind` names: in its `field`
+    or in a field of its own."""
+    at = draw(st.sampled_from([field, "meta"]))
+    mark = json.dumps(_MARK).encode()
+    line = json.dumps({**row, at: _MARK}).encode()
+    if kind == "surrogate":  # escaped as \ud800: a value, or a key
+        lone = draw(st.sampled_from(["\ud800", "\udfff", "x\udc80", "\udbff!"]))
+        return json.dumps({**row, at: draw(st.sampled_from([lone, {lone: 1}, [lone]]))}).encode()
+    if kind == "not utf-8":
+        raw = draw(st.sampled_from([b"\xff", b"\x80", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"]))
+        return line.replace(mark, b'"a' + raw + b'b"', 1)
+    if kind == "deep":
+        return line.replace(mark, nested(draw(st.sampled_from([100, 1_001, 100_000]))).encode(), 1)
+    assert kind == "huge number"
+    return line.replace(mark, b"9" * 5_000, 1)
+
+
 @st.composite
 def pair_line(draw: st.DrawFn, broken: bool) -> bytes:
     """One line of a pairs file: a pair of texts of any kind, or (in a broken file) anything at all."""
-    kind = draw(st.sampled_from(["pair", "pair", "json", "bytes"])) if broken else "pair"
+    kind = draw(st.sampled_from(["pair", "pair", "json", "bytes", *UNFIT])) if broken else "pair"
+    if kind in UNFIT:
+        row = {"prompt": draw(valid_text.filter(lambda t: bool(t.strip()))), "response": draw(valid_text)}
+        return draw(unfit_line(kind, row, draw(st.sampled_from(["prompt", "response"]))))
     if kind == "json":
         fields = st.dictionaries(st.sampled_from(["prompt", "response", "source", "x"]), json_scalar, max_size=4)
         return json.dumps(draw(json_scalar | fields)).encode()
@@ -65,7 +103,9 @@ def pair_line(draw: st.DrawFn, broken: bool) -> bytes:
         return draw(st.binary(max_size=40)).replace(b"\n", b" ")
     text = hostile_text if broken else valid_text
     prompt = draw(text if broken else text.filter(lambda t: bool(t.strip())))  # a blank prompt is a row error
-    row = {"prompt": prompt, "response": draw(text), "source": draw(text)}
+    row: dict[str, Any] = {"prompt": prompt, "response": draw(text), "source": draw(text)}
+    if draw(st.booleans()):  # metadata nested as deep as a row may
+        row["meta"] = json.loads(nested(draw(st.sampled_from([1, 50, 99]))))
     return json.dumps(row).encode()  # ASCII: lone surrogates travel as \ud800 escapes
 
 
@@ -120,6 +160,103 @@ def test_hostile_pairs_files_curate_or_fail_with_file_and_line(model_cache: Path
     assert sum(outcomes.values()) == EXAMPLES["curate"]
     assert outcomes.get("curated", 0) >= EXAMPLES["curate"] // 4, outcomes  # most files get through to the map
     print(f"fuzz curate: {EXAMPLES['curate']} pairs files, {outcomes}")
+
+
+# --- collect sources ---------------------------------------------------------------------------
+
+clean_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | valid_text,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(valid_text, inner, max_size=3),
+                           max_leaves=6)  # fmt: skip
+good_row = st.fixed_dictionaries({"prompt": valid_text}, optional={"id": clean_value, "meta": clean_value})
+SOURCE_BAD = {"jsonl": [*UNFIT, "not json", "not an object", "no prompt"], "json": [*UNFIT, "not an object",
+              "no prompt"], "csv": ["not utf-8", "fields"]}  # fmt: skip
+
+
+@st.composite
+def source_file(draw: st.DrawFn) -> tuple[str, bytes, list[int | str | None]]:
+    """(format, content, per row: its line when it must be refused, else None) of a JSONL, JSON or
+    CSV prompt source whose rows are good or not text in one of the ways SOURCE_BAD names."""
+    fmt = draw(st.sampled_from(sorted(SOURCE_BAD)))
+    kinds = draw(st.lists(st.sampled_from(["good", "good", *SOURCE_BAD[fmt]]), min_size=1, max_size=10))
+    lines: list[bytes] = []
+    for kind in kinds:
+        if fmt == "csv" and kind == "good":
+            buf = io.StringIO()
+            csv.writer(buf).writerow([draw(valid_text), draw(valid_text)])
+            lines.append(buf.getvalue().encode())
+        elif fmt == "csv" and kind == "not utf-8":  # in a cell
+            lines.append(b"caf" + draw(st.sampled_from([b"\xe9", b"\xff", b"\xed\xa0\x80"])) + b",x\r\n")
+        elif fmt == "csv":  # a row with one field too many
+            lines.append(b"a,b,c\r\n")
+        elif kind == "good":
+            lines.append(json.dumps(draw(good_row)).encode())
+        elif kind in UNFIT:
+            lines.append(draw(unfit_line(kind, draw(good_row), "prompt")))
+        elif kind == "not json":
+            lines.append(b"{oops " + draw(st.binary(max_size=20)).replace(b"\n", b" "))
+        elif kind == "not an object":
+            lines.append(json.dumps(draw(st.lists(clean_value, max_size=3) | valid_text | st.integers())).encode())
+        else:  # no prompt, or one that is not text
+            prompt = draw(st.none() | st.integers() | st.lists(valid_text, max_size=2))
+            lines.append(json.dumps({"prompt": prompt} if prompt is not None else {}).encode())
+    if fmt == "jsonl":
+        return (
+            fmt,
+            b"".join(line + b"\n" for line in lines),
+            [i + 1 if k != "good" else None for i, k in enumerate(kinds)],
+        )
+    if fmt == "json":  # one element a line, from line 2: "[" is line 1
+        elements: list[int | str | None] = [
+            f"{i + 2} (element {i})" if k != "good" else None for i, k in enumerate(kinds)
+        ]
+        return fmt, b"[\n" + b",\n".join(lines) + b"\n]\n", elements
+    content, line = b"prompt,x\r\n", 1
+    where: list[int | str | None] = []
+    for kind, row in zip(kinds, lines, strict=True):  # a record ends on the line after its last break
+        content += row
+        line += len(re.findall(rb"\r\n|\r|\n", row))
+        where.append(line if kind != "good" else None)
+    return fmt, content, where
+
+
+def test_hostile_sources_are_skipped_and_counted_or_fail_with_file_and_line(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    outcomes: dict[str, int] = {}
+    quiet = Console(quiet=True)
+
+    @settings(max_examples=EXAMPLES["sources"], deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])  # fmt: skip
+    @given(source_file(), st.sampled_from(["skip", "fail"]))
+    def one(source: tuple[str, bytes, list[int | str | None]], on_error: str) -> None:
+        fmt, content, bad = source
+        folder = tmp_path_factory.mktemp("fuzz-source")
+        path = folder / f"prompts.{fmt}"
+        path.write_bytes(content)
+        refused = [f"{path}:{where}: " for where in bad if where is not None]
+        cfg = CollectConfig.model_validate({"sources": [{"name": "s", "format": fmt, "path": path, "on_error": on_error}],
+                                            "teachers": [{"model": "m", "base_url": "http://127.0.0.1:9/v1"}]})  # fmt: skip
+        with Store(folder / "store.sqlite") as store:
+            try:
+                stats = load_sources(store, cfg, 0, quiet)["s"]
+            except DataError as e:  # the CLI's exit 2; anything else would be its exit 1
+                assert on_error == "fail" and refused and str(e).startswith(refused[0]), (str(e), refused)
+                outcomes["file:line error"] = outcomes.get("file:line error", 0) + 1
+                return
+            assert on_error == "skip" or not refused, refused
+            stored = store.db.execute("SELECT meta FROM prompts").fetchall()
+        assert (stats.rows, stats.bad_rows) == (len(bad), len(refused)), (stats, bad)
+        assert stats.kept + stats.duplicates + stats.too_short == len(bad) - len(refused) == len(stored) + (
+            stats.duplicates + stats.too_short)  # fmt: skip
+        assert [e[: len(w)] for e, w in zip(stats.bad_examples, refused, strict=False)] == refused[:5]
+        for (meta,) in stored:
+            json.loads(meta)  # every row stored reads back
+        outcomes["skipped" if refused else "clean"] = outcomes.get("skipped" if refused else "clean", 0) + 1
+
+    one()
+    assert sum(outcomes.values()) == EXAMPLES["sources"]
+    assert min(outcomes.get(k, 0) for k in ("file:line error", "skipped")) >= EXAMPLES["sources"] // 10, outcomes
+    print(f"fuzz sources: {EXAMPLES['sources']} files, {outcomes}")
 
 
 # --- serve -------------------------------------------------------------------------------------

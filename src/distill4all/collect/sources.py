@@ -97,7 +97,7 @@ def _json_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
                 yield from doc.elements(pos)
                 pos = doc.end
             else:
-                pos = doc.skip_value(pos)
+                pos = doc.element(pos)[1]
             pos = doc.skip(pos)
             if not text.startswith("}", pos):
                 pos = doc.expect(pos, ",")
@@ -142,24 +142,37 @@ class _JsonText:
         return self.skip(pos + 1)
 
     def value(self, pos: int) -> tuple[Any, int]:
+        """The value at `pos` and where it ends; a syntax error is the file's."""
         try:
             return self.decoder.raw_decode(self.text, pos)
         except json.JSONDecodeError as e:
             self.syntax(e.pos, e.msg)
-        except ValueError as e:  # an integer past Python's 4300-digit limit
-            self.syntax(pos, str(e))
 
-    def skip_value(self, pos: int) -> int:
-        """The end of the value at `pos`, found by its brackets when it nests too deep to decode."""
+    def element(self, pos: int) -> tuple[Any, int, str | None]:
+        """(value, end, None), or (None, end, why) for a value the json module cannot decode (nested
+        past the stack, an integer past Python's 4300-digit limit): its end is found by hand."""
         try:
-            return self.value(pos)[1]
+            value, end = self.value(pos)
         except RecursionError:
-            depth = 0
-            for m in self._TOKEN.finditer(self.text, pos):
-                depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(m.group(), 0)
-                if depth == 0:
-                    return m.end()
-            self.syntax(len(self.text), "a list or object is not closed")
+            return None, self._end(pos), f"nests deeper than {MAX_DEPTH} levels"
+        except ValueError as e:  # not a JSONDecodeError: value() made those the file's
+            return None, self._end(pos), f"not valid JSON ({e})"
+        return value, end, None
+
+    _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+    def _end(self, pos: int) -> int:
+        """The end of the list, object or number at `pos`, by its brackets or its digits."""
+        if not self.text.startswith(("[", "{"), pos):
+            if m := self._NUMBER.match(self.text, pos):
+                return m.end()
+            self.syntax(pos, "a value the json module cannot read")
+        depth = 0
+        for m in self._TOKEN.finditer(self.text, pos):
+            depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(m.group(), 0)
+            if depth == 0:
+                return m.end()
+        self.syntax(len(self.text), "a list or object is not closed")
 
     def elements(self, pos: int) -> Iterator[Row | tuple[str, RowError]]:
         """The elements of the list at `pos`; `end` is then the position after its `]`."""
@@ -167,11 +180,9 @@ class _JsonText:
         while not self.text.startswith("]", pos):
             where = f"{self.path}:{self.line(pos)} (element {index})"
             start = pos
-            try:
-                row, pos = self.value(pos)
+            row, pos, why = self.element(pos)
+            if why is None:
                 why = unfit(row, self.text[start:pos])
-            except RecursionError:
-                pos, why = self.skip_value(pos), f"nests deeper than {MAX_DEPTH} levels"
             if m := SURROGATE.search(self.text, start, pos):  # raw bytes, not a JSON escape
                 why = f"not UTF-8 (byte {ord(m.group()) - 0xDC00:#04x})"
             if why is None and not isinstance(row, dict):
