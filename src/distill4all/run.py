@@ -373,9 +373,8 @@ def _claim_hook(ctx: StageContext, ledger: outputs.Ledger) -> Callable[[Path], N
 
     def claim(path: Path) -> None:
         full = os.path.abspath(path)
-        if os.path.commonpath([full, folder]) != folder or full in own:
-            return
-        if any(full == o or full.startswith(o + os.sep) for o in own):
+        outside = os.path.commonpath([full, folder]) != folder
+        if outside or any(full == o or full.startswith(o + os.sep) for o in own):
             return
         ledger.claim(path)
 

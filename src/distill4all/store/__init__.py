@@ -1,6 +1,6 @@
 """The run store: one SQLite file (WAL) that is the contract between stages.
 
-Tables (schema version 3):
+Tables (schema version 6):
   meta        key/value facts about the store itself
   stages      one row per stage: status, attempts, timings, counts, costs, fingerprints
   prompts     every prompt gathered, with its source tag and original metadata
@@ -11,6 +11,7 @@ Tables (schema version 3):
               the rules' details, its near-duplicate cluster, topic and map coordinates (v2)
   embeddings  the curation's embedding cache, keyed by model and text hash (v2)
   file_hashes sha256 of input files, cached by (path, size, mtime) so big files hash once
+  outputs     every file and folder a stage wrote, claimed before it was written: what --force removes (v6)
 
 Modules: every query lives in this package, one module per table family, whose functions take
 the `Store` first (e.g. `tasks.claim(store, teacher, limit)`):
@@ -25,6 +26,7 @@ the `Store` first (e.g. `tasks.claim(store, teacher, limit)`):
   decisions.py    curation's decisions
   embeddings.py   the embedding cache
   file_hashes.py  input file hashes
+  outputs.py      the ledger of the stages' own files (Ledger.claim refuses a file the run did not write)
 """
 
 from __future__ import annotations
