@@ -330,3 +330,23 @@ def test_a_full_disk_is_named_even_when_recording_the_failure_fails_too(tmp_path
         line = one_error_line(run_cli("collect", "run", config))  # the resumed stage's first write
         assert re.match(rf"error: {re.escape(str(run_dir))}/(manifest\.json: No space left on device|store\.sqlite: "
                         "cannot use the run store: the disk is full)", line), line  # fmt: skip
+
+
+def test_atomic_writes_to_a_full_disk_name_their_file_and_leave_nothing(tmp_path: Path) -> None:
+    """A write's own error names no file; the stages' artifacts are written through atomic, which
+    names it, so the CLI's line can (a library writing the temp path, or atomic itself)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    disk = tmp_path / "disk"
+    with small_disk(disk, 64 << 10):
+        with (
+            pytest.raises(OSError, match="No space left on device") as e,
+            atomic.output_file(disk / "big.parquet") as tmp,
+        ):
+            pq.write_table(pa.table({"x": list(range(100_000))}), tmp)
+        assert e.value.filename == str(disk / "big.parquet")
+        with pytest.raises(OSError, match="No space left on device") as e:
+            atomic.write_bytes(disk / "big.bin", b"x" * 200_000)
+        assert e.value.filename == str(disk / "big.bin")
+        assert list(disk.iterdir()) == []  # no temp file left behind

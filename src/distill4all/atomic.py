@@ -105,10 +105,17 @@ def write_bytes(path: Path, data: bytes) -> None:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # a write's error names no file: name it
-            raise OSError(e.errno, e.strerror, str(path)) from e
+        if isinstance(e, OSError) and (named := _naming(e, path)) is not e:
+            raise named from e
         raise
     _fsync_dir(path.parent)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """A write's error naming the file it was for: the error of a write (a full disk's) names none."""
+    if e.filename is None and e.errno is not None:
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+    return e
 
 
 def write_text(path: Path, text: str) -> None:
@@ -131,6 +138,10 @@ def output_file(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:  # e.g. a library's write to a full disk
+        if (named := _naming(e, path)) is not e:
+            raise named from e
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
