@@ -16,7 +16,8 @@ Tables (schema version 6):
 Modules: every query lives in this package, one module per table family, whose functions take
 the `Store` first (e.g. `tasks.claim(store, teacher, limit)`):
   schema.py       the tables, and MIGRATIONS (schema version in `PRAGMA user_version`)
-  db.py           Store: the connection, migrations, `transaction()`, `backup_to()`
+  db.py           Store: the connection, migrations, `transaction()`, `backup_to()`; errors of the
+                  file or its disk (damaged, read-only, full) as StoreError naming it
   stages.py       stage rows (StageRow), for the runner
   meta.py         run name and creation time
   prompts.py      Prompt and the prompt id rule; prompt lookups

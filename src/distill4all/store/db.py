@@ -137,14 +137,16 @@ class Store:
         try:
             self._open(readonly)
         except StoreError:
+            self.db.close()
             if not (readonly and self._on_readonly_media()):
-                self.db.close()
                 raise
             # A WAL store can be read only where its -shm file can be made; in a read-only folder,
             # and with no -wal file left by a writer, the file alone holds every commit.
-            self.db.close()
             self.db = connect(path, immutable=True)
             self._open(readonly)
+        except BaseException:
+            self.db.close()
+            raise
 
     def _open(self, readonly: bool) -> None:
         self.db.row_factory = sqlite3.Row
