@@ -31,14 +31,14 @@ _FAULTS = {  # SQLite's primary error codes that come from the file or the disk,
 }
 
 
-def fault(path: Path, e: sqlite3.Error) -> Exception:
-    """What an SQLite error is to the user: a StoreError naming the file and the cause when the
-    file or its disk is at fault; else the error itself (a bug in a query is an internal error)."""
+def fault(path: Path, e: sqlite3.Error) -> StoreError | None:
+    """The StoreError naming the file and the cause when an SQLite error is the file's or its
+    disk's; None for any other (a bug in a query, an internal error: re-raised as it is)."""
     code = getattr(e, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None  # the extended code's low byte
     why = _FAULTS.get(primary) if primary is not None else None
     if why is None:
-        return e
+        return None
     if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY) and not os.access(path.parent, os.W_OK):
         why += " (its folder is read-only: the store needs to write its -wal and -shm files there)"
     return StoreError(f"{path}: cannot use the run store: {why} ({e})")
@@ -47,45 +47,53 @@ def fault(path: Path, e: sqlite3.Error) -> Exception:
 class _Cursor(sqlite3.Cursor):
     """A cursor whose errors of the file or disk are StoreErrors naming the store."""
 
-    def _fault(self, e: sqlite3.Error) -> Exception:
+    def _raise_fault(self, e: sqlite3.Error) -> None:
+        """Raise the StoreError that `e` is, if it is one; the caller re-raises any other."""
         connection = self.connection
-        return fault(connection.path, e) if isinstance(connection, _Connection) else e
+        if isinstance(connection, _Connection) and (err := fault(connection.path, e)) is not None:
+            raise err from e
 
     def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
         try:
             return super().execute(sql, parameters)
         except sqlite3.Error as e:
-            raise self._fault(e) from e
+            self._raise_fault(e)
+            raise
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> _Cursor:
         try:
             return super().executemany(sql, seq_of_parameters)
         except sqlite3.Error as e:
-            raise self._fault(e) from e
+            self._raise_fault(e)
+            raise
 
     def fetchone(self) -> Any:
         try:
             return super().fetchone()
         except sqlite3.Error as e:
-            raise self._fault(e) from e
+            self._raise_fault(e)
+            raise
 
     def fetchmany(self, size: int | None = 1) -> list[Any]:
         try:
             return super().fetchmany(size)
         except sqlite3.Error as e:
-            raise self._fault(e) from e
+            self._raise_fault(e)
+            raise
 
     def fetchall(self) -> list[Any]:
         try:
             return super().fetchall()
         except sqlite3.Error as e:
-            raise self._fault(e) from e
+            self._raise_fault(e)
+            raise
 
     def __next__(self) -> Any:  # a damaged page can be met half-way through a result
         try:
             return super().__next__()
         except sqlite3.Error as e:
-            raise self._fault(e) from e
+            self._raise_fault(e)
+            raise
 
 
 _C = TypeVar("_C", bound=sqlite3.Cursor)
@@ -116,7 +124,9 @@ def connect(path: Path, *, readonly: bool = False, immutable: bool = False) -> s
     try:
         db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, factory=_Connection)
     except sqlite3.Error as e:
-        raise fault(path, e) from e
+        if (err := fault(path, e)) is not None:
+            raise err from e
+        raise
     db.path = path
     return db
 
@@ -223,7 +233,9 @@ class Store:
                 target.close()
         except sqlite3.Error as e:  # a damaged page is this store's; anything else the copy's
             code = getattr(e, "sqlite_errorcode", 0)
-            raise fault(self.path if code & 0xFF in _DAMAGED else path, e) from e
+            if (err := fault(self.path if code & 0xFF in _DAMAGED else path, e)) is not None:
+                raise err from e
+            raise
 
     # --- shorthands -----------------------------------------------------------------------------
 
