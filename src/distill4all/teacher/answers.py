@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from distill4all.config import Price, TeacherConfig
 from distill4all.errors import TeacherError, TeacherRefused, TeacherUnavailable
-from distill4all.redact import strip_userinfo
+from distill4all.redact import redact
 from distill4all.store import Store, tasks
 from distill4all.teacher.client import REFUSING_STATUS, Reply, estimate_prompt_tokens
 from distill4all.teacher.cost import Budget, cost_usd
@@ -223,17 +223,18 @@ async def answer_pending(
             finally:
                 if claimed_unsent:
                     tasks.release(store, list(claimed_unsent))
-    where = f"{teacher.name} ({teacher.model}, {strip_userinfo(teacher.base_url or 'served locally')})"
+    # the teacher's own words may quote the key sent; the URL may carry a password
+    where = f"{teacher.name} ({teacher.model}, {teacher.base_url or 'served locally'})"
     if refusal:
-        raise TeacherRefused(
+        raise TeacherRefused(redact(
             f"teacher {where} refused the request: {refusal[0]} — check its "
             "api_key, model and base_url; nothing was stored as failed and every answer is still pending"
-        )
+        ))  # fmt: skip
     if waits:
-        raise TeacherUnavailable(
+        raise TeacherUnavailable(redact(
             f"teacher {where} {waits[0]}: stopped rather than wait; what was answered is stored and "
             "the rest is still pending — rerun later, or raise max_retry_wait_s, to continue"
-        )
+        ))  # fmt: skip
     return AnswerOutcome(
         progress.answered, progress.failed, stop["why"], progress.without_logprobs, progress.without_usage,
         progress.counted_by,

@@ -29,7 +29,7 @@ import aiohttp
 from distill4all.errors import ConfigError, TeacherError
 from distill4all.records import given_reasoning, split_reasoning
 from distill4all.store import logprobs
-from distill4all.teacher.limiter import RateLimiter, Window, parse_duration
+from distill4all.teacher.limiter import RateLimiter, Window
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 REFUSING_STATUS = frozenset({401, 403, 404})  # the key, the access or the model/URL: no request can succeed
@@ -69,21 +69,15 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
     return sum(estimate_tokens(m["content"]) + CHAT_OVERHEAD_TOKENS for m in messages) + REPLY_PRIMING_TOKENS
 
 
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The wait a response asks for (`retry-after-ms`, else `Retry-After` in seconds or as an HTTP
-    date), possibly inf; None when it asks for none or in words the client cannot read, which
-    leave the wait to the client's own backoff."""
-    told = server_wait(headers)
-    return told[0] if told is not None else None
-
-
 def server_wait(headers: Mapping[str, str]) -> tuple[float, str] | None:
-    """retry_after_seconds, with the header and value it read (to name in a message)."""
-    for name in ("retry-after-ms", "retry-after"):
+    """The wait a response asks for (`retry-after-ms`, else `Retry-After` in seconds or as an HTTP
+    date; possibly inf) and the header that said it, to name in a message. None when it asks for
+    none or in words the client cannot read (`soon`), which leave the wait to its own backoff."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
-        seconds = parse_duration(value) if name == "retry-after" else _milliseconds(value)
+        seconds = _number(value, scale)
         if seconds is None and name == "retry-after":
             seconds = _http_date_from_now(value)
         if seconds is not None:
@@ -91,12 +85,12 @@ def server_wait(headers: Mapping[str, str]) -> tuple[float, str] | None:
     return None
 
 
-def _milliseconds(value: str) -> float | None:
+def _number(value: str, scale: float) -> float | None:
     try:
-        ms = float(value)
+        n = float(value)
     except ValueError:
         return None
-    return None if math.isnan(ms) else max(0.0, ms / 1000)
+    return None if math.isnan(n) else max(0.0, n * scale)
 
 
 def _http_date_from_now(value: str) -> float | None:

@@ -95,8 +95,7 @@ class RateLimiter:
         assert self.too_long is not None
         seconds, why = self.too_long
         return TeacherError(
-            f"asks to wait {describe_wait(seconds)} ({why}), longer than max_retry_wait_s "
-            f"({self.max_wait_s:g} s)",
+            f"asks to wait {describe_wait(seconds)} ({why}), longer than max_retry_wait_s ({self.max_wait_s:g} s)",
             permanent=False,
             wait_s=seconds,
         )
