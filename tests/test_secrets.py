@@ -144,3 +144,24 @@ def test_a_key_the_teacher_echoes_is_masked_everywhere(tmp_path: Path) -> None:
     assert "HTTP 401: Incorrect API key provided (you sent 'Bearer ***')" in one_error_line(refused)
     outputs += [refused, *status_outputs(tmp_path / "run")]
     assert leaks(KEY, tmp_path / "run", *outputs) == [] and leaks(wrong, tmp_path / "run", *outputs) == []
+
+
+def test_every_teachers_secrets_are_known_to_redaction_once_the_config_loads(tmp_path: Path) -> None:
+    """The judge's api_key and a URL's password (as written, percent-encoded, and as the Basic
+    credentials made of it) are masked in any error text once the config that holds them loads."""
+    from distill4all.config import load_config
+    from distill4all.redact import redact
+
+    def load(judge: dict[str, Any], env: dict[str, str]) -> None:
+        data = {"name": "j", "run_dir": "run", "eval": {"data": ["items.jsonl"], "include": [],
+                "judge": {"judge": {"name": "judge", "model": "j"} | judge}}}  # fmt: skip
+        load_config(write_config(tmp_path / "run.yaml", data), env=env)
+
+    load({"base_url": "https://judge.example/v1", "api_key": "${JUDGE}"}, {"JUDGE": "jk-Judge-Secret-7"})
+    assert redact("HTTP 401: bad key jk-Judge-Secret-7.") == "HTTP 401: bad key ***."
+    load({"base_url": "https://judge:p%40ss-Judge-8@judge.example/v1"}, {})
+    basic = "anVkZ2U6cEBzcy1KdWRnZS04"  # base64 of judge:p@ss-Judge-8
+    said = (
+        f"no access for p%40ss-Judge-8 (p@ss-Judge-8, Basic {basic}) at https://judge:p%40ss-Judge-8@judge.example/v1"
+    )
+    assert redact(said) == "no access for *** (***, Basic ***) at https://***@judge.example/v1"
