@@ -146,3 +146,25 @@ def test_a_store_from_before_the_ledger_adopts_its_files(tmp_path: Path) -> None
     assert r.code == 0, r.output
     assert "curate/train.jsonl" in _ledger(run_dir, "curate")
     assert os.path.isfile(run_dir / "curate" / "train.jsonl")
+
+
+def test_claims_from_another_thread_are_recorded_and_refused_alike(tmp_path: Path) -> None:
+    """An atomic write in a worker thread claims through a connection of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distill4all.errors import ForeignFileError
+    from distill4all.store import Store, outputs
+
+    store = Store(tmp_path / "store.sqlite")
+    ledger = outputs.Ledger(store, tmp_path, "curate")
+    mine = _plant(tmp_path / "curate" / "report.md")
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(ledger.claim, tmp_path / "curate" / "train.jsonl").result()
+        with pytest.raises(ForeignFileError, match=r"report\.md exists and this run did not write it"):
+            pool.submit(ledger.claim, mine).result()
+    ledger.claim(tmp_path / "curate" / "train.jsonl")  # claimed already: no error, one row
+    assert outputs.owned(store, tmp_path, "curate") == [tmp_path / "curate" / "train.jsonl"]
+    (tmp_path / "curate" / "train.jsonl").write_text("x")
+    assert outputs.remove(store, tmp_path, "curate") == [tmp_path / "curate" / "train.jsonl"]
+    assert mine.read_text() == "mine" and outputs.owned(store, tmp_path, "curate") == []
+    store.close()

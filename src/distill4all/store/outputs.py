@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from distill4all.errors import ForeignFileError, StageFailure
 from distill4all.store import meta
+from distill4all.store.db import connect
 
 if TYPE_CHECKING:
     from distill4all.store.db import Store
@@ -48,7 +49,7 @@ class Ledger:
         if threading.get_ident() == self._thread:
             self._claim(self.store.db, path, key)
             return
-        db = sqlite3.connect(self.store.path, timeout=60, isolation_level=None)
+        db = connect(self.store.path)  # its file and disk errors name the store, as the store's own do
         try:
             self._claim(db, path, key)
         finally:
