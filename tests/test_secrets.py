@@ -139,10 +139,12 @@ def test_a_key_the_teacher_echoes_is_masked_everywhere(tmp_path: Path) -> None:
         outputs = [r, *status_outputs(tmp_path / "run")]
         wrong = "sk-wrong-Very-Secret-2"
         refused = cli("collect", "run", cfg, env={"D4A_KEY": wrong})
+        traced = cli("--debug", "collect", "run", cfg, env={"D4A_KEY": wrong})  # the traceback is masked too
     finally:
         server.stop()
     assert "HTTP 401: Incorrect API key provided (you sent 'Bearer ***')" in one_error_line(refused)
-    outputs += [refused, *status_outputs(tmp_path / "run")]
+    assert traced.code == 2 and "Traceback" in traced.stderr and "TeacherRefused" in traced.stderr
+    outputs += [refused, traced, *status_outputs(tmp_path / "run")]
     assert leaks(KEY, tmp_path / "run", *outputs) == [] and leaks(wrong, tmp_path / "run", *outputs) == []
 
 

@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -929,13 +929,13 @@ def main(argv: list[str] | None = None) -> None:
         app(args=args, prog_name="distill4all")
     except UserError as e:
         if debug:
-            raise
+            _traceback_exit(2)
         print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(2)
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         # a path the user named (or its folder) is a file where a folder must be, or not writable
         if debug:
-            raise
+            _traceback_exit(2)
         what = {
             FileExistsError: "a file is there, where a folder must be",
             NotADirectoryError: "a file is in its path, where a folder must be",
@@ -945,10 +945,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except Exception as e:
         if debug:
-            raise
+            _traceback_exit(2 if _fault_line(e) is not None else 1)
         if (fault := _fault_line(e)) is not None:  # the machine's doing (a full disk…), not a bug
             print(f"error: {redact(fault)}", file=sys.stderr)
             sys.exit(2)
         print(f"internal error: {type(e).__name__}: {redact(str(e))} (rerun with --debug for the traceback)",
               file=sys.stderr)  # fmt: skip
         sys.exit(1)
+
+
+def _traceback_exit(code: int) -> NoReturn:
+    """--debug: the traceback of the error being handled, with secrets masked as in the one-line
+    form (a teacher's echoed key can sit in any exception's text), then exit."""
+    import traceback
+
+    print(redact(traceback.format_exc()), file=sys.stderr, end="")
+    sys.exit(code)
