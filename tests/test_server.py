@@ -333,7 +333,7 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event_and_done() -> None:
             yield from itertools.islice(events, 2)
             raise RuntimeError("the engine broke")
 
-        return srv._stream_response(state.admit(), breaking())
+        return srv._stream_response(await state.admit().take(), breaking())
 
     async def ask() -> tuple[list[str], str]:
         transport = httpx.ASGITransport(app=app)
@@ -365,3 +365,129 @@ def test_a_context_window_below_any_prompt_is_refused_before_loading() -> None:
     for value in ("-5", "0", "15"):
         r = run_cli("serve", "tiny", "--n-ctx", value)
         assert r.code == 2 and "--n-ctx" in r.stderr, r.output
+
+
+def test_hostile_numbers_and_nesting_are_4xx_naming_the_field(server: Server) -> None:
+    """Each of these was a 500: a logit_bias key past int()'s 4300 digits, tool-call arguments
+    nested past the JSON reader's depth (chat and /tokenize alike)."""
+    ok = {"model": "tiny-chat", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2}
+    deep = [{"role": "user", "content": "x"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "f", "arguments": "[" * 100_000 + "]" * 100_000}}]},
+            {"role": "user", "content": "y"}]  # fmt: skip
+    cases = [
+        (server.post("/v1/chat/completions", json={**ok, "logit_bias": {"7" * 5000: 1}}), "logit_bias"),
+        (server.post("/v1/completions", json={"model": "tiny-chat", "prompt": "a", "logit_bias": {"1" * 5000: -1}}),
+         "logit_bias"),
+        (server.post("/v1/chat/completions", json={**ok, "messages": deep}), "messages.1.tool_calls.0.function.arguments"),
+        (server.post("/tokenize", json={"messages": deep}), "messages.1.tool_calls.0.function.arguments"),
+    ]  # fmt: skip
+    for response, param in cases:
+        assert response.status_code in (400, 422), (param, response.status_code, response.text[:300])
+        error = response.json()["error"]
+        assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error", error
+    assert server.post("/v1/chat/completions", json=ok).status_code == 200
+
+
+def scoring_body(prompts: int, n: int = 1) -> dict[str, object]:
+    """lm-eval's way of scoring: each prompt's logprobs with echo, nothing generated."""
+    rng = random.Random(1)
+    return {"model": "tiny-chat", "prompt": [[rng.randrange(1, 200) for _ in range(250)] for _ in range(prompts)],
+            "max_tokens": 0, "echo": True, "logprobs": 5, "n": n}  # fmt: skip
+
+
+def leave(server: Server, path: str, body: dict[str, object], after: float) -> None:
+    """Send a request and go away `after` seconds later, answered or not."""
+    with contextlib.suppress(httpx.TimeoutException):
+        server.post(path, json=body, timeout=after)
+
+
+def test_a_client_that_leaves_while_its_prompts_are_scored_frees_the_engine(server: Server) -> None:
+    t0 = time.monotonic()
+    assert server.post("/v1/completions", json=scoring_body(200), timeout=300).status_code == 200
+    one = time.monotonic() - t0  # what the request below costs if it is scored to its end
+    leave(server, "/v1/completions", scoring_body(200), one / 8)
+    # unless the scoring stops when its client leaves, 7/8 of its work remains
+    assert wait_idle(server, 2 * one) < one / 3, (one, server.health())
+
+
+def test_scoring_n_copies_of_a_prompt_scores_it_once_and_a_response_holds_a_bounded_number_of_logprobs(
+    server: Server,
+) -> None:
+    t0 = time.monotonic()
+    single = server.post("/v1/completions", json=scoring_body(12), timeout=300)
+    once = time.monotonic() - t0
+    t0 = time.monotonic()
+    many = server.post("/v1/completions", json=scoring_body(12, n=16), timeout=300)
+    sixteen = time.monotonic() - t0
+    assert single.status_code == many.status_code == 200, many.text[:300]
+    choices = many.json()["choices"]
+    assert len(choices) == 12 * 16 and all(c["index"] == i for i, c in enumerate(choices))
+    for i, c in enumerate(single.json()["choices"]):
+        assert all(d["logprobs"] == c["logprobs"] and d["text"] == c["text"] for d in choices[16 * i : 16 * i + 16])
+    assert sixteen < 6 * once, (once, sixteen)  # scored 16 times, it took 16× (and 16× the memory)
+
+    # the audit's request (n 16, top-5, prompts filling the context): refused at once, by name
+    t0 = time.monotonic()
+    r = server.post("/v1/completions", json=scoring_body(50, n=16), timeout=300)
+    assert r.status_code == 400 and time.monotonic() - t0 < 10, r.text[:300]
+    assert r.json()["error"]["code"] == "too_many_logprobs" and str(2**20) in r.json()["error"]["message"]
+
+
+def test_tokenizing_is_linear_queued_and_bounded(server: Server) -> None:
+    """llama.cpp splits text at special tokens in quadratic time (100k `<|im_start|>` took 45 s);
+    tokenizing waited for no one; a chat of 120,000 empty messages held a queue slot for minutes."""
+    t0 = time.monotonic()
+    r = server.post("/tokenize", json={"prompt": "<|im_start|>" * 100_000})
+    assert r.status_code == 200 and r.json()["count"] == 100_001, r.text[:300]  # BOS and the special tokens
+    assert time.monotonic() - t0 < 10
+    t0 = time.monotonic()  # a prompt known to be too long before it is all tokenized
+    r = server.post("/v1/completions", json={"model": "tiny-chat", "prompt": "<|im_start|>user\n" * 200_000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+    assert "at least" in r.json()["error"]["message"] and time.monotonic() - t0 < 10
+    for path, body in [("/v1/chat/completions", {"model": "tiny-chat", "max_tokens": 2}), ("/tokenize", {})]:
+        t0 = time.monotonic()
+        r = server.post(path, json={**body, "messages": [{"role": "user", "content": ""}] * 120_000})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "messages", r.text[:300]
+        assert "at most 2048 messages" in r.json()["error"]["message"] and time.monotonic() - t0 < 10
+    r = server.post("/v1/completions", json={"model": "tiny-chat", "prompt": ["a"] * 3000, "max_tokens": 1})
+    assert r.status_code == 422 and "at most 2048 prompts" in r.json()["error"]["message"], r.text[:300]
+
+    # /tokenize waits for its turn like generation, and leaves the queue when its client does
+    with cf.ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(server.post, "/v1/completions", json=slow_body(300), timeout=600)
+        while not server.health()["busy"]:
+            time.sleep(0.01)
+        tokenized = pool.submit(server.post, "/tokenize", json={"prompt": "hello"}, timeout=600)
+        leaving = pool.submit(leave, server, "/tokenize", {"prompt": "hello"}, 0.5)
+        time.sleep(0.3)
+        waiting = server.health()
+        leaving.result()
+        time.sleep(0.3)
+        after = server.health()
+        assert blocker.result().status_code == 200 and tokenized.result().status_code == 200
+    assert waiting["busy"] and waiting["waiting"] == 2 and after["busy"] and after["waiting"] == 1, (waiting, after)
+
+
+def test_tokenizing_in_pieces_gives_llama_cpps_own_tokens(server: Server) -> None:
+    """/tokenize cuts a text full of special tokens into pieces; llama.cpp tokenizing it whole agrees."""
+    import llama_cpp
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    llm = llama_cpp.Llama(str(server.gguf), vocab_only=True, verbose=False)
+    specials = ["<|im_start|>", "<|im_end|>", "<s>", "<pad>"]
+    near = [t[:k] for t in specials for k in range(1, len(t))] + [t + t[1:] for t in specials]  # parts, overlaps
+    words = [" ", "\n", "  ", "a", "hello", " world", "é", "東京", "🚀"]
+    bit = st.sampled_from(specials) | st.sampled_from(near + words) | st.text(max_size=4)
+    texts = st.integers(0, 300).flatmap(lambda n: st.lists(bit, min_size=n, max_size=n)).map("".join)
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(texts, st.booleans())
+    def same(text: str, add_special: bool) -> None:
+        r = server.post("/tokenize", json={"prompt": text, "add_special_tokens": add_special})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["tokens"] == llm.tokenize(text.encode(), add_bos=add_special, special=True), text
+
+    same()
+    llm.close()

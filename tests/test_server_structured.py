@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,6 +146,14 @@ def test_what_cannot_be_honoured_is_refused_by_name(smol: Server, hf_server: Ser
     assert ask(smol, messages=messages, max_tokens=2, user="u1", metadata={"k": "v"}, store=False).choices
 
 
+def test_chat_logprobs_one_answer_may_hold_are_bounded(smol: Server) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError) as e:  # 16 answers of up to ~1,000 tokens with 128 alternatives each
+        ask(smol, messages=messages, logprobs=True, top_logprobs=128, n=16)
+    assert isinstance(e.value.body, dict) and e.value.body.get("param") == "top_logprobs", e.value.body
+    assert ask(smol, messages=messages, logprobs=True, top_logprobs=128, n=16, max_tokens=4).choices
+
+
 def test_tokenizer_endpoints_agree_with_the_model(smol: Server) -> None:
     text = "Grüße, 東京! def f(x): return x  # ok"
     got = smol.post("/tokenize", json={"prompt": text}).json()
@@ -220,3 +230,102 @@ def test_lm_eval_scores_the_gguf_alone_and_matches_our_own_log_likelihoods(tmp_p
             scored += 1
     assert scored == 3 * len(QUESTIONS)
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The tiny chat model's GGUF: llama.cpp follows grammars on it as on any other."""
+    log = tmp_path_factory.mktemp("tiny") / "server.log"
+    with running_server(log) as server:
+        yield server
+
+
+def schema_format(schema: object) -> dict[str, object]:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+def tool(name: str, parameters: object) -> dict[str, object]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+def string_with(**keywords: object) -> dict[str, object]:
+    return {"type": "object", "properties": {"a": {"type": "string", **keywords}}, "required": ["a"]}
+
+
+def test_grammars_llama_cpp_cannot_parse_are_refused_and_regex_shorthand_is_followed(tiny: Server) -> None:
+    """A grammar llama.cpp failed to parse became a NULL sampler (segfault, exit 139), and one
+    nested past its parser's stack another: every path that builds one is a 400 naming the field."""
+    chat = "/v1/chat/completions"
+    ok: dict[str, object] = {"model": "tiny-chat", "messages": [{"role": "user", "content": "ping"}],
+                             "max_tokens": 40, "temperature": 0}  # fmt: skip
+    five = tiny.post(chat, json={**ok, "response_format": schema_format({"type": "string", "pattern": r"^\d{5}$"})})
+    assert five.status_code == 200, five.text
+    assert re.fullmatch(r"\d{5}", json.loads(five.json()["choices"][0]["message"]["content"]))
+    for pattern in (r"^[A-Z]\w+$", r"^\S\s\D\W[\d\-.]\.$"):  # shorthand classes, escaped punctuation
+        r = tiny.post(chat, json={**ok, "tools": [tool("f", string_with(pattern=pattern))], "tool_choice": "required"})
+        assert r.status_code == 200, (pattern, r.text)
+        call = (r.json()["choices"][0]["message"].get("tool_calls") or [None])[0]
+        if call is not None:  # cut short by max_tokens, an answer is text
+            assert re.fullmatch(pattern[1:-1], json.loads(call["function"]["arguments"])["a"]), (pattern, call)
+
+    unparsable = {"type": "string", "pattern": r"^a\bc$"}  # \b reaches GBNF, which has no such escape
+    deep = {"type": "string", "maxLength": 30000}  # 30,000 nested groups: llama.cpp's parser overflowed
+    refused = [
+        ({"response_format": schema_format(unparsable)}, "response_format.json_schema.schema"),
+        ({"response_format": schema_format(deep)}, "response_format.json_schema.schema.maxLength"),
+        ({"tools": [tool("g", {"type": "object"}), tool("f", string_with(pattern=r"^a\bc$"))]},
+         "tools.1.function.parameters"),
+        ({"tools": [tool("f", string_with(pattern=r"^a\bc$"))], "tool_choice": "auto"}, "tools.0.function.parameters"),
+        ({"tools": [tool("g", {"type": "object"}), tool("f", string_with(maxLength=30000))],
+          "tool_choice": {"type": "function", "function": {"name": "f"}}},
+         "tools.1.function.parameters.properties.a.maxLength"),
+    ]  # fmt: skip
+    for extra, param in refused:
+        r = tiny.post(chat, json={**ok, **extra})
+        assert r.status_code == 400, (param, r.status_code, r.text)
+        assert r.json()["error"]["param"] == param and r.json()["error"]["message"], r.text
+        assert tiny.proc.poll() is None, param
+    assert tiny.post(chat, json={**ok, "response_format": {"type": "json_object"}}).status_code == 200
+
+    # the Python API checks a grammar before llama.cpp's sampler sees it too
+    code = ("from distill4all.runtime.engine import SamplingParams, load_engine\n"
+            "from distill4all.runtime.structured import StructureError\n"
+            f"e = load_engine({str(tiny.gguf)!r})\n"
+            "try:\n    e.chat([{'role': 'user', 'content': 'ping'}], SamplingParams(grammar='root ::= \"\\\\d\"'))\n"
+            "except StructureError as err:\n    print('refused:', err)\n")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "refused: llama.cpp cannot parse" in p.stdout, (p.returncode, p.stdout, p.stderr)
+
+
+def test_hostile_schemas_are_a_400_naming_the_field(tiny: Server) -> None:
+    chat = "/v1/chat/completions"
+    ok: dict[str, object] = {"model": "tiny-chat", "messages": [{"role": "user", "content": "ping"}],
+                             "max_tokens": 8, "temperature": 0}  # fmt: skip
+    where = "response_format.json_schema.schema"
+    cases = [
+        (False, where),
+        ({"$ref": 5}, f"{where}.$ref"),
+        ({"$ref": "https://example.com/schema.json"}, f"{where}.$ref"),  # nothing is fetched
+        ({"properties": {"a": [1]}}, f"{where}.properties.a"),
+        ({"type": "string", "pattern": 5}, f"{where}.pattern"),
+        ({"type": "string", "pattern": "^*$"}, where),
+        ({"type": "string", "minLength": 10**9}, f"{where}.minLength"),  # was a 5 GB grammar string
+        ({"type": "array", "items": {"type": "string"}, "maxItems": -(10**9)}, f"{where}.maxItems"),
+        ({"type": "string", "pattern": "^a{99999999999}$"}, f"{where}.pattern"),
+        ({"oneOf": [{"type": "string", "maxLength": 1000}] * 60}, where),  # 60,000 repetitions in all
+    ]
+    for schema, param in cases:
+        t0 = time.monotonic()
+        r = tiny.post(chat, json={**ok, "response_format": schema_format(schema)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (schema, r.status_code, r.text[:500])
+        assert time.monotonic() - t0 < 10, schema
+    for parameters, param in [({"type": "object", "properties": {"a": {"$ref": 5}}}, "properties.a.$ref"),
+                              ({"type": "object", "properties": {"a": [1]}}, "properties.a"),
+                              (string_with(pattern=5), "properties.a.pattern")]:  # fmt: skip
+        r = tiny.post(chat, json={**ok, "tools": [tool("f", parameters)]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == f"tools.0.function.parameters.{param}", r.text
+    anything = tiny.post(chat, json={**ok, "response_format": schema_format(True)})  # `true`: any JSON at all
+    assert anything.status_code == 200, anything.text
+    if anything.json()["choices"][0]["finish_reason"] == "stop":
+        json.loads(anything.json()["choices"][0]["message"]["content"])
+    assert tiny.proc.poll() is None

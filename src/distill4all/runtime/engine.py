@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import json
 import os
 import random
+import re
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -33,8 +35,12 @@ from distill4all.errors import ContextLengthError, ModelError
 from distill4all.models import resolve_model
 from distill4all.models.chat_templates import answer_end, hf_stop_ids, is_paper_layout, paper_prompt_ids
 from distill4all.models.registry import quiet_hf
+from distill4all.runtime.structured import StructureError
 
 Message = dict[str, str]
+# Called while a text is tokenized with a lower bound of its token count (first before any work);
+# it may raise to stop, e.g. when the client has gone or the count is already past the context.
+Progress = Callable[[int], None]
 Backend = Literal["auto", "llama.cpp", "transformers"]
 BACKENDS: tuple[Backend, ...] = ("auto", "llama.cpp", "transformers")
 
@@ -185,9 +191,10 @@ class Engine(ABC):
     # --- what a backend implements ------------------------------------------------------------
 
     @abstractmethod
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool = True, progress: Progress | None = None) -> list[int]:
         """Token ids of `text`; `add_special` adds the BOS token where the model wants one.
-        Special tokens written in the text (e.g. `<|im_end|>`) are parsed as such."""
+        Special tokens written in the text (e.g. `<|im_end|>`) are parsed as such. `progress`
+        hears a lower bound of the count as the work goes, and may raise to stop it."""
 
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -228,6 +235,16 @@ class Engine(ABC):
     def logits(self, ids: list[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: row i holds the next-token logits after ids[: i + 1]."""
 
+    def logit_batches(self, ids: list[int]) -> Iterator[np.ndarray]:
+        """`logits(ids)` a batch of rows at a time, where the engine computes them so (a long
+        text never holds all its rows at once); stopping early stops the work."""
+        yield self.logits(ids)
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise StructureError unless sampling can follow `grammar` (GBNF)."""
+        if not self.grammars:
+            raise StructureError(f"the {self.backend} engine cannot follow a grammar; run a GGUF (llama.cpp)")
+
     @abstractmethod
     def _sample(self, ids: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         """Yield sampled token ids after the prompt `ids`, forever (the caller stops it)."""
@@ -254,12 +271,13 @@ class Engine(ABC):
         logprobs = log_softmax(logits)
         return [float(x) for x in logprobs[np.arange(len(ids) - 1), ids[1:]]]
 
-    def chat_ids(self, messages: list[Message]) -> list[int]:
+    def chat_ids(self, messages: list[Message], *, progress: Progress | None = None) -> list[int]:
         if is_paper_layout(self.chat_template) and all(m["role"] != "assistant" for m in messages):
-            return paper_prompt_ids(self.tokenize, [m["content"] for m in messages])
+            tokenize = functools.partial(self.tokenize, progress=progress)
+            return paper_prompt_ids(tokenize, [m["content"] for m in messages])
         # A rendered chat template holds every special token it wants (as apply_chat_template's
         # own tokenize=True path assumes), so nothing is added.
-        return self.tokenize(self.render_chat(messages), add_special=False)
+        return self.tokenize(self.render_chat(messages), add_special=False, progress=progress)
 
     def check_fits(self, n_prompt: int) -> None:
         if n_prompt >= self.n_ctx:
@@ -436,6 +454,7 @@ class LlamaCppEngine(Engine):
         self.eos_ids = set(self._eog)
         self._template = self.metadata.get("tokenizer.chat_template")
         self._formatters: dict[bool, Any] = {}
+        self._parsed_grammar: str | None = None  # the last grammar llama.cpp parsed (checked once)
         # Free llama.cpp's memory before interpreter shutdown tears down the bindings, which
         # Llama.__del__ would otherwise trip over.
         atexit.register(_close_if_alive, weakref.ref(self))
@@ -444,8 +463,107 @@ class LlamaCppEngine(Engine):
     def vocab_size(self) -> int:
         return int(self._n_vocab)
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+    def tokenize(self, text: str, *, add_special: bool = True, progress: Progress | None = None) -> list[int]:
+        """llama.cpp's tokens, a few special tokens' worth of text at a time.
+
+        llama.cpp splits a text at its special tokens by searching, for each special token, every
+        fragment split off so far, each search running to the end of the whole text: quadratic in
+        the special tokens a text holds (100k `<|im_start|>` took 45 s). Cut where llama.cpp would
+        split anyway (before a special token that no other one overlaps), the pieces tokenize to
+        the same ids, in time linear in the text, and `progress` is heard between them."""
+        data = text.encode("utf-8")
+        if progress is not None:
+            progress(len(data) // self._max_token_bytes if self._splittable else 0)
+        cuts = self._cuts(data) if self._splittable else []
+        if not cuts:
+            return self._tokenize_bytes(data, add_special)
+        ids = [self._bos] if add_special and self._bos is not None else []
+        for start, end in itertools.pairwise([0, *cuts, len(data)]):
+            ids += self._tokenize_bytes(data[start:end], False)
+            if progress is not None:
+                progress(len(ids))
+        if add_special and self._eos is not None:
+            ids.append(self._eos)
+        return ids
+
+    def _tokenize_bytes(self, data: bytes, add_special: bool) -> list[int]:
+        import llama_cpp
+
+        size = len(data) + 8
+        while True:
+            buffer = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, size, add_special, True)
+            if n >= 0:
+                return list(buffer[:n])
+            size = -n
+
+    SPECIALS_PER_CALL = 32  # special tokens in one piece: few enough to stay linear, enough to be few calls
+
+    def _cuts(self, data: bytes) -> list[int]:
+        """Where `data` may be cut so that its pieces tokenize as it does, every SPECIALS_PER_CALL
+        special tokens: the starts of special tokens that no earlier one reaches past (llama.cpp
+        takes the longest first, so an overlapped start may not be a boundary), and where a token
+        strips the whitespace before it, not after whitespace."""
+        pattern, lstrip = self._special_starts
+        cuts: list[int] = []
+        reach, seen = 0, 0
+        for m in pattern.finditer(data):
+            start = m.start()
+            if reach <= start and start > 0 and not (lstrip and data[start - 1 : start].isspace()):
+                seen += 1
+                if seen % self.SPECIALS_PER_CALL == 0:
+                    cuts.append(start)
+            reach = max(reach, start + len(m.group(1)))
+        return cuts
+
+    @functools.cached_property
+    def _special_starts(self) -> tuple[re.Pattern[bytes], bool]:
+        """Every position where a special token llama.cpp parses in text starts (the longest one
+        there), and whether any of them strips the whitespace before it."""
+        import llama_cpp
+
+        # the tokens llama.cpp looks for in text when it parses special tokens (its cache_special_tokens)
+        mask = (
+            llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+            | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+            | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        )
+        texts: set[bytes] = set()
+        lstrip = False
+        for t in range(self._n_vocab):
+            attr = llama_cpp.llama_vocab_get_attr(self._vocab, t)
+            if attr & mask and (raw := llama_cpp.llama_vocab_get_text(self._vocab, t)):
+                texts.add(raw)
+                lstrip = lstrip or bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP)
+        alternatives = b"|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))
+        return re.compile(b"(?=(" + alternatives + b"))" if texts else b"(?!)"), lstrip
+
+    @functools.cached_property
+    def _splittable(self) -> bool:
+        """Tokenizers whose fragments between special tokens are tokenized independently and
+        that neither drop nor merge text (so `_max_token_bytes` bounds the count): BPE and
+        SentencePiece; the others (WordPiece, Unigram, RWKV) are left whole."""
+        import llama_cpp
+
+        kinds = (llama_cpp.LLAMA_VOCAB_TYPE_SPM, llama_cpp.LLAMA_VOCAB_TYPE_BPE)
+        return int(llama_cpp.llama_vocab_type(self._vocab)) in kinds
+
+    @functools.cached_property
+    def _max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for: a text of N bytes has at least N / this tokens."""
+        return max(1, *(len(self.token_bytes(t)) for t in range(self._n_vocab)))
+
+    @functools.cached_property
+    def _bos(self) -> int | None:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_bos(self._vocab)) if llama_cpp.llama_vocab_get_add_bos(self._vocab) else None
+
+    @functools.cached_property
+    def _eos(self) -> int | None:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_eos(self._vocab)) if llama_cpp.llama_vocab_get_add_eos(self._vocab) else None
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return bytes(self.llm.detokenize(list(ids))).decode("utf-8", errors="replace")
@@ -524,6 +642,26 @@ class LlamaCppEngine(Engine):
             return np.zeros((0, self._n_vocab), dtype=np.float32)
         return np.concatenate(list(self._logit_rows(ids))).astype(np.float32, copy=False)
 
+    def logit_batches(self, ids: list[int]) -> Iterator[np.ndarray]:
+        return self._logit_rows(ids) if ids else iter(())
+
+    MAX_GRAMMAR_DEPTH = 2000  # llama.cpp parses a grammar's groups recursively: ~18,000 deep overflowed an 8 MiB stack
+
+    def check_grammar(self, grammar: str) -> None:
+        """llama.cpp parses the grammar (a grammar it cannot parse becomes a NULL sampler, which
+        llama-cpp-python adds to the chain anyway: a segfault at the first token)."""
+        import llama_cpp
+
+        if grammar == self._parsed_grammar:
+            return
+        if (depth := _grammar_depth(grammar)) > self.MAX_GRAMMAR_DEPTH:
+            raise StructureError(f"the grammar nests {depth} groups deep; at most {self.MAX_GRAMMAR_DEPTH} are allowed")
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise StructureError("llama.cpp cannot parse the grammar it becomes (its parser's message is in the log)")
+        llama_cpp.llama_sampler_free(sampler)
+        self._parsed_grammar = grammar
+
     def token_logprobs(self, ids: list[int]) -> list[float]:
         # Batch by batch, so a long text never holds [len, vocab] floats at once.
         if len(ids) < 2:
@@ -550,6 +688,8 @@ class LlamaCppEngine(Engine):
         from llama_cpp import LlamaGrammar, LogitsProcessorList
 
         self.llm.set_seed(seed)
+        if params.grammar:
+            self.check_grammar(params.grammar)
         grammar = LlamaGrammar.from_string(params.grammar, verbose=False) if params.grammar else None
         processors = LogitsProcessorList([_bias_adder(params.logit_bias)]) if params.logit_bias else None
         # Llama.generate reuses the cached prefix of the previous prompt (multi-turn chat).
@@ -567,6 +707,32 @@ class LlamaCppEngine(Engine):
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _grammar_depth(grammar: str) -> int:
+    """How deep a GBNF grammar's parentheses nest (outside strings, character classes and comments)."""
+    depth = deepest = 0
+    quote: str | None = None  # the closing character of the string or class we are in
+    comment = False
+    chars = iter(grammar)
+    for c in chars:
+        if comment:
+            comment = c not in "\r\n"
+        elif quote is not None:
+            if c == "\\":
+                next(chars, None)
+            elif c == quote:
+                quote = None
+        elif c == '"' or c == "[":
+            quote = '"' if c == '"' else "]"
+        elif c == "#":
+            comment = True
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+    return deepest
 
 
 def _bias_adder(bias: dict[int, float]) -> Callable[[Any, np.ndarray], np.ndarray]:
@@ -638,7 +804,9 @@ class TransformersEngine(Engine):
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool = True, progress: Progress | None = None) -> list[int]:
+        if progress is not None:  # HF tokenizers split at added tokens in linear time: one call
+            progress(0)
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
     def detokenize(self, ids: Sequence[int]) -> str:

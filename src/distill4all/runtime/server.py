@@ -12,15 +12,19 @@ an `{"error": …}` event and `[DONE]`, as OpenAI's stream does.
 One engine serves every request: requests take turns on an asyncio lock (generation runs in a
 worker thread, so the event loop stays free to accept, validate and reject). A request holds a
 `Ticket` from the moment it is admitted until it holds the engine, so at most `max_queue` requests
-wait, streaming or not; more get 503 at once rather than hanging. A request whose client has gone
-stops: a stream when its next event cannot be sent, any other request at its next generated piece
-(or while it waits for its turn).
+wait, streaming or not; more get 503 at once rather than hanging. Everything a request makes the
+engine do happens in its turn — building its grammar, tokenizing, generating, scoring — so one
+request's work never runs beside another's. A request whose client has gone stops: a stream when
+its next event cannot be sent, any other request at its next generated piece, scored batch or
+tokenized piece (or while it waits for its turn).
+
+What one request may ask for is bounded (MAX_MESSAGES, MAX_PROMPTS, MAX_LOGPROBS, the schema
+limits in structured.py), so no single body holds the engine or memory out of proportion to it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hmac
 import json
@@ -37,7 +41,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import anyio
 import h11
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -49,6 +53,7 @@ from distill4all.runtime.engine import (
     Completion,
     Engine,
     Message,
+    Progress,
     SamplingParams,
     TextStream,
     TokenLogprob,
@@ -69,6 +74,10 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_TOP_LOGPROBS = 128  # chat's top_logprobs: OpenAI caps it at 20; distilling a teacher wants more
 DRAIN_BYTES = 64 * 1024 * 1024
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_MESSAGES = 2048  # messages in one chat (OpenAI's limit): each costs template and tokenizer time
+MAX_PROMPTS = 2048  # prompts in one completion request
+MAX_LOGPROBS = 2**20  # logprobs one response may list, alternatives included (each is a few hundred bytes held)
+SCORE_ROWS = 64  # log-softmax rows computed at once when scoring: [64, vocab] floats, not [len, vocab]
 READ_TIMEOUT = 30.0  # seconds the body may stall between two chunks
 API_KEY_ENV = "DISTILL4ALL_API_KEY"
 
@@ -228,7 +237,7 @@ class _Sampling(_Request):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            if not (key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab_size):
                 raise APIError(400, f"logit_bias: {key[:20]!r} is not a token id of this model (0..{vocab_size - 1})",
                                param="logit_bias")  # fmt: skip
             bias[int(key)] = value
@@ -245,6 +254,12 @@ class _Sampling(_Request):
         )
 
 
+def _at_most(value: Any, limit: int, what: str) -> Any:
+    if isinstance(value, list) and len(value) > limit:
+        raise ValueError(f"at most {limit} {what} are allowed in one request, got {len(value)}")
+    return value
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -255,6 +270,11 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_messages(cls, value: Any) -> Any:
+        return _at_most(value, MAX_MESSAGES, "messages")
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -264,12 +284,24 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: StrictInt | None = Field(None, ge=1)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _few_prompts(cls, value: Any) -> Any:
+        if isinstance(value, list) and not all(isinstance(x, int) for x in value):  # a flat list is one prompt
+            return _at_most(value, MAX_PROMPTS, "prompts")
+        return value
+
 
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)  # tokenized as the chat template renders them
     add_special_tokens: bool = True  # for `prompt`: BOS where the model adds one
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_messages(cls, value: Any) -> Any:
+        return _at_most(value, MAX_MESSAGES, "messages")
 
 
 class DetokenizeRequest(_Request):
@@ -312,17 +344,27 @@ class Ticket:
             self.queued = False
             self.state.waiting -= 1
 
-    @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def take(self) -> Turn:
         """Wait for the engine; the one place requests are serialized."""
         try:
             await self.state.lock.acquire()
         finally:
             self.leave()
-        try:
-            yield
-        finally:
-            self.state.lock.release()
+        return Turn(self.state.lock)
+
+
+class Turn:
+    """The engine, held by one request until `release` (idempotent: every exit path may call it).
+    A stream takes it before its response begins, so a prompt too long is still a 400, and its
+    response releases it."""
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self.lock, self.held = lock, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
 
 
 T = TypeVar("T")
@@ -408,14 +450,48 @@ def _context_error(e: ContextLengthError, param: str) -> APIError:
     return APIError(400, str(e), param=param, code="context_length_exceeded")
 
 
-def score_tokens(engine: Engine, context: list[int], targets: list[int], top: int) -> list[TokenLogprob]:
-    """Logprob of each target token after context + the targets before it, with the `top` best."""
+def score_tokens(engine: Engine, context: list[int], targets: list[int], top: int,
+                 gone: threading.Event | None = None) -> list[TokenLogprob]:  # fmt: skip
+    """Logprob of each target token after context + the targets before it, with the `top` best:
+    the engine's logits a batch at a time, SCORE_ROWS rows of them normalized at once, and
+    ClientGone between those once `gone` is set."""
     if not targets:
         return []
     if not context:
         raise APIError(400, "cannot score the first token of a text with no context", param="prompt")
-    rows = log_softmax(engine.logits([*context, *targets[:-1]])[len(context) - 1 :])
-    return [TokenLogprob.of(row, tok, top) for row, tok in zip(rows, targets, strict=True)]
+    first = len(context) - 1  # the row that predicts targets[0]
+    out: list[TokenLogprob] = []
+    at = 0  # the position of the batch's first row
+    for batch in engine.logit_batches([*context, *targets[:-1]]):
+        for lo in range(max(first - at, 0), len(batch), SCORE_ROWS):
+            if gone is not None and gone.is_set():
+                raise ClientGone
+            for k, row in enumerate(log_softmax(batch[lo : lo + SCORE_ROWS])):
+                out.append(TokenLogprob.of(row, targets[at + lo + k - first], top))
+        at += len(batch)
+    return out
+
+
+def _progress(engine: Engine, gone: threading.Event, limit: int | None) -> Progress:
+    """For tokenizing a prompt: stop once the client is gone, or once the prompt is known to have
+    `limit` tokens or more (before all of a long text is tokenized)."""
+
+    def progress(n: int) -> None:
+        if gone.is_set():
+            raise ClientGone
+        if limit is not None and n >= limit:
+            raise ContextLengthError(f"the prompt has at least {n} tokens but {engine.name}'s context holds "
+                                     f"{engine.n_ctx} (prompt and answer together); shorten the prompt")  # fmt: skip
+
+    return progress
+
+
+def _check_logprobs(listed: int, top: int, param: str) -> None:
+    """At most MAX_LOGPROBS in one response: `listed` tokens with `top` alternatives each."""
+    if listed * (1 + top) > MAX_LOGPROBS:
+        raise APIError(400, f"this request could list {listed} tokens' logprobs with {top} alternatives each, "
+                       f"more than the {MAX_LOGPROBS} one response may hold; ask for fewer (n, max_tokens, "
+                       "prompts) or fewer alternatives", param=param, code="too_many_logprobs")  # fmt: skip
 
 
 def _finite(x: float) -> float:
@@ -437,11 +513,15 @@ def _turns(messages: list[ChatMessage]) -> list[Message]:
     """Messages for the chat template: developer turns as system ones, earlier tool calls written as
     the model is asked to write them."""
     out: list[Message] = []
-    for m in messages:
+    for i, m in enumerate(messages):
         text = m.text()
         if m.tool_calls:
             calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls]
-            text = "\n".join(t for t in (text, history_text(calls)) if t)
+            try:
+                text = "\n".join(t for t in (text, history_text(calls)) if t)
+            except StructureError as e:
+                param = f"messages.{i}.tool_calls.{e.param}.function.arguments"
+                raise APIError(400, f"{param}: {e}", param=param) from None
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     return out
 
@@ -458,43 +538,69 @@ def _chat_messages(req: ChatRequest, functions: list[Function]) -> list[Message]
     return out
 
 
-def _structure(req: ChatRequest, engine: Engine) -> tuple[str | None, list[Function]]:
-    """The grammar the answer follows (response_format or tools) and the functions it may call."""
-    grammar, param = None, "response_format"
+def _functions(req: ChatRequest, engine: Engine) -> list[Function]:
+    """The functions the answer may call, after the checks that need no grammar built yet (so a
+    request they refuse never waits in the queue)."""
     fmt = req.response_format
-    try:
-        if fmt is not None and fmt.type == "json_object":
-            grammar = json_object_grammar()
-        elif fmt is not None and fmt.type == "json_schema":
-            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
-            grammar = schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
-        functions: list[Function] = []
-        choice = req.tool_choice
-        if req.tools and choice != "none":
-            param = "tools"
-            if grammar is not None:
-                raise APIError(400, "response_format and tools cannot be combined", param="response_format",
-                               code="unsupported_parameter")  # fmt: skip
-            functions = [Function(t.function.name, t.function.description, t.function.parameters or
-                                  {"type": "object", "properties": {}}) for t in req.tools]  # fmt: skip
-            if isinstance(choice, NamedToolChoice):
-                functions = [f for f in functions if f.name == choice.function.name]
-                if not functions:
-                    raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among tools",
-                                   param="tool_choice")  # fmt: skip
-            grammar = tools_grammar(functions, required=choice not in (None, "auto"))
-        elif choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice asks for a tool call but no tools are given", param="tool_choice")
-    except StructureError as e:
-        raise APIError(400, str(e), param=param) from None
-    if grammar is not None and not engine.grammars:
+    structured = fmt is not None and fmt.type != "text"
+    if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+        raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+    functions: list[Function] = []
+    param, choice = "response_format", req.tool_choice
+    if req.tools and choice != "none":
+        param = "tools"
+        if structured:
+            raise APIError(400, "response_format and tools cannot be combined", param="response_format",
+                           code="unsupported_parameter")  # fmt: skip
+        functions = [Function(t.function.name, t.function.description, t.function.parameters or
+                              {"type": "object", "properties": {}}, f"tools.{i}.function.parameters")
+                     for i, t in enumerate(req.tools)]  # fmt: skip
+        if isinstance(choice, NamedToolChoice):
+            functions = [f for f in functions if f.name == choice.function.name]
+            if not functions:
+                raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among tools",
+                               param="tool_choice")  # fmt: skip
+    elif choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice asks for a tool call but no tools are given", param="tool_choice")
+    if (structured or functions) and not engine.grammars:
         raise APIError(400, f"{param} needs an answer that follows a grammar, which the {engine.backend} engine "
                        "cannot give; serve a GGUF (llama.cpp)", param=param, code="unsupported_parameter")  # fmt: skip
     if functions and req.stream:
         raise APIError(400, "tools cannot be streamed yet; ask without stream", param="stream",
                        code="unsupported_parameter")  # fmt: skip
-    return grammar, functions
+    return functions
+
+
+def _grammar(req: ChatRequest, engine: Engine, functions: list[Function]) -> str | None:
+    """The grammar the answer follows (response_format or tools), parsed by the engine before any
+    sampler sees it; a 400 naming the field where it cannot be."""
+    fmt, required = req.response_format, req.tool_choice not in (None, "auto")
+    try:
+        if functions:
+            grammar = tools_grammar(functions, required=required)
+        elif fmt is not None and fmt.type == "json_object":
+            grammar = json_object_grammar()
+        elif fmt is not None and fmt.type == "json_schema":
+            assert fmt.json_schema is not None and fmt.json_schema.schema_ is not None  # _functions checked
+            grammar = schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        else:
+            return None
+    except StructureError as e:
+        raise APIError(400, str(e), param=e.param or ("tools" if functions else "response_format")) from None
+    try:
+        engine.check_grammar(grammar)
+    except StructureError as e:
+        param = functions[0].where if len(functions) == 1 else "tools" if functions else "response_format"
+        if fmt is not None and fmt.type == "json_schema":
+            param = "response_format.json_schema.schema"
+        for f in functions if len(functions) > 1 else []:  # which function's parameters it is
+            try:
+                engine.check_grammar(tools_grammar([f], required=True))
+            except StructureError:
+                param = f.where
+                break
+        raise APIError(400, f"{param} cannot be followed: {e}", param=param) from None
+    return grammar
 
 
 def _chat_message(c: Completion, functions: list[Function]) -> tuple[dict[str, Any], str]:
@@ -505,7 +611,8 @@ def _chat_message(c: Completion, functions: list[Function]) -> tuple[dict[str, A
     return {"role": "assistant", "content": c.text}, c.finish_reason
 
 
-def _chat_logprobs(engine: Engine, prompt: list[int], c: Completion, top: int) -> dict[str, Any]:
+def _chat_logprobs(engine: Engine, prompt: list[int], c: Completion, top: int, gone: threading.Event,
+                   ) -> dict[str, Any]:  # fmt: skip
     """OpenAI's shape: per generated token its text, logprob and exact bytes (a token may hold
     part of a character, whose text is then U+FFFD), and the `top` most likely in its place."""
 
@@ -517,7 +624,7 @@ def _chat_logprobs(engine: Engine, prompt: list[int], c: Completion, top: int) -
         }
 
     # kept while sampling where the engine can (no second pass), else scored afterwards
-    scored = c.logprobs if c.logprobs is not None else score_tokens(engine, prompt, c.token_ids, top)
+    scored = c.logprobs if c.logprobs is not None else score_tokens(engine, prompt, c.token_ids, top, gone)
     content = [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in scored]
     return {"content": content}
 
@@ -538,32 +645,43 @@ async def _chat(state: ServerState, ticket: Ticket, request: Request, req: ChatR
     max_tokens = req.max_completion_tokens or req.max_tokens or engine.n_ctx
     if req.stream and req.logprobs:
         raise APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
-    grammar, functions = _structure(req, engine)
-    messages = _chat_messages(req, functions)
-    try:
-        prompt = await _in_thread(lambda: engine.chat_ids(messages))
-        engine.check_fits(len(prompt))
-    except ContextLengthError as e:
-        raise _context_error(e, "messages") from None
-    except UserError as e:  # the chat template rejected the conversation
-        raise APIError(400, str(e), param="messages") from None
-    params = [dataclasses.replace(req.sampling(max_tokens, i, engine.vocab_size), grammar=grammar)
-              for i in range(req.n)]  # fmt: skip
-    if req.logprobs:
-        params = [dataclasses.replace(p, logprobs=req.top_logprobs or 0) for p in params]
+    functions = _functions(req, engine)
+    sampling = [req.sampling(max_tokens, i, engine.vocab_size) for i in range(req.n)]
+
+    def prepare(gone: threading.Event) -> tuple[list[int], list[SamplingParams]]:
+        """In the request's turn: the grammar, the prompt's tokens (given up on once they are
+        known not to fit), and each choice's sampling."""
+        grammar = _grammar(req, engine, functions)
+        messages = _chat_messages(req, functions)
+        try:
+            prompt = engine.chat_ids(messages, progress=_progress(engine, gone, engine.n_ctx))
+            engine.check_fits(len(prompt))
+        except ContextLengthError as e:
+            raise _context_error(e, "messages") from None
+        except UserError as e:  # the chat template rejected the conversation
+            raise APIError(400, str(e), param="messages") from None
+        if req.logprobs:
+            _check_logprobs(req.n * min(max_tokens, engine.n_ctx - len(prompt)), req.top_logprobs or 0, "top_logprobs")
+        params = [dataclasses.replace(p, grammar=grammar) for p in sampling]
+        if req.logprobs:
+            params = [dataclasses.replace(p, logprobs=req.top_logprobs or 0) for p in params]
+        return prompt, params
+
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_id, "system_fingerprint": f"distill4all-{__version__}"}
 
     if req.stream:
+        (prompt, params), turn = await _in_turn(request, ticket, prepare)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream_response(ticket, _chat_chunks(state, head, prompt, params, include_usage))
+        return _stream_response(turn, _chat_chunks(state, head, prompt, params, include_usage))
 
     def run(gone: threading.Event) -> dict[str, Any]:
+        prompt, params = prepare(gone)
         choices, used = [], 0
         for i, p in enumerate(params):
             c = _collect(engine.stream_ids(prompt, p), gone)
             used += c.completion_tokens
-            logprobs = _chat_logprobs(engine, prompt, c, req.top_logprobs or 0) if req.logprobs else None
+            logprobs = _chat_logprobs(engine, prompt, c, req.top_logprobs or 0, gone) if req.logprobs else None
             message, finish = _chat_message(c, functions)
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), used)}
@@ -591,20 +709,25 @@ async def _disconnected(request: Request) -> None:
         await asyncio.sleep(0.05)  # a pipelined request's data: not ours to read
 
 
-async def _answer(request: Request, ticket: Ticket, run: Callable[[threading.Event], T]) -> T:
-    """`run(gone)` on the engine in this request's turn. If the client leaves first, a request still
-    waiting leaves the queue, and one generating gets `gone` set and stops at its next piece (its
-    thread is never abandoned: the engine is not free until it returns); then ClientGone."""
+async def _in_turn(request: Request, ticket: Ticket, run: Callable[[threading.Event], T]) -> tuple[T, Turn]:
+    """`run(gone)` on the engine in this request's turn, which it still holds after (the caller
+    releases it). If the client leaves first, a request still waiting leaves the queue, and one
+    running gets `gone` set and stops at its next check (its thread is never abandoned: the
+    engine is not free until it returns); then the turn is released and ClientGone raised."""
     gone = threading.Event()
-    generating = False
+    started = False
 
-    async def work() -> T:
-        nonlocal generating
-        async with ticket.turn():
+    async def work() -> tuple[T, Turn]:
+        nonlocal started
+        turn = await ticket.take()
+        try:
             if gone.is_set():
                 raise ClientGone
-            generating = True
-            return await _in_thread(lambda: run(gone))
+            started = True
+            return await _in_thread(lambda: run(gone)), turn
+        except BaseException:
+            turn.release()
+            raise
 
     working = asyncio.ensure_future(work())
     watching = asyncio.ensure_future(_disconnected(request))
@@ -614,14 +737,24 @@ async def _answer(request: Request, ticket: Ticket, run: Callable[[threading.Eve
         watching.cancel()
         if not working.done():
             gone.set()
-            if not generating:
+            if not started:
                 working.cancel()
     if working.done() and not working.cancelled():
         return working.result()
     await asyncio.wait({working})
-    if not working.cancelled():
-        working.exception()  # retrieved: it is ClientGone, or an answer no one is there to read
+    if not working.cancelled() and working.exception() is None:
+        working.result()[1].release()  # it finished after its client left: no one needs the engine held
     raise ClientGone
+
+
+async def _answer(request: Request, ticket: Ticket, run: Callable[[threading.Event], dict[str, Any]]) -> Response:
+    """`run(gone)` in this request's turn (see _in_turn), the engine free again after; its JSON is
+    written in a worker thread too (a response listing 10^6 logprobs takes seconds to encode, which
+    on the event loop would stall every other connection)."""
+    result, turn = await _in_turn(request, ticket, run)
+    turn.release()
+    body = await _in_thread(lambda: json.dumps(result, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
+    return Response(body.encode("utf-8"), media_type="application/json")
 
 
 def _chat_chunks(
@@ -651,66 +784,77 @@ def _chat_chunks(
 
 
 class _EngineStream(StreamingResponse):
-    """A streaming response that always closes its body and gives up its ticket, whatever ends it.
+    """A streaming response that always closes its body and releases the engine, whatever ends it.
 
     When a client goes away mid-stream, Starlette may leave the body generator suspended at a
     `yield`, holding the engine until garbage collection; closing it here (shielded from the
     cancellation) stops the generation and hands the engine to the next request at once. A
-    client gone before its turn never starts the body, so the ticket is given up here too."""
+    client gone before the body starts never runs it, so the turn is released here too."""
 
-    def __init__(self, ticket: Ticket, body: AsyncIterator[str]) -> None:
+    def __init__(self, turn: Turn, body: AsyncIterator[str]) -> None:
         super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.ticket = ticket
+        self.turn = turn
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.ticket.leave()
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self.turn.release()
 
 
-def _stream_response(ticket: Ticket, events: Iterator[str]) -> StreamingResponse:
-    """SSE from `events`: the engine is held from the first event to the last. A failure after
-    the response has begun cannot change its status, so it becomes an error event and `[DONE]`."""
+def _stream_response(turn: Turn, events: Iterator[str]) -> StreamingResponse:
+    """SSE from `events` in the turn the request holds, released after the last event. A failure
+    after the response has begun cannot change its status, so it becomes an error event and `[DONE]`."""
 
     async def body() -> AsyncIterator[str]:
-        async with ticket.turn():
-            try:
-                while (event := await _in_thread(lambda: next(events, None))) is not None:
-                    yield event
-            except Exception as e:
-                yield _sse((e if isinstance(e, APIError) else _internal_error(e)).body())
-                yield "data: [DONE]\n\n"
-            finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()  # quick: it only unwinds the generators
+        try:
+            while (event := await _in_thread(lambda: next(events, None))) is not None:
+                yield event
+        except Exception as e:
+            yield _sse((e if isinstance(e, APIError) else _internal_error(e)).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # quick: it only unwinds the generators
+            turn.release()
 
-    return _EngineStream(ticket, body())
+    return _EngineStream(turn, body())
 
 
 # --- completions -------------------------------------------------------------------------------
 
 
-def _prompts(engine: Engine, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+def _prompts(engine: Engine, req: CompletionRequest, gone: threading.Event) -> list[tuple[str, list[int]]]:
     """(text, token ids) per prompt; text prompts get the model's BOS as llama.cpp and vLLM do,
-    token prompts are taken as they are (after a range check: llama.cpp must never see a bad id)."""
+    token prompts are taken as they are (after a range check: llama.cpp must never see a bad id).
+    A text is given up on once it is known not to fit (max_tokens 0 scores one token more)."""
+    limit = engine.n_ctx + (0 if req.max_tokens > 0 else 1)
     p = req.prompt
-    if isinstance(p, str):
-        return [(p, engine.tokenize(p))]
-    if not p:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    if all(isinstance(x, str) for x in p):
-        return [(str(x), engine.tokenize(str(x))) for x in p]
+    try:
+        if isinstance(p, str):
+            return [(p, engine.tokenize(p, progress=_progress(engine, gone, limit)))]
+        if all(isinstance(x, str) for x in p):
+            return [(str(x), engine.tokenize(str(x), progress=_progress(engine, gone, limit))) for x in p]
+    except ContextLengthError as e:
+        raise _context_error(e, "prompt") from None
+    return [(engine.detokenize(ids), ids) for ids in _id_prompts(engine, req)]
+
+
+def _id_prompts(engine: Engine, req: CompletionRequest) -> list[list[int]]:
+    """The token-id prompts, checked (none for text prompts)."""
+    p = req.prompt
+    if isinstance(p, str) or not all(isinstance(x, list | int) for x in p) or any(isinstance(x, str) for x in p):
+        return []
     flat = all(isinstance(x, int) for x in p)
     lists: list[list[int]] = [[int(x) for x in p]] if flat else [list(x) for x in p]  # type: ignore[arg-type]
     for ids in lists:
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         _check_ids(engine, ids, "prompt")
-    return [(engine.detokenize(ids), ids) for ids in lists]
+    return lists
 
 
 def _check_ids(engine: Engine, ids: list[int], param: str) -> None:
@@ -719,29 +863,30 @@ def _check_ids(engine: Engine, ids: list[int], param: str) -> None:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", param=param)
 
 
-def _completion_logprobs(engine: Engine, prompt: list[int], c: Completion | None, req: CompletionRequest,
-                         ) -> dict[str, Any]:  # fmt: skip
-    top = req.logprobs or 0
+Scored = tuple[list[str], list[float | None], list[dict[str, float] | None]]  # tokens, logprobs, top logprobs
+
+
+def _scored(engine: Engine, context: list[int], targets: list[int], top: int, gone: threading.Event) -> Scored:
+    texts, lps, tops = [], [], []
+    for t in score_tokens(engine, context, targets, top, gone):
+        texts.append(engine.token_text(t.token))
+        lps.append(_finite(t.logprob))
+        tops.append({engine.token_text(i): _finite(lp) for i, lp in t.top})
+    return texts, lps, tops  # type: ignore[return-value]
+
+
+def _completion_logprobs(engine: Engine, prompt: list[int], c: Completion | None, echoed: Scored | None,
+                         top: int, gone: threading.Event) -> dict[str, Any]:  # fmt: skip
+    """The choice's logprobs: the prompt's (`echoed`, scored once for all its choices) and the
+    generated tokens'."""
     generated = c.token_ids if c is not None else []
     if c is not None and c.stop_token is not None:
         # The end-of-text token the model chose is listed (its text is not in the answer), as
         # OpenAI does: scorers such as lm-eval drop the last entry as the generated one.
         generated = [*generated, c.stop_token]
-    tokens: list[int] = []
-    lps: list[float | None] = []
-    tops: list[dict[str, float] | None] = []
-    if req.echo:
-        tokens += prompt
-        lps.append(None)
-        tops.append(None)
-        for t in score_tokens(engine, prompt[:1], prompt[1:], top):
-            lps.append(_finite(t.logprob))
-            tops.append({engine.token_text(i): _finite(lp) for i, lp in t.top})
-    for t in score_tokens(engine, prompt, generated, top):
-        tokens.append(t.token)
-        lps.append(_finite(t.logprob))
-        tops.append({engine.token_text(i): _finite(lp) for i, lp in t.top})
-    texts = [engine.token_text(t) for t in tokens]
+    texts, lps, tops = _scored(engine, prompt, generated, top, gone)
+    if echoed is not None:
+        texts, lps, tops = echoed[0] + texts, echoed[1] + lps, echoed[2] + tops
     offsets = [0]
     for s in texts[:-1]:
         offsets.append(offsets[-1] + len(s))
@@ -766,32 +911,56 @@ async def _complete(state: ServerState, ticket: Ticket, request: Request, req: C
         raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
     if req.stream and req.logprobs is not None:
         raise APIError(400, "logprobs are not available when streaming; ask without stream", param="logprobs")
+    if not req.prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
     engine = state.engine
-    prompts = await _in_thread(lambda: _prompts(engine, req))
-    for _, ids in prompts:
-        if not ids:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        try:
-            engine.check_fits(len(ids) if req.max_tokens > 0 else len(ids) - 1)
-        except ContextLengthError as e:
-            raise _context_error(e, "prompt") from None
+    _id_prompts(engine, req)  # checked before the queue: a bad id never waits for its 400
     params = [req.sampling(req.max_tokens, i, engine.vocab_size) for i in range(req.n)]
+    top = req.logprobs or 0
+
+    def prepare(gone: threading.Event) -> list[tuple[str, list[int]]]:
+        prompts = _prompts(engine, req, gone)
+        for _, ids in prompts:
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            try:
+                engine.check_fits(len(ids) if req.max_tokens > 0 else len(ids) - 1)
+            except ContextLengthError as e:
+                raise _context_error(e, "prompt") from None
+        if req.logprobs is not None:
+            room = [min(req.max_tokens, engine.n_ctx - len(ids)) + 1 if req.max_tokens > 0 else 0 for _, ids in prompts]
+            listed = req.n * sum((len(ids) if req.echo else 0) + r for (_, ids), r in zip(prompts, room, strict=True))
+            _check_logprobs(listed, top, "logprobs")
+        return prompts
+
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_id, "system_fingerprint": f"distill4all-{__version__}"}
 
     if req.stream:
+        prompts, turn = await _in_turn(request, ticket, prepare)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream_response(ticket, _completion_chunks(state, head, prompts, params, req.echo, include_usage))
+        return _stream_response(turn, _completion_chunks(state, head, prompts, params, req.echo, include_usage))
 
     def run(gone: threading.Event) -> dict[str, Any]:
+        prompts = prepare(gone)
         choices: list[dict[str, Any]] = []
         used = 0
         for text, ids in prompts:
+            # Scored once per prompt, not once per choice: the prompt's logprobs, and with nothing
+            # generated, a choice's whole logprobs (all n alike).
+            echoed = _scored(engine, ids[:1], ids[1:], top, gone) if req.echo and req.logprobs is not None else None
+            if echoed is not None:
+                echoed = ([engine.token_text(ids[0])] + echoed[0], [None, *echoed[1]], [None, *echoed[2]])
+            alike: dict[str, Any] | None = None
             for p in params:
                 c = _collect(engine.stream_ids(ids, p), gone) if req.max_tokens > 0 else None
                 used += c.completion_tokens if c else 0
+                logprobs = None
+                if req.logprobs is not None:
+                    if c is None:
+                        alike = alike or _completion_logprobs(engine, ids, None, echoed, top, gone)
+                    logprobs = alike or _completion_logprobs(engine, ids, c, echoed, top, gone)
                 out = (text if req.echo else "") + (c.text if c else "")
-                logprobs = _completion_logprobs(engine, ids, c, req) if req.logprobs is not None else None
                 choices.append({"index": len(choices), "text": out, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason if c else "length"})  # fmt: skip
         prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -803,31 +972,45 @@ async def _complete(state: ServerState, ticket: Ticket, request: Request, req: C
 # --- tokenizer (vLLM's endpoints, which lm-eval's remote tokenizer reads) --------------------------
 
 
-async def tokenize(state: ServerState, request: Request) -> dict[str, Any]:
+async def tokenize(state: ServerState, request: Request) -> Response:
     req = await _read_json(state, request, TokenizeRequest)
     if req.model is not None:
         _check_model(state, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give either prompt or messages", param="prompt")
     engine = state.engine
+
+    def run(gone: threading.Event) -> dict[str, Any]:
+        """In the request's turn, like generation: tokenizing 4 MiB of text takes a while."""
+        progress = _progress(engine, gone, None)
+        try:
+            if req.messages is not None:
+                ids = engine.chat_ids(_turns(req.messages), progress=progress)
+            else:
+                ids = engine.tokenize(req.prompt or "", add_special=req.add_special_tokens, progress=progress)
+        except UserError as e:  # the chat template rejected the conversation
+            raise APIError(400, str(e), param="messages") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.n_ctx}
+
+    ticket = state.admit()
     try:
-        if req.messages is not None:
-            messages = _turns(req.messages)
-            ids = await _in_thread(lambda: engine.chat_ids(messages))
-        else:
-            text = req.prompt or ""
-            ids = await _in_thread(lambda: engine.tokenize(text, add_special=req.add_special_tokens))
-    except UserError as e:  # the chat template rejected the conversation
-        raise APIError(400, str(e), param="messages") from None
-    return {"tokens": ids, "count": len(ids), "max_model_len": engine.n_ctx}
+        return await _answer(request, ticket, run)
+    except BaseException:
+        ticket.leave()
+        raise
 
 
-async def detokenize(state: ServerState, request: Request) -> dict[str, Any]:
+async def detokenize(state: ServerState, request: Request) -> Response:
     req = await _read_json(state, request, DetokenizeRequest)
     if req.model is not None:
         _check_model(state, req.model)
     _check_ids(state.engine, req.tokens, "tokens")
-    return {"prompt": await _in_thread(lambda: state.engine.detokenize(req.tokens))}
+    ticket = state.admit()
+    try:
+        return await _answer(request, ticket, lambda gone: {"prompt": state.engine.detokenize(req.tokens)})
+    except BaseException:
+        ticket.leave()
+        raise
 
 
 def tokenizer_info(engine: Engine) -> dict[str, Any]:
@@ -930,12 +1113,12 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         return await completions(state, request)
 
     @app.post("/tokenize")
-    async def tokenize_(request: Request) -> dict[str, Any]:
+    async def tokenize_(request: Request) -> Response:
         _authorize(state, request)
         return await tokenize(state, request)
 
     @app.post("/detokenize")
-    async def detokenize_(request: Request) -> dict[str, Any]:
+    async def detokenize_(request: Request) -> Response:
         _authorize(state, request)
         return await detokenize(state, request)
 
