@@ -36,7 +36,20 @@ def test_sql_lives_only_in_the_store_package() -> None:
 
 
 STAGES = ("collect", "curate", "train", "export", "evaluate", "report")
-SHARED = ("teacher", "store", "runtime", "models", "config", "errors", "run", "layout", "records", "atomic", "evalset")
+SHARED = (
+    "teacher",
+    "store",
+    "runtime",
+    "models",
+    "config",
+    "errors",
+    "run",
+    "layout",
+    "records",
+    "atomic",
+    "evalset",
+    "redact",
+)
 
 
 def _imported_packages(path: Path) -> list[tuple[int, str]]:
