@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,57 @@ def test_a_hub_dataset_that_cannot_be_read_is_one_error_naming_its_row(tmp_path:
         assert r.code == 2, r.output
         line = r.stderr.splitlines()[-1]
         assert line.startswith(f"error: {folder}:train:1: the dataset cannot be read past this row"), line
+
+
+def hf_env(tmp_path: Path, stub_teacher: str) -> dict[str, str]:
+    """The hub check answered by the stub; the library's cache kept inside the test."""
+    return {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": stub_teacher, "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_a_local_hf_folder_with_json_nested_100000_deep_is_a_bad_row_not_a_crash(
+    tmp_path: Path, stub_teacher: str
+) -> None:
+    """pyarrow's JSON reader inside the datasets library overflows the stack on such a row
+    (SIGSEGV, exit 139): the folder's JSON is scanned before the library reads it, and the row is
+    a bad row with its file:line in JSON Lines, a JSON list and a gzip-compressed file alike."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    lines(folder / "train-0.jsonl", {"prompt": "jsonl one"}, '{"prompt": "deep", "m": ' + DEEP.decode() + "}",
+          {"prompt": "jsonl two"})  # fmt: skip
+    (folder / "train-1.json").write_bytes(b'[{"prompt": "json one"},\n{"m": ' + DEEP + b'},\n{"prompt": "json two"}]\n')
+    (folder / "train-2.jsonl.gz").write_bytes(gzip.compress(b'{"m": ' + DEEP + b'}\n{"prompt": "gz one"}\n'))
+    bad = [
+        (folder / "train-0.jsonl", "2"),
+        (folder / "train-1.json", "2 (element 1)"),
+        (folder / "train-2.jsonl.gz", "1"),
+    ]
+    env = hf_env(tmp_path, stub_teacher)
+    source = {"name": "hub", "format": "hf", "dataset": str(folder)}
+    r = run_cli("collect", "run", collect_config(tmp_path, stub_teacher, [source], "run-fail"), env=env)
+    assert r.code == 2, r.output  # not 139
+    assert r.stderr.splitlines()[-1].startswith(f"error: {bad[0][0]}:2: nests deeper than 100 levels"), r.stderr
+    assert "Traceback" not in r.output and store_query(tmp_path / "run-fail", "SELECT COUNT(*) FROM prompts") == [(0,)]
+    source["on_error"] = "skip"
+    r = run_cli("collect", "run", collect_config(tmp_path, stub_teacher, [source], "run-skip"), env=env)
+    assert r.code == 0, r.output
+    for path, where in bad:
+        assert f"skipped {path}:{where}: nests deeper than 100 levels" in r.stderr, r.stderr
+    assert "source hub: 5 prompts from 8 rows, 3 bad rows skipped" in r.stderr, r.stderr
+    stored = store_query(tmp_path / "run-skip", "SELECT text FROM prompts")
+    assert sorted(t for (t,) in stored) == ["gz one", "json one", "json two", "jsonl one", "jsonl two"]
+
+
+def test_a_normal_local_hf_folder_reads_its_split_whatever_the_others_hold(tmp_path: Path, stub_teacher: str) -> None:
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    lines(folder / "train.jsonl", *({"prompt": f"question {i}?", "meta": {"n": [i, [i]]}} for i in range(4)))
+    lines(folder / "test.jsonl", '{"m": ' + DEEP.decode() + "}")  # not the split asked for: not read
+    source = {"name": "hub", "format": "hf", "dataset": str(folder)}
+    r = run_cli("collect", "run", collect_config(tmp_path, stub_teacher, [source]), env=hf_env(tmp_path, stub_teacher))
+    assert r.code == 0, r.output
+    assert "source hub: 4 prompts from 4 rows" in r.stderr, r.stderr
+    stored = store_query(tmp_path / "run", "SELECT text FROM prompts")
+    assert sorted(t for (t,) in stored) == [f"question {i}?" for i in range(4)]
 
 
 def test_pairs_files_rows_that_are_not_text_fail_curate_with_file_and_line(tmp_path: Path) -> None:

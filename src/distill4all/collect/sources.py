@@ -5,27 +5,44 @@ Reading is split in three small steps so each format only says what is special a
   rows      — the file format: (where, dict) pairs from JSONL / JSON / CSV / Parquet / hub
   extract   — the dataset format: the prompt text and metadata of one row (OIG, StackOverflow, P3…)
   select    — the same for all: normalize, length limits, exact dedup, seeded sampling
+
+A local `hf` folder is read by the datasets library, whose JSON reader is pyarrow's: it descends
+once per level of nesting and overflows the C stack somewhere past 10,000 levels, a SIGSEGV that
+no `try` catches. So before a folder's JSON files reach it they are scanned for nesting depth
+(`nesting_past`: one pass over the bytes, numpy on 8 MiB chunks, memory bounded by a chunk), and
+rows past MAX_DEPTH are bad rows named by file:line, as in every other reader; a file that has
+some is handed to the library as a copy of its good rows. Scanning rather than building the
+dataset in a child process and reporting its death: a dead child tells neither the row nor the
+line, so `on_error: skip` could not skip it, and it needs a full Arrow cache of every local
+dataset (streaming keeps none) and a reload pinned to that cache. The other formats a folder may
+hold cannot crash this way: CSV/TSV and text rows are flat, and pyarrow refuses Parquet and Arrow
+types that nest too deep with an exception; other builders are refused for local folders. Hub
+datasets are streamed as they are, unscanned.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import hashlib
 import heapq
 import json
 import os
 import re
+import shutil
 import stat
 import sys
+import tempfile
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from distill4all.config import SourceConfig
 from distill4all.errors import DataError
-from distill4all.records import MAX_DEPTH, SURROGATE, json_line, parquet_rows, unfit
+from distill4all.records import MAX_DEPTH, SURROGATE, is_json_array, json_line, parquet_rows, unfit
 from distill4all.store.prompts import Prompt, prompt_id
 
 
@@ -58,12 +75,13 @@ def normalize(text: str) -> str:
 Row = tuple[str, dict[str, Any]]
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
+def _jsonl_rows(path: Path, name: str | None = None) -> Iterator[Row | tuple[str, RowError]]:
+    name = name or str(path)  # what a row's place names: an archive's member is not its temp copy
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that row's error, not the file's
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
+            where = f"{name}:{lineno}"
             row, why = json_line(raw)
             if why is not None:
                 yield where, RowError(why)
@@ -73,13 +91,14 @@ def _jsonl_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
                 yield where, row
 
 
-def _json_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
+def _json_rows(path: Path, name: str | None = None) -> Iterator[Row | tuple[str, RowError]]:
     """The elements of a JSON list (or of the list under an object's "data" key), each named by
     the line it starts on. Read element by element, so that one that is not UTF-8, holds a lone
     surrogate or nests too deep is that row's error; a file whose structure is broken is the file's."""
     # bytes that are not UTF-8 become lone surrogates (surrogateescape), found in the element's text
+    name = name or str(path)
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    doc = _JsonText(path, text)
+    doc = _JsonText(name, text)
     pos = doc.skip(0)
     if text.startswith("[", pos):
         yield from doc.elements(pos)
@@ -102,10 +121,10 @@ def _json_rows(path: Path) -> Iterator[Row | tuple[str, RowError]]:
             if not text.startswith("}", pos):
                 pos = doc.expect(pos, ",")
         if not found:
-            raise DataError(f"{path}: a JSON source must be a list of objects (or {{'data': [...]}})")
+            raise DataError(f"{name}: a JSON source must be a list of objects (or {{'data': [...]}})")
         pos = doc.skip(pos + 1)
     else:
-        raise DataError(f"{path}: a JSON source must be a list of objects (or {{'data': [...]}})")
+        raise DataError(f"{name}: a JSON source must be a list of objects (or {{'data': [...]}})")
     if pos < len(text):
         doc.syntax(pos, "more after the end of the JSON value")
 
@@ -116,8 +135,8 @@ class _JsonText:
 
     _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
-    def __init__(self, path: Path, text: str) -> None:
-        self.path, self.text, self.end = path, text, 0
+    def __init__(self, name: str, text: str) -> None:
+        self.name, self.text, self.end = name, text, 0
         self.decoder = json.JSONDecoder()
         self._line, self._line_pos = 1, 0
 
@@ -133,7 +152,7 @@ class _JsonText:
         return pos
 
     def syntax(self, pos: int, why: str) -> NoReturn:
-        raise DataError(f"{self.path}:{self.line(pos)}: not valid JSON ({why})")
+        raise DataError(f"{self.name}:{self.line(pos)}: not valid JSON ({why})")
 
     def expect(self, pos: int, char: str) -> int:
         pos = self.skip(pos)
@@ -178,7 +197,7 @@ class _JsonText:
         """The elements of the list at `pos`; `end` is then the position after its `]`."""
         pos, index = self.skip(pos + 1), 0
         while not self.text.startswith("]", pos):
-            where = f"{self.path}:{self.line(pos)} (element {index})"
+            where = f"{self.name}:{self.line(pos)} (element {index})"
             start = pos
             row, pos, why = self.element(pos)
             if why is None:
@@ -244,10 +263,23 @@ def _hf_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
     _check_hub_reachable(cfg)
     import datasets
 
-    ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, streaming=True)
+    assert cfg.dataset is not None
+    if Path(cfg.dataset).is_dir():
+        yield from _local_hf_rows(cfg, Path(cfg.dataset))
+        return
+    try:
+        ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split, streaming=True)
+    except Exception as e:  # an unknown name, no access, no such split…
+        raise DataError(
+            f"source {cfg.name!r}: dataset {cfg.dataset!r} cannot be loaded ({type(e).__name__}: {e})"
+        ) from None
+    yield from _dataset_rows(f"{cfg.dataset}:{cfg.split}", ds)
+
+
+def _dataset_rows(prefix: str, ds: Iterable[Any]) -> Iterator[Row | tuple[str, RowError]]:
     rows, i = iter(ds), 0
     while True:
-        where = f"{cfg.dataset}:{cfg.split}:{i}"
+        where = f"{prefix}:{i}"
         try:
             row = next(rows, None)
         except Exception as e:  # the library's reader failed on its file: nothing after it can be read
@@ -257,6 +289,187 @@ def _hf_rows(cfg: SourceConfig) -> Iterator[Row | tuple[str, RowError]]:
         i += 1
         why = unfit(row)
         yield (where, RowError(why)) if why is not None else (where, dict(row))
+
+
+# The builders a local folder may be read with. csv (and tsv) and text rows are flat; Parquet and
+# Arrow files that nest too deep are refused by pyarrow itself with an exception (Parquet: a schema
+# depth limit of 100; Arrow IPC: types past 64 levels); JSON is scanned first (_guard_json).
+_LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
+
+
+def _local_hf_rows(cfg: SourceConfig, folder: Path) -> Iterator[Row | tuple[str, RowError]]:
+    """A local dataset folder, read by the datasets library once its JSON files are known to nest
+    no deeper than MAX_DEPTH; rows past it are bad rows named by file:line."""
+    import datasets
+    from datasets.data_files import DataFilesDict, DataFilesList
+
+    try:
+        builder = datasets.load_dataset_builder(str(folder), cfg.subset)
+    except Exception as e:  # no data files, an unknown config, a broken README…
+        raise DataError(f"{folder}: not a dataset the datasets library can read ({type(e).__name__}: {e})") from None
+    if builder.name not in _LOCAL_BUILDERS:
+        raise DataError(
+            f"{folder}: holds {builder.name} files; a local hf folder is read when it holds JSON/JSONL, "
+            "CSV/TSV, Parquet, Arrow or text files"
+        )
+    splits = builder.config.data_files or {}
+    if cfg.split not in splits:
+        raise DataError(f"{folder}: no split {cfg.split!r} (it has {', '.join(map(str, splits)) or 'none'})")
+    files = splits[cfg.split]
+    with tempfile.TemporaryDirectory(prefix="distill4all-hf-") as tmp:
+        if builder.name == "json":
+            read = yield from _guard_json(builder, list(files), Path(tmp))
+            if not read:
+                return
+            # only the split asked for: the builder infers features from its first split's first file
+            origin = files.origin_metadata[:1] * len(read)
+            builder.config.data_files = DataFilesDict({cfg.split: DataFilesList(read, origin)})
+        try:
+            ds = builder.as_streaming_dataset(split=cfg.split)
+        except Exception as e:
+            raise DataError(f"{folder}: the dataset cannot be read ({type(e).__name__}: {e})") from None
+        yield from _dataset_rows(f"{cfg.dataset}:{cfg.split}", ds)
+
+
+def _guard_json(builder: Any, files: list[str], tmp: Path) -> Generator[tuple[str, RowError], None, list[str]]:
+    """Scan each JSON file of the split (each member of an archive, through the library's own
+    decompression) and return the files for the library to read: the same ones where nothing nests
+    past MAX_DEPTH; else a copy, under `tmp`, of the rows the project's own reader can read, its
+    bad rows yielded with their file:line (under `on_error: fail` the first one ends the source)."""
+    import datasets
+    from datasets.utils.file_utils import xopen
+
+    dl = datasets.StreamingDownloadManager(base_path=builder.base_path)
+    encoding = codecs.lookup(builder.config.encoding).name
+    read: list[str] = []
+    for entry in files:
+        members = list(dl.iter_files(dl.extract(entry)))
+        deep = {m: line for m in members if (line := _scan_member(m, encoding, builder.config.encoding_errors))}
+        if not deep:
+            read.append(entry)
+            continue
+        for n, member in enumerate(members):  # an archive is replaced by its members, copied out
+            name = _member_name(member)
+            copy = tmp / f"{len(read)}-{n}.json"
+            if member not in deep:
+                with _reading_member(name), xopen(member, "rb") as src, open(copy, "wb") as out:
+                    shutil.copyfileobj(src, out)
+            elif builder.config.field is not None or encoding != "utf-8":  # the project's readers cannot read these
+                raise DataError(f"{name}:{deep[member]}: nests deeper than {MAX_DEPTH} levels")
+            elif not (yield from _good_rows_copy(member, name, copy)):
+                continue  # no row left: the library fails on an empty file
+            read.append(str(copy))
+    return read
+
+
+def _scan_member(member: str, encoding: str, errors: str | None) -> int | None:
+    """The line where the member's nesting first passes MAX_DEPTH, or None."""
+    from datasets.utils.file_utils import xopen
+
+    with _reading_member(_member_name(member)), xopen(member, "rb") as f:
+        chunks: Iterator[bytes] = iter(lambda: f.read(_SCAN_CHUNK), b"")
+        if encoding != "utf-8":  # the library re-encodes to UTF-8 before pyarrow sees it: scan that
+            decoder = codecs.getincrementaldecoder(encoding)(errors or "strict")
+            chunks = (decoder.decode(c).encode("utf-8", "surrogatepass") for c in chunks)
+        return nesting_past(chunks, MAX_DEPTH)
+
+
+def _good_rows_copy(member: str, name: str, copy: Path) -> Generator[tuple[str, RowError], None, int]:
+    """Write the member's good rows to `copy` as JSON Lines and return how many; yield its bad ones."""
+    from datasets.utils.file_utils import xopen
+
+    if "::" in member:  # compressed or in an archive: the readers want a plain file
+        source = copy.with_suffix(".raw")
+        with _reading_member(name), xopen(member, "rb") as src, open(source, "wb") as out:
+            shutil.copyfileobj(src, out)
+    else:
+        source = Path(member)
+    rows = _json_rows(source, name) if is_json_array(source) else _jsonl_rows(source, name)
+    good = 0
+    with open(copy, "w", encoding="utf-8") as out:
+        for where, row in _reading(Path(name), rows):
+            if isinstance(row, RowError):
+                yield where, row
+            else:
+                good += 1
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return good
+
+
+@contextlib.contextmanager
+def _reading_member(name: str) -> Iterator[None]:
+    """A member that cannot be read (a damaged archive, a truncated gzip) is named as its own."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # zipfile, gzip and fsspec raise several types
+        raise DataError(f"{name}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def _member_name(member: str) -> str:
+    """How a user knows a data file: `gzip://train.jsonl::/d/train.jsonl.gz` is the .gz file,
+    `zip://sub/a.jsonl::/d/train.zip` is `/d/train.zip/sub/a.jsonl`."""
+    if "::" not in member:
+        return member
+    inner, outer = member.split("::", 1)
+    protocol, _, path = inner.partition("://")
+    return f"{outer}/{path}" if protocol == "zip" and path else outer
+
+
+_SCAN_CHUNK = 1 << 23
+# one byte per byte: 1 a quote, 2 a newline, 3 an opening and 4 a closing bracket, 0 the rest
+_CODES = bytes(1 if b == 34 else 2 if b == 10 else 3 if b in b"[{" else 4 if b in b"]}" else 0 for b in range(256))
+
+
+def nesting_past(chunks: Iterable[bytes], limit: int) -> int | None:
+    """The line where JSON (Lines) bytes first nest deeper than `limit` levels (one more in a
+    file that is one list: its elements are the rows), or None.
+
+    It counts as pyarrow's parser descends, never less: once per `[`/`{` outside a string, where a
+    string also ends at a raw newline (inside one that is a parse error, where the parser stops),
+    and a closing bracket at depth 0 (an error too) leaves 0. So the count is at least the depth
+    of a parse that starts at any line start (pyarrow parses blocks that start at line starts).
+    After a syntax error it may be too high: such a file then goes to the exact reader, which
+    names its broken rows."""
+    import numpy as np
+
+    depth = parity = lines = 0  # parity: inside a string, on the line so far
+    escaped = first = False
+    for data in chunks:
+        if not data:
+            continue
+        if not first and (start := data.lstrip(b"\xef\xbb\xbf \t\r\n")):  # the first byte of content
+            first = True
+            if start.startswith(b"["):
+                limit += 1
+        if escaped and data[:1] in (b"\\", b'"'):  # a backslash ended the last chunk
+            data = b"_" + data[1:]
+        # escapes paired left to right, as a parser does: the quotes left are the strings' ends
+        if b"\\" in data:
+            data = data.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+        escaped = data.endswith(b"\\")
+        code = np.frombuffer(data.translate(_CODES), np.uint8)
+        pos = np.flatnonzero(code)
+        if pos.size == 0:
+            continue
+        kind = code[pos]
+        newline = kind == 2
+        quotes = np.cumsum(kind == 1, dtype=np.int32)  # a chunk is far below 2**31 bytes
+        seq = np.arange(kind.size, dtype=np.int32)
+        last_newline = np.maximum.accumulate(np.where(newline, seq, -1))
+        base = np.where(last_newline >= 0, quotes[np.maximum(last_newline, 0)], -parity)
+        in_string = ((quotes - base) & 1).astype(bool)
+        step = (kind == 3).astype(np.int32) - (kind == 4)
+        step[in_string] = 0
+        walk = np.cumsum(step, dtype=np.int64) + depth
+        level = walk - np.minimum(np.minimum.accumulate(walk), 0)  # never below 0
+        over = np.flatnonzero(level > limit)
+        if over.size:
+            return lines + int(np.count_nonzero(newline[: over[0]])) + 1
+        depth, parity = int(level[-1]), int((quotes[-1] - base[-1]) & 1)
+        lines += int(np.count_nonzero(newline))
+    return None
 
 
 def _check_hub_reachable(cfg: SourceConfig) -> None:
