@@ -263,9 +263,64 @@ def test_hostile_sources_are_skipped_and_counted_or_fail_with_file_and_line(
 
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty", "n", "stream", "stream_options", "stop",
-          "seed", "logprobs", "top_logprobs", "echo", "suffix", "best_of", "user", "logit_bias"]  # fmt: skip
+          "seed", "logprobs", "top_logprobs", "echo", "suffix", "best_of", "user", "logit_bias", "response_format",
+          "tools", "tool_choice"]  # fmt: skip
 json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
     st.text(max_size=6), inner, max_size=4), max_leaves=12)  # fmt: skip
+
+# JSON Schemas as a client may write them, and as a hostile one may: regex patterns (shorthand
+# classes, escapes GBNF lacks, huge or broken quantifiers, non-strings), $ref of any kind,
+# properties/items that are not schemas, counts of any size (the grammar is written out from them)
+PATTERN_BITS = ["^", "$", "\\d", "\\w", "\\s", "\\D", "\\W", "\\S", "\\b", "\\p{L}", "\\.", "\\-", "\\\\",
+                "\\", "[a-z]", "[^\\d]", "[", "]", "(", ")", "(?:", "|", "*", "+", "?", "{3}", "{2,5}", "{1,}",
+                "{99999999999}", "{0,3000}", "{-5}", "{x}", ".", "a", '"', "é", "\\u00e9"]  # fmt: skip
+anchored = st.lists(st.sampled_from(PATTERN_BITS), min_size=1, max_size=8).map(lambda bits: "^" + "".join(bits) + "$")
+pattern = anchored | anchored | st.lists(st.sampled_from(PATTERN_BITS), max_size=8).map("".join) | json_scalar
+count = st.integers(0, 8) | st.integers(-(10**12), 10**12) | st.sampled_from([1000, 1001, 30_000, 10**9]) | json_scalar
+ref = st.sampled_from(["#/$defs/a", "#/properties/a", "#", "#/nowhere", "https://example.com/s.json", "a.json"])
+patterned = st.fixed_dictionaries({"type": st.just("string"), "pattern": pattern})
+schema_leaf = st.one_of(
+    patterned,
+    st.fixed_dictionaries(
+        {"type": st.just("string")},
+        optional={"pattern": pattern, "minLength": count, "maxLength": count, "format": st.text(max_size=9)},
+    ),
+    st.fixed_dictionaries({"type": st.sampled_from(["integer", "number", "boolean", "null", "x"]) | json_scalar}),
+    st.fixed_dictionaries({"$ref": ref | json_scalar}),
+    st.fixed_dictionaries({"enum": st.lists(json_scalar, max_size=4)}),
+    st.fixed_dictionaries({"const": json_scalar}),
+    st.booleans(),
+    json_scalar,
+)
+schema = st.recursive(schema_leaf, lambda inner: st.one_of(
+    st.fixed_dictionaries({"type": st.just("object")}, optional={
+        "properties": st.dictionaries(st.text(max_size=6), inner, max_size=4) | st.lists(inner, max_size=2),
+        "required": st.lists(st.text(max_size=6), max_size=3) | json_scalar,
+        "additionalProperties": st.booleans() | inner, "$defs": st.fixed_dictionaries({"a": inner})}),
+    st.fixed_dictionaries({"type": st.just("array")}, optional={
+        "items": inner | st.lists(inner, max_size=3), "prefixItems": st.lists(inner, max_size=3) | inner,
+        "minItems": count, "maxItems": count}),
+    st.sampled_from(["oneOf", "anyOf", "allOf"]).flatmap(
+        lambda key: st.fixed_dictionaries({key: st.lists(inner, max_size=3) | inner})),
+), max_leaves=8)  # fmt: skip
+# a schema with a pattern at its top or one level down, as often as any other
+schema = patterned | st.fixed_dictionaries({"type": st.just("object"), "properties": st.fixed_dictionaries(
+    {"a": patterned})}) | st.booleans() | schema  # fmt: skip
+response_format = st.one_of(
+    st.fixed_dictionaries({"type": st.just("json_schema"),
+                           "json_schema": st.fixed_dictionaries({"name": st.just("answer"), "schema": schema})}),
+    st.fixed_dictionaries({"type": st.sampled_from(["json_object", "text", "json_schema", "x"])}),
+    json_value,
+)  # fmt: skip
+tool = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "get_weather", "bad name", ""]), "parameters": schema})})  # fmt: skip
+tools = st.lists(tool, min_size=1, max_size=3) | json_value
+tool_choice = st.sampled_from(["auto", "none", "required", "x"]) | st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g"])})}
+)
+# token ids of any length, 5,000 digits included (past int()'s limit), and keys that are no ids
+bias_key = st.integers(0, 1100).map(str) | st.integers(4000, 6000).map(lambda n: "7" * n) | st.text(max_size=8)
+logit_bias = st.dictionaries(bias_key, st.floats(-100, 100), max_size=3) | json_value
 small_int = st.integers(-3, 40)
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "x"]) | hostile_text,
@@ -282,6 +337,7 @@ plausible = {
     "min_p": st.floats(), "repeat_penalty": st.floats(), "seed": st.integers(-(2**70), 2**70),
     "stream": st.booleans() | json_value, "stop": hostile_text | st.lists(hostile_text, max_size=6) | json_value,
     "logprobs": st.booleans() | small_int, "top_logprobs": st.integers(-1, 200), "echo": st.booleans(),
+    "logit_bias": logit_bias, "response_format": response_format, "tools": tools, "tool_choice": tool_choice,
 }  # fmt: skip
 
 
@@ -294,7 +350,8 @@ accepted = {
     "max_tokens": st.integers(0, 24), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
     "top_k": st.integers(0, 50), "min_p": st.floats(0, 1), "repeat_penalty": st.floats(0.5, 2),
     "n": st.integers(1, 3), "stream": st.booleans(), "stop": valid_text | st.lists(valid_text, max_size=4),
-    "seed": st.integers(-(2**63), 2**63 - 1), "echo": st.booleans(),
+    "seed": st.integers(-(2**63), 2**63 - 1), "echo": st.booleans(), "logit_bias": logit_bias,
+    "response_format": response_format, "tools": tools, "tool_choice": tool_choice,
 }  # fmt: skip
 
 
@@ -302,11 +359,19 @@ accepted = {
 def request_body(draw: st.DrawFn) -> tuple[str, bytes]:
     path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
     keys = draw(st.lists(st.sampled_from(FIELDS), max_size=10, unique=True))
-    shape = draw(st.sampled_from(["accepted", "accepted", "wild", "wild", "json", "bytes"]))
+    shape = draw(st.sampled_from(["accepted", "accepted", "structured", "structured", "wild", "wild", "json", "bytes"]))
     if shape == "json":
         return path, json.dumps(draw(json_value)).encode()
     if shape == "bytes":
         return path, draw(st.binary(max_size=200))
+    if shape == "structured":  # a chat answered under a grammar built from a random schema, or refused
+        structure = st.fixed_dictionaries({"response_format": response_format}) | st.fixed_dictionaries(
+            {"tools": tools}, optional={"tool_choice": tool_choice}
+        )
+        extra = st.fixed_dictionaries({}, optional={"logit_bias": logit_bias})
+        body = {"model": "tiny-chat", "messages": draw(accepted["messages"]), "max_tokens": draw(st.integers(1, 16)),
+                **draw(structure), **draw(extra)}  # fmt: skip
+        return "/v1/chat/completions", json.dumps(body, allow_nan=True).encode()
     if shape == "accepted":  # values the server takes, so that the engine runs on them
         needed = ["model", "messages" if path.endswith("chat/completions") else "prompt", "max_tokens"]
         body = {k: draw(accepted[k]) for k in dict.fromkeys([*needed, *keys]) if k in accepted}
