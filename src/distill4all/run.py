@@ -314,7 +314,10 @@ def run_stages(
         with run.locked():
             run.claim(config.name)
             layout = RunLayout.of(config)
-            for folder in {run.path, *(layout.stage_dir(s) for s in selected)}:
+            # the run directory's walk covers the stage folders inside it; only an out_dir elsewhere is its own
+            root = run.path.resolve()
+            outside = {d for s in selected if not (d := layout.stage_dir(s)).resolve().is_relative_to(root)}
+            for folder in {run.path, *outside}:
                 atomic.clean_temp(folder)
             all_inputs: dict[str, str] = {}
             for name in selected:
